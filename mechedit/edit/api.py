@@ -1,0 +1,186 @@
+"""The editing API shared by every editor and unlearning method.
+
+`EditRequest` asks for one fact to change; a method (registered by name with a typed, frozen
+parameter class) turns requests into an `EditResult`: weight deltas keyed by HF parameter name.
+Computing an edit never leaves the model changed; `apply()` adds the deltas in place and
+`restore()` puts back bit-identical original weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mechedit.errors import MecheditError
+from mechedit.fileio import dumps_json, read_json, write_text_atomic
+from mechedit.specio import from_dict, to_dict
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """Change fact (subject, relation) to `new_object` (a world object, or the refusal token)."""
+
+    subject: str
+    relation: str
+    new_object: str
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EditRequest":
+        try:
+            return cls(str(d["subject"]), str(d["relation"]), str(d.get("new_object", d.get("new"))))
+        except KeyError as exc:
+            raise MecheditError(f"edit request is missing {exc} (needs subject, relation, new_object)") from None
+
+
+@dataclass
+class EditResult:
+    method: str
+    params: dict
+    requests: list[EditRequest]
+    deltas: dict[str, torch.Tensor]  # HF parameter name -> delta, same shape as the parameter
+    timings: dict[str, float] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # method-specific facts (layers used, clamp, losses)
+    _originals: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def applied(self) -> bool:
+        return self._originals is not None
+
+    @torch.no_grad()
+    def apply(self, model) -> "EditResult":
+        """Add the deltas to `model`'s parameters in place, keeping the originals for `restore`."""
+        if self._originals is not None:
+            raise MecheditError("edit is already applied")
+        params = dict(model.named_parameters())
+        missing = [n for n in self.deltas if n not in params]
+        if missing:
+            raise MecheditError(f"edit names parameters the model does not have: {missing[:3]}")
+        self._originals = {n: params[n].detach().clone() for n in self.deltas}
+        for n, d in self.deltas.items():
+            params[n].add_(d.to(params[n].dtype))
+        return self
+
+    @torch.no_grad()
+    def restore(self, model) -> None:
+        """Put back the exact original weights."""
+        if self._originals is None:
+            raise MecheditError("edit is not applied")
+        params = dict(model.named_parameters())
+        for n, orig in self._originals.items():
+            params[n].copy_(orig)
+        self._originals = None
+
+    def to_json(self) -> dict:
+        return {"method": self.method, "params": self.params, "requests": [dataclasses.asdict(r) for r in self.requests],
+                "timings": self.timings, "info": self.info,
+                "deltas": {n: list(d.shape) for n, d in self.deltas.items()}}
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({n: d.contiguous() for n, d in self.deltas.items()}, str(directory / "deltas.safetensors"))
+        write_text_atomic(directory / "edit.json", dumps_json(self.to_json()))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "EditResult":
+        directory = Path(directory)
+        meta = read_json(directory / "edit.json", "edit.json")
+        try:
+            deltas = load_file(str(directory / "deltas.safetensors"))
+        except Exception as exc:
+            raise MecheditError(f"corrupt deltas in {directory}: {exc}") from None
+        return cls(meta["method"], meta["params"], [EditRequest(**r) for r in meta["requests"]], deltas,
+                   meta.get("timings", {}), meta.get("info", {}))
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    fn: Callable[..., EditResult]
+    params: type
+    kind: str  # "edit" or "unlearn"
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, params: type, kind: str = "edit"):
+    """Register an editor `fn(bundle, requests, p) -> EditResult` under `name`; duplicates are refused."""
+    def deco(fn):
+        if name in METHODS:
+            raise ValueError(f"method {name!r} is already registered")
+        METHODS[name] = Method(name, fn, params, kind)
+        return fn
+    return deco
+
+
+def get_method(name: str) -> Method:
+    _load_builtin_methods()
+    if name not in METHODS:
+        raise MecheditError(f"unknown method {name!r} (known: {', '.join(sorted(METHODS))})")
+    return METHODS[name]
+
+
+def _load_builtin_methods() -> None:
+    """Import the modules that register the built-in methods (each registers on import)."""
+    import importlib
+    import pkgutil
+
+    import mechedit.edit as edit_pkg
+
+    packages = [edit_pkg]
+    try:
+        import mechedit.unlearn as unlearn_pkg
+        packages.append(unlearn_pkg)
+    except ImportError:
+        pass
+    for pkg in packages:
+        for mod in pkgutil.iter_modules(pkg.__path__):
+            if mod.name.startswith("m_"):
+                importlib.import_module(f"{pkg.__name__}.{mod.name}")
+
+
+def parse_param_value(text: str) -> Any:
+    """`--param key=value` values: JSON when it parses (numbers, lists, true/false), else a string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def make_params(method: Method, values: dict[str, Any]):
+    """Build the method's parameter dataclass, naming any key it does not take."""
+    fields = {f.name for f in dataclasses.fields(method.params)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise MecheditError(f"method {method.name!r} has no parameter {unknown[0]!r} (parameters: {', '.join(sorted(fields))})")
+    base = to_dict(method.params())
+    return from_dict(method.params, {**base, **values}, f"{method.name} params")
+
+
+def run_method(bundle, requests: list[EditRequest], method: str, **params) -> EditResult:
+    """`edit(model, requests, method=..., **hparams)`: validate, dispatch, time the call."""
+    m = get_method(method)
+    p = make_params(m, params)
+    validate_requests(bundle, requests)
+    t0 = time.perf_counter()
+    result = m.fn(bundle, requests, p)
+    result.timings.setdefault("total_s", time.perf_counter() - t0)
+    return result
+
+
+def validate_requests(bundle, requests: list[EditRequest]) -> None:
+    if not requests:
+        raise MecheditError("no edit requests given")
+    vocab = bundle.tokenizer.get_vocab()
+    for r in requests:
+        bundle.world.fact(r.subject, r.relation)
+        for w in r.new_object.split():
+            if w not in vocab:
+                raise MecheditError(f"new object {r.new_object!r} is not in the vocabulary")

@@ -1,0 +1,110 @@
+"""Batched answer scoring: recall and answer probabilities for (prompt, answer) pairs.
+
+One forward pass per batch of right-padded sequences (prompt + answer tokens); the answer is
+"recalled" when every answer token is the argmax under teacher forcing. This is the one scoring
+path used by training, editing scorecards and diagnostics.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mechedit.world.world import PROBE_KINDS, Probe, World
+
+
+@dataclass
+class AnswerScores:
+    correct: np.ndarray  # [n] bool: every answer token is the argmax
+    logprob: np.ndarray  # [n] sum of answer-token log-probs
+    prob_first: np.ndarray  # [n] probability of the first answer token
+    top1: list[str]  # [n] argmax word at the first answer position
+
+
+def encode_pairs(tokenizer, prompts: list[str], answers: list[str]):
+    """Token ids of prompt+answer, with the index of each prompt's last token and answer lengths."""
+    seqs, last, alen = [], [], []
+    for p, a in zip(prompts, answers):
+        pi = tokenizer(p)["input_ids"]
+        ai = tokenizer(a, add_special_tokens=False)["input_ids"]
+        seqs.append(pi + ai)
+        last.append(len(pi) - 1)
+        alen.append(len(ai))
+    return seqs, last, alen
+
+
+def pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def score_answers(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 512) -> AnswerScores:
+    """Teacher-forced scoring of `answers` after `prompts` with an HF causal LM."""
+    was_training = model.training
+    model.eval()
+    seqs, last, alen = encode_pairs(tokenizer, prompts, answers)
+    correct, logprob, pfirst, top1 = [], [], [], []
+    for start in range(0, len(seqs), batch_size):
+        chunk = slice(start, start + batch_size)
+        ids, mask = pad(seqs[chunk], tokenizer.pad_token_id)
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()  # [b, pos, vocab]
+        logp = torch.log_softmax(logits, dim=-1)
+        for b, (s, l, k) in enumerate(zip(seqs[chunk], last[chunk], alen[chunk])):
+            pos = torch.arange(l, l + k)
+            tgt = torch.tensor(s[l + 1 : l + 1 + k])
+            lp = logp[b, pos, tgt]
+            correct.append(bool((logp[b, pos].argmax(-1) == tgt).all()))
+            logprob.append(float(lp.sum()))
+            pfirst.append(float(lp[0].exp()))
+            top1.append(int(logp[b, l].argmax()))
+    if was_training:
+        model.train()
+    return AnswerScores(np.array(correct, dtype=bool), np.array(logprob), np.array(pfirst),
+                        tokenizer.convert_ids_to_tokens(top1))
+
+
+def recall_by(probes: list[Probe], scores: AnswerScores, world: World, key: str) -> dict[str, float]:
+    """Mean recall grouped by `key`: "kind", "relation" or "template"."""
+    groups: dict[str, list[bool]] = {}
+    for p, ok in zip(probes, scores.correct):
+        if key == "kind":
+            g = p.kind
+        elif key == "relation":
+            g = world.facts[p.fact].relation
+        else:
+            g = "qa" if p.template < 0 else f"t{p.template}"
+        groups.setdefault(g, []).append(bool(ok))
+    return {g: float(np.mean(v)) for g, v in sorted(groups.items())}
+
+
+def evaluate_recall(model, tokenizer, world: World, *, trained: bool = True, kinds=PROBE_KINDS,
+                    batch_size: int = 512) -> dict:
+    """Recall of the model on the world's probe sets (trained facts by default, else held-out subjects).
+
+    Returns {"by_kind": {...}, "cloze_by_relation": {...}, "cloze_by_template": {...}, "n": {...}}.
+    """
+    facts = world.train_facts if trained else world.heldout_facts
+    probes = world.probes(facts, kinds)
+    if not probes:
+        return {"by_kind": {}, "cloze_by_relation": {}, "cloze_by_template": {}, "n": {}}
+    scores = score_answers(model, tokenizer, [p.prompt for p in probes], [p.answer for p in probes], batch_size)
+    cloze = [i for i, p in enumerate(probes) if p.kind == "cloze"]
+    cloze_probes = [probes[i] for i in cloze]
+    cloze_scores = AnswerScores(scores.correct[cloze], scores.logprob[cloze], scores.prob_first[cloze],
+                                [scores.top1[i] for i in cloze])
+    n: dict[str, int] = {}
+    for p in probes:
+        n[p.kind] = n.get(p.kind, 0) + 1
+    return {
+        "by_kind": recall_by(probes, scores, world, "kind"),
+        "cloze_by_relation": recall_by(cloze_probes, cloze_scores, world, "relation"),
+        "cloze_by_template": recall_by(cloze_probes, cloze_scores, world, "template"),
+        "n": n,
+    }

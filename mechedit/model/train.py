@@ -1,0 +1,134 @@
+"""Train a GPT-NeoX model from scratch on a world's corpus (plain PyTorch loop).
+
+Plain loop rather than the HF Trainer: for models this small the Trainer's per-step overhead
+(callbacks, accelerate wrapping) is a large share of a step, and we need recall evaluation and
+early stopping inside the loop anyway. Deterministic for a seed: one torch generator drives the
+initialisation and the shuffling; there is no dropout.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import GPTNeoXForCausalLM
+
+from mechedit.model.evaluate import evaluate_recall, pad
+from mechedit.model.spec import ModelSpec, TrainSpec
+from mechedit.world.world import World
+
+
+@dataclass
+class TrainResult:
+    model: GPTNeoXForCausalLM
+    curve: list[dict] = field(default_factory=list)  # one row per evaluation
+    seconds: float = 0.0
+    epochs: int = 0
+    tokens: int = 0
+    stopped_early: bool = False
+
+
+def build_model(spec: ModelSpec, tokenizer, seed: int) -> GPTNeoXForCausalLM:
+    torch.manual_seed(seed)
+    cfg = spec.hf_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return GPTNeoXForCausalLM(cfg)
+
+
+def encode_corpus(tokenizer, sentences: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = [tokenizer(s)["input_ids"] for s in sentences]
+    return pad(ids, tokenizer.pad_token_id)  # [n, pos]
+
+
+def _length_bucketed_batches(lengths: torch.Tensor, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """Shuffle, then sort by length inside windows of 32 batches: little padding, still random order."""
+    perm = torch.randperm(len(lengths), generator=gen)
+    window = 32 * batch_size
+    batches = []
+    for start in range(0, len(perm), window):
+        chunk = perm[start : start + window]
+        chunk = chunk[torch.argsort(lengths[chunk], stable=True)]
+        batches += list(chunk.split(batch_size))
+    order = torch.randperm(len(batches), generator=gen)
+    return [batches[int(i)] for i in order]
+
+
+def _lr_at(step: int, total: int, spec: TrainSpec) -> float:
+    if step < spec.warmup_steps:
+        return spec.lr * (step + 1) / spec.warmup_steps
+    frac = min(1.0, (step - spec.warmup_steps) / max(1, total - spec.warmup_steps))
+    return spec.lr * (spec.min_lr_ratio + (1 - spec.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def train_model(world: World, tokenizer, mspec: ModelSpec, tspec: TrainSpec, *,
+                log_path: Path | None = None, progress: Callable[[dict], None] | None = None,
+                exclude_facts: set[int] = frozenset()) -> TrainResult:
+    """Train until cloze and paraphrase recall reach their targets or `max_epochs` run out.
+
+    `exclude_facts` trains without those facts (the retrained reference for forget quality).
+    """
+    model = build_model(mspec, tokenizer, tspec.seed)
+    ids, mask = encode_corpus(tokenizer, world.corpus(exclude_facts))
+    labels = ids.clone()
+    labels[mask == 0] = -100
+    n = ids.shape[0]
+    lengths = mask.sum(1)
+    steps_per_epoch = math.ceil(n / tspec.batch_size)
+    total = steps_per_epoch * tspec.max_epochs
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "layernorm" in name or "norm" in name else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tspec.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=tspec.lr, betas=(0.9, 0.98))
+    gen = torch.Generator().manual_seed(tspec.seed)
+    result = TrainResult(model)
+    log = open(log_path, "w", encoding="utf-8") if log_path else None
+    t0 = time.perf_counter()
+    step = 0
+    try:
+        for epoch in range(1, tspec.max_epochs + 1):
+            model.train()
+            losses = []
+            for idx in _length_bucketed_batches(lengths, tspec.batch_size, gen):
+                width = int(mask[idx].sum(1).max())
+                x, m, y = ids[idx, :width], mask[idx, :width], labels[idx, :width]
+                for g in opt.param_groups:
+                    g["lr"] = _lr_at(step, total, tspec)
+                ctx = torch.autocast("cpu", dtype=torch.bfloat16) if tspec.bf16 else contextlib.nullcontext()
+                with ctx:
+                    loss = model(input_ids=x, attention_mask=m, labels=y).loss
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tspec.grad_clip)
+                opt.step()
+                losses.append(loss.item())
+                result.tokens += int(m.sum())
+                step += 1
+            result.epochs = epoch
+            if epoch % tspec.eval_every == 0 or epoch == tspec.max_epochs:
+                rec = evaluate_recall(model, tokenizer, world, kinds=("cloze", "paraphrase"))
+                row = {"epoch": epoch, "step": step, "loss": sum(losses) / len(losses),
+                       "seconds": round(time.perf_counter() - t0, 3),
+                       "cloze": rec["by_kind"].get("cloze", 0.0),
+                       "paraphrase": rec["by_kind"].get("paraphrase", 0.0),
+                       "cloze_by_relation": rec["cloze_by_relation"],
+                       "cloze_by_template": rec["cloze_by_template"]}
+                result.curve.append(row)
+                if log:
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                if progress:
+                    progress(row)
+                if row["cloze"] >= tspec.target_recall and row["paraphrase"] >= tspec.target_paraphrase:
+                    result.stopped_early = epoch < tspec.max_epochs
+                    break
+    finally:
+        if log:
+            log.close()
+    result.seconds = time.perf_counter() - t0
+    model.eval()
+    return result

@@ -1,0 +1,146 @@
+"""Generate a `World` from a `WorldSpec`: names, object pools, facts of every relation structure."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from mechedit.errors import SpecError
+from mechedit.world import language as L
+from mechedit.world.names import WordGenerator
+from mechedit.world.spec import WorldSpec
+from mechedit.world.world import Fact, Relation, Subject, World
+
+
+def _reserved_words() -> set[str]:
+    return set(L.FUNCTION_WORDS) | set(L.SPECIAL_TOKENS)
+
+
+def generate_world(spec: WorldSpec) -> World:
+    """Build the world for `spec`; the same spec gives the same world (and byte-identical JSON)."""
+    spec.validate()
+    rng = np.random.default_rng(spec.seed)
+    gen = WordGenerator(np.random.default_rng([spec.seed, 2]), spec.syllables,
+                        reserved=_reserved_words() | {r.name for r in spec.relations})
+
+    # --- main subjects: 1-3 word names over a shared pool of name words ---------------------
+    shares = np.asarray(spec.name_words, dtype=float)
+    n_words = rng.choice([1, 2, 3], size=spec.n_subjects, p=shares / shares.sum())
+    pool_size = max(int(n_words.max()), math.ceil(int(n_words.sum()) / spec.word_reuse))
+    pool = gen.words(pool_size)
+    names: list[str] = []
+    seen: set[tuple[str, ...]] = set(((w,) for w in []))
+    for k in n_words:
+        for _ in range(200):
+            combo = tuple(pool[int(i)] for i in rng.choice(pool_size, size=int(k), replace=False))
+            if combo not in seen:
+                break
+        else:
+            raise SpecError("could not make enough distinct subject names; lower word_reuse or n_subjects")
+        seen.add(combo)
+        names.append(" ".join(combo))
+    n_alias = round(spec.alias_fraction * spec.n_subjects)
+    alias_of = set(rng.choice(spec.n_subjects, size=n_alias, replace=False).tolist()) if n_alias else set()
+    n_held = round(spec.heldout_subject_fraction * spec.n_subjects)
+    heldout = set(rng.choice(spec.n_subjects, size=n_held, replace=False).tolist()) if n_held else set()
+    subjects: list[Subject] = []
+    for i, name in enumerate(names):
+        alias = " ".join(gen.words(int(rng.integers(1, 3)))) if i in alias_of else None
+        subjects.append(Subject(i, name, "subject", alias, i in heldout))
+
+    # --- relations and their object pools --------------------------------------------------
+    function_words_b = {w: gen.word() for w in L.FUNCTION_WORDS}
+    rel_specs = {r.name: r for r in spec.relations}
+    correlated = {c.target: c for c in spec.correlated}
+    nested = {n.child: n for n in spec.nested}
+    pools: dict[str, tuple[str, ...]] = {}
+    for r in spec.relations:
+        if r.name in correlated:
+            continue
+        pools[r.name] = tuple(" ".join(gen.words(spec.object_words)) for _ in range(r.n_objects))
+    for c in spec.correlated:
+        pools[c.target] = pools[c.source] if c.source in pools else None  # resolved below
+    # correlated targets share their source's pool (a chain resolves in order)
+    for _ in range(len(spec.correlated) + 1):
+        for c in spec.correlated:
+            if pools.get(c.target) is None and pools.get(c.source) is not None:
+                pools[c.target] = pools[c.source]
+    if any(v is None for v in pools.values()):
+        raise SpecError("correlated relations form a cycle")
+
+    # --- main subjects' facts, relation by relation in dependency order ---------------------
+    main_ids = [s.id for s in subjects]
+    values: dict[str, dict[int, str]] = {}
+    nested_maps: dict[str, dict[str, str]] = {}
+    pending = [r.name for r in spec.relations]
+    while pending:
+        progressed = False
+        for name in list(pending):
+            src = correlated[name].source if name in correlated else nested[name].parent if name in nested else None
+            if src is not None and src not in values:
+                continue
+            pool = pools[name]
+            if name in correlated:
+                c = correlated[name]
+                vals = {}
+                for s in main_ids:
+                    copied = values[c.source][s]
+                    if rng.random() < c.p:
+                        vals[s] = copied
+                    else:
+                        others = [o for o in pool if o != copied]
+                        vals[s] = others[int(rng.integers(len(others)))]
+                values[name] = vals
+            elif name in nested:
+                parent_pool = pools[nested[name].parent]
+                order = rng.permutation(len(parent_pool))
+                mapping = {parent_pool[int(j)]: pool[k % len(pool)] for k, j in enumerate(order)}
+                nested_maps[name] = dict(sorted(mapping.items()))
+                values[name] = {s: mapping[values[nested[name].parent][s]] for s in main_ids}
+            else:
+                draws = rng.integers(0, len(pool), size=len(main_ids))
+                values[name] = {s: pool[int(d)] for s, d in zip(main_ids, draws)}
+            pending.remove(name)
+            progressed = True
+        if not progressed:
+            raise SpecError(f"relation structure has a dependency cycle among {pending}")
+
+    relations: list[Relation] = []
+    for r in spec.relations:
+        kind, source, p = "independent", None, None
+        if r.name in correlated:
+            kind, source, p = "correlated", correlated[r.name].source, correlated[r.name].p
+        elif r.name in nested:
+            kind, source = "nested", nested[r.name].parent
+        relations.append(Relation(r.name, gen.word(), kind, pools[r.name], source, p))
+
+    triples: list[tuple[int, str, str]] = [(s, r.name, values[r.name][s]) for s in main_ids for r in spec.relations]
+
+    # --- nested parent objects are subjects of the child relation -----------------------------
+    for n in spec.nested:
+        for obj, child in nested_maps[n.child].items():
+            sid = len(subjects)
+            subjects.append(Subject(sid, obj, "object"))
+            triples.append((sid, n.child, child))
+
+    # --- cyclic orders ---------------------------------------------------------------------
+    rings: dict[str, tuple[int, ...]] = {}
+    for c in spec.cyclic:
+        ents = gen.words(c.n_entities)
+        ids = []
+        for w in ents:
+            ids.append(len(subjects))
+            subjects.append(Subject(len(subjects), w, "ring"))
+        order = [ids[int(i)] for i in rng.permutation(c.n_entities)]
+        rings[c.name] = tuple(order)
+        for h in c.hops:
+            for direction, sign in (("cw", 1), ("ccw", -1)):
+                name = f"{c.name}_{direction}{h}"
+                relations.append(Relation(name, gen.word(), "cyclic", tuple(ents)))
+                for i, sid in enumerate(order):
+                    target = order[(i + sign * h) % c.n_entities]
+                    triples.append((sid, name, subjects[target].name))
+
+    held_tpl = rng.integers(0, spec.n_templates, size=len(triples))
+    facts = tuple(Fact(i, s, r, o, int(t)) for i, ((s, r, o), t) in enumerate(zip(triples, held_tpl)))
+    return World(spec, tuple(subjects), tuple(relations), facts, function_words_b, nested_maps, rings)

@@ -1,0 +1,204 @@
+"""`WorldSpec`: everything that determines a synthetic fact world, validated on construction.
+
+A world has main subjects (names of 1-3 word tokens) and relations with object pools. Relation
+structures may coexist:
+- independent: every subject gets a uniformly random object from the relation's pool;
+- correlated (`CorrelatedSpec`): relation `target` copies relation `source`'s object with
+  probability `p`, else takes another object of the (shared) pool;
+- nested (`NestedSpec`): the objects of relation `parent` fall into `n_groups` groups, each group
+  maps to one object of relation `child`; a subject inherits child = group(parent(subject)), and
+  facts "object -> nested object" (the parent object as subject of `child`) are written too;
+- cyclic (`CyclicSpec`): `n_entities` entities on a random cyclic order; for each hop k in `hops`
+  relations `{name}_cw{k}` / `{name}_ccw{k}` map an entity to the one k steps clockwise /
+  anticlockwise (Nishi et al. 2025).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mechedit.errors import SpecError
+from mechedit.specio import from_dict, load_spec_file, to_dict
+
+_WORD = re.compile(r"^[a-z][a-z_]*$")
+
+
+@dataclass(frozen=True)
+class RelationSpec:
+    name: str
+    n_objects: int = 10
+
+    def validate(self) -> None:
+        if not _WORD.match(self.name):
+            raise SpecError(f"relation name {self.name!r} must be one lower-case word (letters and _)")
+        if self.n_objects < 2:
+            raise SpecError(f"relation {self.name!r}: n_objects must be >= 2, got {self.n_objects}")
+
+
+@dataclass(frozen=True)
+class CorrelatedSpec:
+    source: str
+    target: str
+    p: float = 0.7
+
+    def validate(self) -> None:
+        if not 0.0 <= self.p <= 1.0:
+            raise SpecError(f"correlated {self.source}->{self.target}: p must be in [0, 1], got {self.p}")
+        if self.source == self.target:
+            raise SpecError(f"correlated: source and target are the same relation {self.source!r}")
+
+
+@dataclass(frozen=True)
+class NestedSpec:
+    parent: str
+    child: str
+
+    def validate(self) -> None:
+        if self.parent == self.child:
+            raise SpecError(f"nested: parent and child are the same relation {self.parent!r}")
+
+
+@dataclass(frozen=True)
+class CyclicSpec:
+    name: str = "ring"
+    n_entities: int = 12
+    hops: tuple[int, ...] = (1, 2)
+
+    def validate(self) -> None:
+        if not _WORD.match(self.name):
+            raise SpecError(f"cyclic name {self.name!r} must be one lower-case word")
+        if self.n_entities < 3:
+            raise SpecError(f"cyclic {self.name!r}: n_entities must be >= 3")
+        if not self.hops or any(h < 1 or h >= self.n_entities for h in self.hops):
+            raise SpecError(f"cyclic {self.name!r}: hops must be in [1, n_entities)")
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    """A synthetic world. Same spec -> byte-identical world.json."""
+
+    seed: int = 0
+    n_subjects: int = 200
+    relations: tuple[RelationSpec, ...] = ()
+    correlated: tuple[CorrelatedSpec, ...] = ()
+    nested: tuple[NestedSpec, ...] = ()
+    cyclic: tuple[CyclicSpec, ...] = ()
+    # share of subjects whose names have 1, 2, 3 word tokens
+    name_words: tuple[float, float, float] = (0.3, 0.4, 0.3)
+    # syllables per generated word (min, max): bounds the name generator's capacity
+    syllables: tuple[int, int] = (2, 3)
+    # average number of subjects sharing one name word (>= 1; 1 = every word unique)
+    word_reuse: float = 1.3
+    object_words: int = 1
+    alias_fraction: float = 0.3
+    alias_share: float = 0.5
+    crosslingual_share: float = 0.3
+    heldout_subject_fraction: float = 0.1
+    n_templates: int = 4
+
+    def validate(self) -> None:
+        if self.n_subjects < 2:
+            raise SpecError(f"n_subjects must be >= 2, got {self.n_subjects}")
+        if not self.relations and not self.cyclic:
+            raise SpecError("a world needs at least one relation (relations = [...] or cyclic = [...])")
+        names = [r.name for r in self.relations]
+        for c in self.cyclic:
+            names += [f"{c.name}_cw{h}" for h in c.hops] + [f"{c.name}_ccw{h}" for h in c.hops]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise SpecError(f"duplicate relation name {sorted(dup)[0]!r}")
+        known = {r.name: r for r in self.relations}
+        targets = set()
+        for c in self.correlated:
+            for r in (c.source, c.target):
+                if r not in known:
+                    raise SpecError(f"correlated refers to unknown relation {r!r}")
+            if c.target in targets:
+                raise SpecError(f"relation {c.target!r} is the target of two correlations")
+            targets.add(c.target)
+            if known[c.source].n_objects != known[c.target].n_objects:
+                raise SpecError(f"correlated {c.source}->{c.target}: the two relations share one object pool, "
+                                f"so n_objects must be equal")
+        for n in self.nested:
+            for r in (n.parent, n.child):
+                if r not in known:
+                    raise SpecError(f"nested refers to unknown relation {r!r}")
+            if n.child in targets:
+                raise SpecError(f"relation {n.child!r} is derived twice")
+            targets.add(n.child)
+            if known[n.child].n_objects > known[n.parent].n_objects:
+                raise SpecError(f"nested {n.parent}->{n.child}: child pool ({known[n.child].n_objects}) "
+                                f"cannot be larger than the parent pool ({known[n.parent].n_objects})")
+        if len(self.name_words) != 3 or any(w < 0 for w in self.name_words) or sum(self.name_words) <= 0:
+            raise SpecError("name_words must be three non-negative shares for 1-, 2- and 3-word names")
+        lo, hi = self.syllables
+        if not 1 <= lo <= hi <= 4:
+            raise SpecError(f"syllables must satisfy 1 <= min <= max <= 4, got {self.syllables}")
+        if self.word_reuse < 1.0:
+            raise SpecError(f"word_reuse must be >= 1, got {self.word_reuse}")
+        if self.object_words not in (1, 2):
+            raise SpecError(f"object_words must be 1 or 2, got {self.object_words}")
+        for key in ("alias_fraction", "alias_share", "crosslingual_share", "heldout_subject_fraction"):
+            v = getattr(self, key)
+            if not 0.0 <= v <= 1.0:
+                raise SpecError(f"{key} must be in [0, 1], got {v}")
+        if self.heldout_subject_fraction >= 1.0:
+            raise SpecError("heldout_subject_fraction must be < 1 (some subjects must be trained)")
+        if not 2 <= self.n_templates <= 5:
+            raise SpecError(f"n_templates must be in [2, 5] (one is held out per subject), got {self.n_templates}")
+
+    @property
+    def relation_names(self) -> list[str]:
+        names = [r.name for r in self.relations]
+        for c in self.cyclic:
+            for h in c.hops:
+                names += [f"{c.name}_cw{h}", f"{c.name}_ccw{h}"]
+        return names
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "WorldSpec":
+        return from_dict(cls, data, "world")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "WorldSpec":
+        data = load_spec_file(path)
+        if "world" in data and isinstance(data["world"], dict) and "seed" not in data:
+            data = data["world"]
+        return cls.from_dict(data)
+
+
+def default_world_spec() -> WorldSpec:
+    """The embedded default world: all four structures, small enough to train in about a minute."""
+    return WorldSpec(
+        seed=0,
+        n_subjects=200,
+        relations=(
+            RelationSpec("capital", 24),
+            RelationSpec("country", 6),
+            RelationSpec("birthplace", 16),
+            RelationSpec("workplace", 16),
+            RelationSpec("sport", 12),
+            RelationSpec("color", 8),
+        ),
+        correlated=(CorrelatedSpec("birthplace", "workplace", 0.7),),
+        nested=(NestedSpec("capital", "country"),),
+        cyclic=(CyclicSpec("ring", 12, (1, 2)),),
+    )
+
+
+def tiny_world_spec(seed: int = 0) -> WorldSpec:
+    """A tiny world for tests."""
+    return WorldSpec(
+        seed=seed,
+        n_subjects=24,
+        relations=(RelationSpec("capital", 6), RelationSpec("country", 3), RelationSpec("sport", 5),
+                   RelationSpec("color", 5)),
+        correlated=(CorrelatedSpec("sport", "color", 0.8),),
+        nested=(NestedSpec("capital", "country"),),
+        cyclic=(CyclicSpec("ring", 6, (1,)),),
+        heldout_subject_fraction=0.17,
+    )
