@@ -16,9 +16,13 @@ from pathlib import Path
 import torch
 from transformers import GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
+from transformers.utils import logging as hf_logging
+
 from mechedit.errors import CheckpointError
 from mechedit.fileio import read_json, write_json_atomic
 from mechedit.world.world import World
+
+hf_logging.disable_progress_bar()  # no "Loading weights" bars in CLI output
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "world.json", "mechedit.json")
 
@@ -81,9 +85,6 @@ def load_checkpoint(directory: str | Path, *, dtype: torch.dtype = torch.float32
         raise CheckpointError(f"not a mechedit checkpoint: {directory} is missing {', '.join(missing)}")
     meta = read_json(directory / "mechedit.json", "mechedit.json")
     world = World.load(directory)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

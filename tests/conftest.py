@@ -1,0 +1,29 @@
+"""Shared fixtures: a tiny seeded world and a tiny model trained on it once per test session."""
+from __future__ import annotations
+
+import pytest
+
+from mechedit.model.checkpoint import load_checkpoint
+from mechedit.model.pipeline import train_checkpoint
+from mechedit.model.spec import PRESETS, TRAIN_PRESETS, with_overrides
+from mechedit.world import generate_world, tiny_world_spec
+
+
+@pytest.fixture(scope="session")
+def tiny_world():
+    return generate_world(tiny_world_spec())
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_world):
+    """Path of a checkpoint: 2-layer d_model 32 model trained to recall the tiny world."""
+    out = tmp_path_factory.mktemp("ckpt") / "tiny"
+    tspec = with_overrides(TRAIN_PRESETS["tiny"], max_epochs=150, target_recall=0.99)
+    train_checkpoint(tiny_world, PRESETS["tiny"], tspec, out)
+    return out
+
+
+@pytest.fixture()
+def tiny_bundle(tiny_checkpoint):
+    """A fresh load of the tiny checkpoint (tests may edit it freely)."""
+    return load_checkpoint(tiny_checkpoint)
