@@ -1,0 +1,83 @@
+"""LoRA editor (Hu et al. 2021; as used for editing in Behemoth): W <- W + (alpha / r) B A on chosen
+modules of chosen layers, trained on the new facts (plus an optional retain mix), merged into
+weight deltas.
+
+Uses peft on a deep copy of the HF model (never the TransformerLens bridge: peft on the bridge
+leaves adapters frozen): `target_modules` = dense_h_to_4h, dense_4h_to_h (MLP) and/or
+query_key_value, attention.dense (attention), `layers_to_transform`, `layers_pattern="layers"`.
+The deltas are merged weight minus original weight, so `EditResult.apply` reproduces the merged
+model and the bundle's model is never changed.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from mechedit.edit.api import EditRequest, EditResult, register_method
+from mechedit.edit.common import resolve_layers
+from mechedit.edit.m_finetune import _nll_batch, answer_nll
+from mechedit.edit.retain import edit_pairs, retain_pairs
+from mechedit.errors import SpecError
+from mechedit.specio import to_dict
+
+TARGETS = {"mlp": ["dense_h_to_4h", "dense_4h_to_h"], "attn": ["query_key_value", "attention.dense"]}
+TARGETS["both"] = TARGETS["mlp"] + TARGETS["attn"]
+
+
+@dataclass(frozen=True)
+class LoraParams:
+    layer: int | list[int] | str = "traced"  # int, list, "traced" or "all"
+    rank: int = 8
+    alpha: float = 16.0
+    component: str = "mlp"  # mlp | attn | both
+    steps: int = 100
+    lr: float = 5e-3
+    n_retain: int = 0
+    retain_weight: float = 1.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.component not in TARGETS:
+            raise SpecError(f"lora: component must be one of {', '.join(TARGETS)}, got {self.component!r}")
+        if self.rank < 1 or self.alpha <= 0 or self.steps < 1 or self.lr <= 0 or self.n_retain < 0:
+            raise SpecError("lora: rank >= 1, alpha > 0, steps >= 1, lr > 0, n_retain >= 0")
+
+
+@register_method("lora", params=LoraParams)
+def lora(bundle, requests: list[EditRequest], p: LoraParams) -> EditResult:
+    from peft import LoraConfig, get_peft_model
+
+    layers = (list(range(bundle.n_layers)) if p.layer == "all"
+              else resolve_layers(bundle, p.layer, requests, allow_list=True))
+    torch.manual_seed(p.seed)
+    base = copy.deepcopy(bundle.model)
+    orig = {n: t.detach().clone() for n, t in base.named_parameters()}
+    cfg = LoraConfig(r=p.rank, lora_alpha=p.alpha, lora_dropout=0.0, bias="none", target_modules=TARGETS[p.component],
+                     layers_to_transform=layers, layers_pattern="layers", init_lora_weights=True)
+    model = get_peft_model(base, cfg)
+    edit = _nll_batch(bundle.tokenizer, edit_pairs(bundle.world, requests))
+    retain = retain_pairs(bundle.world, requests, p.n_retain, p.seed)
+    retain_b = _nll_batch(bundle.tokenizer, retain) if retain else None
+    trainable = [t for t in model.parameters() if t.requires_grad]
+    opt = torch.optim.Adam(trainable, lr=p.lr)
+    model.eval()
+    losses = []
+    for _ in range(p.steps):
+        loss = answer_nll(model, edit)
+        if retain_b is not None:
+            loss = loss + p.retain_weight * answer_nll(model, retain_b)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    merged = model.merge_and_unload()
+    deltas = {}
+    with torch.no_grad():
+        for n, t in merged.named_parameters():
+            if n in orig and not torch.equal(t, orig[n]):
+                deltas[n] = t.detach() - orig[n]
+    return EditResult("lora", {**to_dict(p), "layer": layers}, list(requests), deltas,
+                      info={"layers": layers, "modules": TARGETS[p.component], "loss_first": losses[0],
+                            "loss_last": losses[-1], "n_retain": len(retain)})

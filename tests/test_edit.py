@@ -1,0 +1,177 @@
+"""Editing: exact restore, parameters touched, ROME's closed form, scorecards, the CLI's bad inputs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mechedit.cli import app
+from mechedit.diagnose import get_suite
+from mechedit.edit import EditRequest, EditResult, run_method
+from mechedit.edit.common import build_batch, context_prefixes, mean_keys
+from mechedit.edit.m_rome import inverse_second_moment, rank_one_update
+from mechedit.edit.run import edited_bundle, frozen_copy, sequential_edits
+from mechedit.edit.stats import compute_second_moment, second_moment, w_out_name
+from mechedit.errors import MecheditError
+
+FAST = {"rome": {"layer": 1, "steps": 10, "n_prefixes": 3},
+        "memit": {"steps": 10, "n_prefixes": 3},
+        "alphaedit": {"steps": 10, "n_prefixes": 3},
+        "finetune": {"layer": [1], "steps": 5},
+        "lora": {"layer": 1, "steps": 5, "rank": 2}}
+
+
+def _request(world, k=0):
+    f = [f for f in world.train_facts if world.relation(f.relation).kind == "independent"][k]
+    rel = world.relation(f.relation)
+    new = next(o for o in rel.objects if o != f.object)
+    return EditRequest(world.subjects[f.subject].name, f.relation, new)
+
+
+@pytest.mark.parametrize("method", sorted(FAST))
+def test_edit_changes_only_named_params_and_restores_exactly(tiny_bundle, method):
+    model = tiny_bundle.model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    res = run_method(tiny_bundle, [_request(tiny_bundle.world)], method, **FAST[method])
+    for n, p in model.named_parameters():  # computing an edit leaves the model unchanged
+        assert torch.equal(p, before[n]), n
+    assert res.deltas and any(float(d.abs().max()) > 0 for d in res.deltas.values())
+    res.apply(model)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed <= set(res.deltas) and changed
+    if method in ("rome", "memit", "alphaedit"):
+        assert all(".mlp.dense_4h_to_h.weight" in n for n in res.deltas)
+    if method == "lora":
+        assert all(".layers.1.mlp." in n for n in res.deltas)
+    res.restore(model)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+def test_rome_is_rank_one_and_matches_closed_form(tiny_bundle):
+    req = _request(tiny_bundle.world, 1)
+    p = FAST["rome"]
+    res = run_method(tiny_bundle, [req], "rome", **p)
+    name = w_out_name(1)
+    dW = res.deltas[name].double()
+    assert torch.linalg.matrix_rank(dW, rtol=1e-6) == 1
+    # recompute k* and the update by hand: W' k* = v* with v* = W k* + delta, and dW = (v*-Wk*) u^T / k^T u
+    model = tiny_bundle.model
+    batch = build_batch(tiny_bundle, [req], context_prefixes(tiny_bundle.world, p["n_prefixes"], 5, 0))
+    k = mean_keys(model, batch, 1, 1)[0]
+    W = dict(model.named_parameters())[name].detach().double()
+    C_inv = inverse_second_moment(second_moment(tiny_bundle, 1), 1e-4)
+    v_star = (W + dW) @ k
+    ref = rank_one_update(W, k, v_star, C_inv)
+    assert torch.allclose(ref, dW, atol=1e-5 * float(dW.abs().max()))
+    assert torch.allclose((W + dW) @ k, v_star)
+    u = C_inv @ k
+    assert torch.allclose(dW @ (C_inv @ k) / (k @ u), dW @ u / (k @ u))
+    # the column space is v* - W k*, the row space C^-1 k*
+    cos = torch.nn.functional.cosine_similarity(dW.T @ (v_star - W @ k), u, dim=0)
+    assert abs(float(cos)) > 0.999
+
+
+def test_second_moment_matches_naive_and_caches(tiny_bundle, tmp_path, monkeypatch):
+    texts = tiny_bundle.world.corpus()[:7]
+    C = compute_second_moment(tiny_bundle.model, tiny_bundle.tokenizer, texts, [0], batch_size=3)[0]
+    ks = []
+    from mechedit.edit.stats import capture_keys
+    with capture_keys(tiny_bundle.model, [0]) as store, torch.no_grad():
+        for t in texts:
+            tiny_bundle.model(input_ids=torch.tensor([tiny_bundle.tokenizer(t)["input_ids"]]))
+    ks = torch.cat([s[0] for s in store[0]]).double()
+    assert torch.allclose(C, ks.T @ ks / len(ks), atol=1e-9)
+    monkeypatch.setenv("MECHEDIT_CACHE", str(tmp_path))
+    a = second_moment(tiny_bundle, 0, 5)
+    assert list(tmp_path.rglob("mom2_layer0_n5.safetensors"))
+    assert torch.equal(second_moment(tiny_bundle, 0, 5), a)
+
+
+def test_scorecard_of_empty_edit_shows_no_change(tiny_bundle):
+    req = _request(tiny_bundle.world)
+    zero = EditResult("none", {}, [req], {w_out_name(0): torch.zeros_like(
+        dict(tiny_bundle.model.named_parameters())[w_out_name(0)])})
+    after = edited_bundle(tiny_bundle, zero)
+    card = get_suite("edit").fn(tiny_bundle, after, [req], n_unrelated=20, n_retain=20)
+    json.dumps(card)
+    for k, v in card.items():
+        if isinstance(v, dict) and "change" in v:
+            assert v["change"] == 0.0, k
+    assert card["efficacy"]["after"]["agg_value"] == card["efficacy"]["before"]["agg_value"]
+    assert card["same_relation"]["n"] > 0 and card["unrelated"]["n"] == 20
+
+
+def test_rome_edit_takes_on_tiny_model(tiny_bundle):
+    req = _request(tiny_bundle.world, 2)
+    res = run_method(tiny_bundle, [req], "rome", layer=0)
+    card = get_suite("edit").fn(tiny_bundle, edited_bundle(tiny_bundle, res), [req], n_unrelated=20, n_retain=20)
+    assert card["efficacy"]["before"]["agg_value"] == 0.0
+    assert card["efficacy"]["after"]["agg_value"] >= 0.75
+    assert card["prob_new_gt_old"]["after"]["agg_value"] == 1.0
+
+
+def test_sequential_edits_restore(tiny_bundle):
+    w = tiny_bundle.world
+    before = {n: p.detach().clone() for n, p in tiny_bundle.model.named_parameters()}
+    steps = sequential_edits(tiny_bundle, [[_request(w, 0)], [_request(w, 3)]], "alphaedit",
+                             scorecard_options={"n_unrelated": 10, "n_retain": 10}, **FAST["alphaedit"])
+    assert len(steps) == 2 and steps[1]["scorecard"]["n_requests"] == 2
+    assert steps[1]["result"].info["preserved_keys"][1] == 1  # the first batch's key was kept
+    for n, p in tiny_bundle.model.named_parameters():
+        assert torch.equal(p, before[n])
+
+
+def test_layer_argument_errors(tiny_bundle):
+    req = [_request(tiny_bundle.world)]
+    with pytest.raises(MecheditError, match="out of range"):
+        run_method(tiny_bundle, req, "rome", layer=7)
+    with pytest.raises(MecheditError, match="one layer"):
+        run_method(tiny_bundle, req, "rome", layer=[0, 1])
+    with pytest.raises(MecheditError, match="no parameter"):
+        run_method(tiny_bundle, req, "rome", nonsense=1)
+
+
+def test_cli_edit_writes_loadable_checkpoint(tiny_checkpoint, tmp_path):
+    import mechedit
+
+    b = mechedit.load(tiny_checkpoint)
+    req = _request(b.world, 2)
+    out = tmp_path / "ed"
+    r = CliRunner().invoke(app, ["edit", str(tiny_checkpoint), "--method", "rome", "--fact",
+                                 f"{req.subject}|{req.relation}", "--new", req.new_object, "--layer", "0",
+                                 "--param", "steps=15", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "efficacy" in r.output
+    edited = mechedit.load(out)
+    res = EditResult.load(out / "edit")
+    res.apply(b.model)
+    for (n, p), (_, q) in zip(b.model.named_parameters(), edited.model.named_parameters()):
+        assert torch.equal(p, q), n
+    assert json.loads((out / "scorecard.json").read_text())["n_requests"] == 1
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--method", "nope"], "unknown method"),
+    (["--param", "bogus=1"], "no parameter"),
+    (["--layer", "9"], "out of range"),
+    (["--new", "notaword"], "not in the vocabulary"),
+    (["--fact", "nobody|capital"], "unknown subject"),
+])
+def test_cli_edit_bad_inputs_exit_2(tiny_checkpoint, tmp_path, args, msg):
+    import mechedit
+
+    b = mechedit.load(tiny_checkpoint)
+    req = _request(b.world)
+    base = {"--method": "rome", "--fact": f"{req.subject}|{req.relation}", "--new": req.new_object, "--layer": "0"}
+    for k, v in zip(args[::2], args[1::2]):
+        base[k] = v
+    argv = ["edit", str(tiny_checkpoint), "-o", str(tmp_path / "o")]
+    for k, v in base.items():
+        argv += [k, v]
+    r = CliRunner().invoke(app, argv)
+    assert r.exit_code == 2, r.output
+    assert msg in r.output
+    assert not (tmp_path / "o").exists()
