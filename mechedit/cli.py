@@ -104,6 +104,48 @@ def info(checkpoint: Path = typer.Argument(..., help="Checkpoint directory.")):
     typer.echo(json.dumps(info_fn(checkpoint), indent=2))
 
 
+@command()
+def edit(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint directory."),
+    method: str = typer.Option("rome", "--method", help="Editing method (rome, memit, alphaedit, finetune, lora)."),
+    fact: Optional[str] = typer.Option(None, "--fact", help='The fact to change, "SUBJECT|RELATION".'),
+    new: Optional[str] = typer.Option(None, "--new", help="The new object."),
+    requests_file: Optional[Path] = typer.Option(None, "--requests", help="JSON lines of {subject, relation, new_object}."),
+    layer: Optional[str] = typer.Option(None, "--layer", help="Layer: an integer, a comma list, 'traced' or 'all'."),
+    param: list[str] = typer.Option([], "--param", help="Method parameter key=value (repeatable)."),
+    out: Path = typer.Option(Path("runs/edit"), "-o", "--out", help="Output directory (edited checkpoint)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite a non-empty output directory."),
+):
+    """Edit facts in a checkpoint; write the edited checkpoint, the deltas (OUT/edit) and OUT/scorecard.json.
+
+    Example: mechedit edit runs/model --method rome --fact "SUBJECT|capital" --new OBJECT --layer traced -o runs/edit
+    """
+    from mechedit.edit.api import EditRequest, parse_param_value
+    from mechedit.edit.run import edit_checkpoint, read_requests
+
+    if requests_file is not None:
+        reqs = read_requests(requests_file)
+    elif fact and new:
+        subject, _, relation = fact.partition("|")
+        reqs = [EditRequest(subject.strip(), relation.strip(), new.strip())]
+        if not relation.strip() or not subject.strip():
+            raise MecheditError(f"a fact is written 'SUBJECT|RELATION', got {fact!r}")
+    else:
+        raise MecheditError("give --fact SUBJECT|RELATION with --new OBJECT, or --requests FILE.jsonl")
+    params = {}
+    for kv in param:
+        key, sep, value = kv.partition("=")
+        if not sep or not key:
+            raise MecheditError(f"--param takes key=value, got {kv!r}")
+        params[key.strip()] = parse_param_value(value)
+    if layer is not None:
+        params["layer"] = (layer if layer in ("traced", "all") else
+                           [parse_param_value(x) for x in layer.split(",")] if "," in layer else parse_param_value(layer))
+    card = edit_checkpoint(checkpoint, reqs, method, params, out, force=force)
+    typer.echo(json.dumps({k: round(v, 4) for k, v in card["headline"].items()}))
+    typer.echo(f"edited checkpoint written to {out} (deltas in {out}/edit, scores in {out}/scorecard.json)")
+
+
 def main() -> None:
     app()
 
