@@ -1,0 +1,175 @@
+"""`trace()`: choose facts, measure the noise level, run the tracing engine, return a `TraceResult`.
+
+See `mechedit.trace.engine` for the method (ROME's causal tracing) and where we differ.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+from mechedit.errors import MecheditError
+from mechedit.specio import to_dict
+from mechedit.trace import engine as E
+from mechedit.trace.result import Location, TraceResult, locate
+from mechedit.world.world import Fact, World
+
+# Template preference: the subject first, with tokens after it (ROME's prompts look like this).
+TEMPLATE_PREFERENCE = (1, 3, 2, 4, 0)
+
+
+@dataclass(frozen=True)
+class TraceConfig:
+    """Causal-tracing settings (defaults: ROME's, with the window scaled to depth)."""
+
+    sites: tuple[str, ...] = ("resid", "mlp", "attn")
+    severed: tuple[str, ...] = ()  # severed-path kinds to add: "mlp" and/or "attn"
+    noise: float = 3.0  # nu as a multiple of the std of subject-token embeddings
+    noise_scale: float | None = None  # a fixed nu (overrides `noise`)
+    samples: int = 10
+    window: int | None = None  # None: round(10/48 x n_layers), at least 1
+    seed: int = 0
+    template: int | None = None  # None: per fact, the first trained template in TEMPLATE_PREFERENCE
+    batch_size: int = 4096  # rows per forward pass of the batched engine
+    engine: str = "batched"  # "batched" | "reference"
+
+    def __post_init__(self):
+        object.__setattr__(self, "sites", E.check_sites(self.sites))
+        object.__setattr__(self, "severed", tuple(dict.fromkeys(self.severed)))
+        if self.severed:
+            E.check_sites(self.severed, E.SEVERABLE)
+        if self.noise < 0 or (self.noise_scale is not None and self.noise_scale < 0):
+            raise MecheditError("noise must be >= 0")
+        if self.samples < 1:
+            raise MecheditError("samples must be >= 1")
+        if self.window is not None and self.window < 1:
+            raise MecheditError("window must be >= 1")
+        if self.batch_size < 1:
+            raise MecheditError("batch_size must be >= 1")
+        if self.engine not in ("batched", "reference"):
+            raise MecheditError(f"unknown engine {self.engine!r} (batched, reference)")
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return self.sites + tuple(E.severed_kind(s) for s in self.severed)
+
+
+def select_facts(world: World, facts: Iterable[str | int | Fact] | None = None, *, relation: str | None = None,
+                 n: int | None = None, seed: int = 0, include_heldout: bool = False) -> list[Fact]:
+    """Facts named ("SUBJECT|RELATION", Fact.index or Fact), else those of `relation`, else all;
+    trained subjects only unless `include_heldout`; then a seeded sample of `n` (None: all)."""
+    if facts is not None:
+        out = []
+        for f in facts:
+            if isinstance(f, Fact):
+                out.append(f)
+            elif isinstance(f, (int, np.integer)):
+                if not 0 <= int(f) < len(world.facts):
+                    raise MecheditError(f"fact index {f} out of range (0..{len(world.facts) - 1})")
+                out.append(world.facts[int(f)])
+            else:
+                out.append(world.parse_fact(str(f)))
+        if relation is not None:
+            world.relation(relation)
+            out = [f for f in out if f.relation == relation]
+    else:
+        out = list(world.facts)
+        if relation is not None:
+            world.relation(relation)
+            out = [f for f in out if f.relation == relation]
+        if not include_heldout:
+            out = [f for f in out if world.is_trained(f)]
+    if facts is not None and not include_heldout:
+        held = [f for f in out if not world.is_trained(f)]
+        if held:
+            s = world.subject_of(held[0]).name
+            raise MecheditError(f"{len(held)} fact(s) of held-out subjects (e.g. {s!r}) were never trained; "
+                                "pass include_heldout (--include-heldout) to trace them anyway")
+    out = list(dict.fromkeys(out))
+    if n is not None and n < len(out):
+        rng = np.random.default_rng(seed)
+        out = [out[i] for i in sorted(rng.choice(len(out), size=n, replace=False))]
+    return out
+
+
+def prepare_fact(world: World, tokenizer, fact: Fact, template: int | None = None) -> E.PreparedFact:
+    """Tokenize the fact's cloze prompt and find its subject tokens and answer token."""
+    if template is None:
+        trained = [t for t in TEMPLATE_PREFERENCE if t < world.n_templates and t != fact.heldout_template]
+        template = trained[0] if trained else 0
+    elif not 0 <= template < world.n_templates:
+        raise MecheditError(f"template {template} out of range (0..{world.n_templates - 1})")
+    prompt = world.prompt(fact, template)
+    ids = tokenizer(prompt)["input_ids"]
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    a, b = world.subject_span(list(tokens), fact)
+    ans = tokenizer(fact.object, add_special_tokens=False)["input_ids"]
+    return E.PreparedFact(fact.index, template, prompt, tuple(ids), tuple(tokens), (a, b), int(ans[0]))
+
+
+def subject_embedding_std(model, tokenizer, world: World) -> float:
+    """Std of all embedding entries of the subject tokens of the world's subjects (ROME's nu / 3)."""
+    ids = [i for s in world.subjects for i in tokenizer(s.name, add_special_tokens=False)["input_ids"]]
+    emb = model.get_input_embeddings().weight.detach().float()
+    return float(emb[torch.tensor(ids)].std())
+
+
+def trace(bundle, facts: Iterable[str | int | Fact] | None = None, config: TraceConfig | None = None, *,
+          bridge=None, progress: Callable[[int, int], None] | None = None, **overrides) -> TraceResult:
+    """Causally trace `facts` (default: every trained fact) in `bundle` (a loaded checkpoint).
+
+    `overrides` are TraceConfig fields (sites=("mlp",), noise=5, ...). Facts whose clean top-1
+    answer is wrong are skipped and listed in `result.skipped`, never traced.
+    """
+    config = dataclasses.replace(config or TraceConfig(), **overrides)
+    world, tok, model = bundle.world, bundle.tokenizer, bundle.model
+    chosen = select_facts(world, facts) if facts is not None else select_facts(world)
+    if not chosen:
+        raise MecheditError("no facts to trace")
+    prepared = [prepare_fact(world, tok, f, config.template) for f in chosen]
+    n_layers, d_model = model.config.num_hidden_layers, model.config.hidden_size
+    window = config.window or E.default_window(n_layers)
+    std = subject_embedding_std(model, tok, world)
+    nu = config.noise_scale if config.noise_scale is not None else config.noise * std
+    bridge = bridge if bridge is not None else bundle.bridge()
+
+    # keep facts the model knows (clean top-1 = the object's first token)
+    p_clean, top1, _ = E.clean_run(bridge, prepared, tok.pad_token_id, ("resid",), n_layers)
+    known = [i for i, p in enumerate(prepared) if int(top1[i]) == p.answer_id]
+    skipped = [{"index": chosen[i].index, "subject": world.subject_of(chosen[i]).name,
+                "relation": chosen[i].relation, "object": chosen[i].object,
+                "reason": f"clean prediction wrong ({tok.convert_ids_to_tokens(int(top1[i]))!r})"}
+               for i in range(len(prepared)) if i not in set(known)]
+    cfg = {**to_dict(config), "window": window, "subject_embedding_std": std}
+    if not known:
+        return TraceResult(cfg, nu, n_layers, [], np.zeros(0), np.zeros(0), np.zeros((0, config.samples)),
+                           {k: np.zeros((0, n_layers, 0)) for k in config.kinds}, skipped)
+    prepared = [prepared[i] for i in known]
+    run = E.run_batched if config.engine == "batched" else E.run_reference
+    out = run(bridge, prepared, kinds=config.kinds, noise_scale=nu, samples=config.samples, window=window,
+              seed=config.seed, n_layers=n_layers, d_model=d_model, pad_id=tok.pad_token_id,
+              batch_size=config.batch_size, progress=progress)
+    labels = []
+    for p in prepared:
+        f = world.facts[p.index]
+        labels.append({"index": f.index, "subject": world.subject_of(f).name, "relation": f.relation,
+                       "object": f.object, "template": p.template, "prompt": p.prompt, "tokens": list(p.tokens),
+                       "subject_span": list(p.subject)})
+    return TraceResult(cfg, float(nu), n_layers, labels, out.p_clean, out.p_corrupt.mean(axis=1),
+                       out.p_corrupt, {k: v.mean(axis=-1) for k, v in out.p_restored.items()}, skipped)
+
+
+def locate_for(bundle, facts: Iterable[str | int | Fact] | None = None, relation: str | None = None, n: int = 50,
+               seed: int = 0, **overrides) -> Location:
+    """Trace a seeded sample of `n` trained facts (of `relation`, or `facts`) and locate the MLP layer
+    with the largest mean IE at the last subject token (what `--layer traced` uses)."""
+    chosen = select_facts(bundle.world, facts, relation=relation, n=n, seed=seed)
+    if not chosen:
+        raise MecheditError("no trained facts to trace for locating a layer")
+    result = trace(bundle, chosen, **{"sites": ("mlp",), "seed": seed, **overrides})
+    if result.n_facts == 0:
+        raise MecheditError(f"the model knows none of the {len(chosen)} sampled facts; cannot locate a layer")
+    return locate(result, site="mlp")

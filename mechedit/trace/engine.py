@@ -1,0 +1,308 @@
+"""Causal tracing engine (ROME, Meng et al. 2022): clean, corrupted and restored runs, batched.
+
+Method (ROME section 2.1, and METHODS.md "Causal tracing"):
+  clean run      p_clean(o*)   with o* the clean top-1 answer token (facts the model gets wrong
+                 are skipped and counted, never traced);
+  corrupted run  e ~ N(0, nu^2 I) added to the embeddings (`hook_embed`) of the subject tokens
+                 only, nu = noise x std(embedding entries of the world's subject tokens), `samples`
+                 draws from a generator seeded by (seed, fact index), so every restoration of a
+                 fact sees the same draws whatever the batching;
+  restored run   the corrupted run with one state set back to its clean value: `resid` restores
+                 h_l = blocks.{l}.hook_resid_post at token t; `mlp` / `attn` restore
+                 blocks.{j}.hook_mlp_out / hook_attn_out at token t for every j in the window
+                 [l - w//2, l + ceil(w/2)) clipped to the model (ROME's window arithmetic);
+  severed path   (ROME's "MLP frozen" experiment, Fig. 3) the resid restoration of h_l at t while
+                 the MLP (or attention) outputs of layers j > l at t are held at their corrupted
+                 values (same sample).
+  IE = p_restored - p_corrupt, TE = p_clean - p_corrupt, probabilities averaged over samples.
+
+Where we differ: the window defaults to round(10/48 x n_layers) (>= 1) rather than 10, because
+ROME's window of 10 of GPT-2 XL's 48 layers would cover a whole small model.
+
+`run_batched` puts every (kind, layer, token, sample) row of many facts into batches of
+`batch_size` rows (right-padded; causal attention makes padding invisible to real tokens, so no
+mask is needed) with hooks that index the batch dimension. `run_reference` is the plain
+one-cell-at-a-time loop (one forward of `samples` rows per fact, kind, layer and token) that the
+tests compare against.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from mechedit.errors import MecheditError
+
+SITES = ("resid", "mlp", "attn")
+SEVERABLE = ("mlp", "attn")
+EMBED_HOOK = "hook_embed"
+_HOOKS = {"resid": "blocks.{l}.hook_resid_post", "mlp": "blocks.{l}.hook_mlp_out", "attn": "blocks.{l}.hook_attn_out"}
+
+
+def hook_name(site: str, layer: int) -> str:
+    """The bridge's canonical hook name of `site` ("resid" | "mlp" | "attn") at `layer`."""
+    return _HOOKS[site].format(l=layer)
+
+
+def severed_kind(site: str) -> str:
+    """Result key of the resid restoration with `site` ("mlp" | "attn") of later layers severed."""
+    return f"resid_sever_{site}"
+
+
+def kind_site(kind: str) -> tuple[str, str | None]:
+    """(restored site, severed site or None) of a result kind."""
+    if kind.startswith("resid_sever_"):
+        return "resid", kind[len("resid_sever_"):]
+    return kind, None
+
+
+def default_window(n_layers: int) -> int:
+    """ROME's window of 10 out of 48 layers, scaled to the model's depth (at least 1)."""
+    return max(1, round(10 * n_layers / 48))
+
+
+def window_bounds(layer: int, window: int, n_layers: int) -> tuple[int, int]:
+    """[lo, hi) of the layers restored around `layer` (ROME: layer - w//2 .. layer + ceil(w/2))."""
+    return max(0, layer - window // 2), min(n_layers, layer + math.ceil(window / 2))
+
+
+@dataclass(frozen=True)
+class PreparedFact:
+    """One fact's prompt as tokens, with its subject span and answer token."""
+
+    index: int  # Fact.index
+    template: int
+    prompt: str
+    ids: tuple[int, ...]  # token ids, <bos> first
+    tokens: tuple[str, ...]
+    subject: tuple[int, int]  # token positions [start, end)
+    answer_id: int
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.ids)
+
+
+def fact_noise(fact_index: int, seed: int, samples: int, n_subject: int, d_model: int,
+               scale: float) -> torch.Tensor:
+    """The noise draws of one fact: [samples, n_subject, d_model] from a (seed, fact)-seeded generator."""
+    state = int(np.random.SeedSequence([seed, fact_index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    g = torch.Generator().manual_seed(state)
+    return torch.randn(samples, n_subject, d_model, generator=g) * scale
+
+
+def _pad_ids(facts: list[PreparedFact], pad_id: int) -> torch.Tensor:
+    n = max(f.n_tokens for f in facts)
+    ids = torch.full((len(facts), n), pad_id, dtype=torch.long)
+    for i, f in enumerate(facts):
+        ids[i, : f.n_tokens] = torch.tensor(f.ids)
+    return ids  # [F, T]
+
+
+def _answer_probs(logits: torch.Tensor, last: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
+    """p(answer) at position `last` of each row. logits [B, T, V]; last, answer [B] -> [B]."""
+    rows = torch.arange(logits.shape[0])
+    return torch.softmax(logits[rows, last].float(), dim=-1)[rows, answer]
+
+
+@dataclass
+class EngineOutput:
+    p_clean: np.ndarray  # [F]
+    clean_top1: np.ndarray  # [F] token ids
+    p_corrupt: np.ndarray  # [F, S]
+    p_restored: dict[str, np.ndarray]  # kind -> [F, L, T, S] (NaN beyond a fact's tokens)
+
+
+@torch.no_grad()
+def clean_run(bridge, facts: list[PreparedFact], pad_id: int, sites: tuple[str, ...], n_layers: int):
+    """Clean probabilities, top-1 ids and caches {site: [F, L, T, d]} for all facts in one batch."""
+    ids = _pad_ids(facts, pad_id)
+    cache: dict[str, list[torch.Tensor | None]] = {s: [None] * n_layers for s in sites}
+
+    def store(site, layer):
+        def fn(x, hook):
+            cache[site][layer] = x.detach().float().clone()
+            return x
+        return fn
+
+    hooks = [(hook_name(s, l), store(s, l)) for s in sites for l in range(n_layers)]
+    with bridge.hooks(fwd_hooks=hooks):
+        logits = bridge(ids)  # [F, T, V]
+    last = torch.tensor([f.n_tokens - 1 for f in facts])
+    ans = torch.tensor([f.answer_id for f in facts])
+    p = _answer_probs(logits, last, ans)
+    top1 = logits[torch.arange(len(facts)), last].argmax(-1)
+    stacked = {s: torch.stack(cache[s], dim=1) for s in sites}  # [F, L, T, d]
+    return p.numpy().astype(np.float64), top1.numpy(), stacked
+
+
+def _row_plan(facts: list[PreparedFact], kinds: tuple[str, ...], n_layers: int, samples: int) -> np.ndarray:
+    """Every restoration row as (fact, kind, layer, token, sample): [R, 5] int64."""
+    parts = []
+    for fi, f in enumerate(facts):
+        k, l, t, s = np.meshgrid(np.arange(len(kinds)), np.arange(n_layers), np.arange(f.n_tokens),
+                                 np.arange(samples), indexing="ij")
+        parts.append(np.stack([np.full(k.size, fi), k.ravel(), l.ravel(), t.ravel(), s.ravel()], axis=1))
+    return np.concatenate(parts) if parts else np.zeros((0, 5), dtype=np.int64)
+
+
+@torch.no_grad()
+def run_batched(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], noise_scale: float, samples: int,
+                window: int, seed: int, n_layers: int, d_model: int, pad_id: int, batch_size: int = 4096,
+                progress: Callable[[int, int], None] | None = None) -> EngineOutput:
+    """All restorations of all `facts` in batches of `batch_size` rows (see the module docstring)."""
+    F, S, L = len(facts), samples, n_layers
+    restore_sites = tuple(dict.fromkeys(kind_site(k)[0] for k in kinds))
+    sever_sites = tuple(dict.fromkeys(s for k in kinds if (s := kind_site(k)[1])))
+    p_clean, top1, clean = clean_run(bridge, facts, pad_id, restore_sites, L)
+    T = max(f.n_tokens for f in facts)
+    ids_all = _pad_ids(facts, pad_id)  # [F, T]
+    noise = torch.zeros(F, S, T, d_model)  # [F, S, T, d], zero outside the subject
+    for fi, f in enumerate(facts):
+        a, b = f.subject
+        noise[fi, :, a:b] = fact_noise(f.index, seed, S, b - a, d_model, noise_scale)
+    last_all = torch.tensor([f.n_tokens - 1 for f in facts])
+    ans_all = torch.tensor([f.answer_id for f in facts])
+
+    # corrupted run (rows = facts x samples), caching the severable sites' corrupted outputs
+    fr = torch.arange(F).repeat_interleave(S)
+    sr = torch.arange(S).repeat(F)
+    corrupt: dict[str, list[torch.Tensor | None]] = {s: [None] * L for s in sever_sites}
+
+    def add_noise(rows_f, rows_s):
+        def fn(x, hook):  # x [B, T, d]
+            return x + noise[rows_f, rows_s, : x.shape[1]].to(x.dtype)
+        return fn
+
+    def store(site, layer):
+        def fn(x, hook):
+            corrupt[site][layer] = x.detach().float().clone()
+            return x
+        return fn
+
+    hooks = [(EMBED_HOOK, add_noise(fr, sr))] + [(hook_name(s, l), store(s, l)) for s in sever_sites for l in range(L)]
+    with bridge.hooks(fwd_hooks=hooks):
+        logits = bridge(ids_all[fr])
+    p_corrupt = _answer_probs(logits, last_all[fr], ans_all[fr]).reshape(F, S).numpy().astype(np.float64)
+    corrupt_c = {s: torch.stack(corrupt[s], dim=1).reshape(F, S, L, T, d_model) for s in sever_sites}
+
+    out = {k: np.full((F, L, T, S), np.nan) for k in kinds}
+    plan = _row_plan(facts, kinds, L, S)
+    kind_restore = np.array([restore_sites.index(kind_site(k)[0]) for k in kinds])
+    kind_sever = np.array([sever_sites.index(kind_site(k)[1]) if kind_site(k)[1] else -1 for k in kinds])
+    for start in range(0, len(plan), batch_size):
+        chunk = plan[start : start + batch_size]
+        f_, k_, l_, t_, s_ = (torch.from_numpy(chunk[:, i]) for i in range(5))
+        rsite = torch.from_numpy(kind_restore[chunk[:, 1]])
+        ssite = torch.from_numpy(kind_sever[chunk[:, 1]])
+        is_resid = torch.tensor([restore_sites[i] == "resid" for i in kind_restore[chunk[:, 1]]])
+        w = torch.where(is_resid, torch.ones_like(l_), torch.full_like(l_, window))
+        lo = torch.clamp(l_ - w // 2, min=0)
+        hi = torch.clamp(l_ + (w + 1) // 2, max=L)
+        lo = torch.where(is_resid, l_, lo)
+        hi = torch.where(is_resid, l_ + 1, hi)
+        Tc = int(max(facts[i].n_tokens for i in set(chunk[:, 0].tolist())))
+        hooks = [(EMBED_HOOK, add_noise(f_, s_))]
+        for si, site in enumerate(restore_sites):
+            for j in range(L):
+                rows = torch.nonzero((rsite == si) & (lo <= j) & (j < hi)).flatten()
+                if len(rows):
+                    src = clean[site][f_[rows], j, t_[rows]]  # [r, d]
+                    hooks.append((hook_name(site, j), _setter(rows, t_[rows], src)))
+        for si, site in enumerate(sever_sites):
+            for j in range(L):
+                rows = torch.nonzero((ssite == si) & (l_ < j)).flatten()
+                if len(rows):
+                    src = corrupt_c[site][f_[rows], s_[rows], j, t_[rows]]  # [r, d]
+                    hooks.append((hook_name(site, j), _setter(rows, t_[rows], src)))
+        with bridge.hooks(fwd_hooks=hooks):
+            logits = bridge(ids_all[f_, :Tc])  # [B, Tc, V]
+        p = _answer_probs(logits, last_all[f_], ans_all[f_]).numpy()
+        for ki, k in enumerate(kinds):
+            m = chunk[:, 1] == ki
+            out[k][chunk[m, 0], chunk[m, 2], chunk[m, 3], chunk[m, 4]] = p[m]
+        if progress:
+            progress(min(start + batch_size, len(plan)), len(plan))
+    return EngineOutput(p_clean, top1, p_corrupt, out)
+
+
+def _setter(rows: torch.Tensor, pos: torch.Tensor, src: torch.Tensor):
+    """A hook that sets x[rows[i], pos[i]] = src[i] (several hooks on one name compose in order)."""
+    def fn(x, hook):  # x [B, T, d]
+        return x.index_put((rows, pos), src.to(x.dtype))
+    return fn
+
+
+@torch.no_grad()
+def run_reference(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], noise_scale: float, samples: int,
+                  window: int, seed: int, n_layers: int, d_model: int, pad_id: int, **_) -> EngineOutput:
+    """The plain loop: one forward of `samples` rows per (fact, kind, layer, token), as ROME's code does."""
+    F, S, L = len(facts), samples, n_layers
+    T = max(f.n_tokens for f in facts)
+    out = {k: np.full((F, L, T, S), np.nan) for k in kinds}
+    p_clean, top1, p_corrupt = np.zeros(F), np.zeros(F, dtype=np.int64), np.zeros((F, S))
+    for fi, f in enumerate(facts):
+        ids = torch.tensor([f.ids])  # [1, T]
+        a, b = f.subject
+        eps = fact_noise(f.index, seed, S, b - a, d_model, noise_scale)  # [S, n_subj, d]
+
+        def corrupt_embed(x, hook):
+            x = x.clone()
+            x[:, a:b] += eps.to(x.dtype)
+            return x
+
+        clean: dict[str, torch.Tensor] = {}
+        _, cache = bridge.run_with_cache(ids, names_filter=lambda n: n.endswith(("hook_resid_post", "hook_mlp_out",
+                                                                                 "hook_attn_out")))
+        logits = bridge(ids)
+        p_clean[fi] = torch.softmax(logits[0, -1].float(), -1)[f.answer_id].item()
+        top1[fi] = int(logits[0, -1].argmax())
+        for site in SITES:
+            clean[site] = torch.stack([cache[hook_name(site, l)][0] for l in range(L)])  # [L, T, d]
+        x = ids.repeat(S, 1)
+        corrupted: dict[str, list[torch.Tensor]] = {s: [None] * L for s in SEVERABLE}
+
+        def keep(site, layer):
+            def fn(h, hook):
+                corrupted[site][layer] = h.clone()
+                return h
+            return fn
+
+        with bridge.hooks(fwd_hooks=[(EMBED_HOOK, corrupt_embed)]
+                          + [(hook_name(s, l), keep(s, l)) for s in SEVERABLE for l in range(L)]):
+            logits = bridge(x)
+        p_corrupt[fi] = torch.softmax(logits[:, -1].float(), -1)[:, f.answer_id].numpy()
+        for ki, kind in enumerate(kinds):
+            site, sever = kind_site(kind)
+            for layer in range(L):
+                lo, hi = (layer, layer + 1) if site == "resid" else window_bounds(layer, window, L)
+                for t in range(f.n_tokens):
+                    hooks = [(EMBED_HOOK, corrupt_embed)]
+                    for j in range(lo, hi):
+                        hooks.append((hook_name(site, j), _restore_token(t, clean[site][j, t])))
+                    if sever:
+                        for j in range(layer + 1, L):
+                            hooks.append((hook_name(sever, j), _restore_token(t, corrupted[sever][j][:, t])))
+                    with bridge.hooks(fwd_hooks=hooks):
+                        logits = bridge(x)
+                    out[kind][fi, layer, t] = torch.softmax(logits[:, -1].float(), -1)[:, f.answer_id].numpy()
+    return EngineOutput(p_clean, top1, p_corrupt, out)
+
+
+def _restore_token(t: int, value: torch.Tensor):
+    def fn(x, hook):
+        x = x.clone()
+        x[:, t] = value.to(x.dtype)
+        return x
+    return fn
+
+
+def check_sites(sites, allowed=SITES) -> tuple[str, ...]:
+    sites = tuple(sites)
+    bad = [s for s in sites if s not in allowed]
+    if bad or not sites:
+        raise MecheditError(f"unknown site {bad[0] if bad else '(none)'!r} (known: {', '.join(allowed)})")
+    return tuple(dict.fromkeys(sites))

@@ -1,0 +1,71 @@
+"""A trace run folder: spec.json, trace.json + trace.npz, summary.json, locations.json, figures/."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from mechedit.errors import MecheditError
+from mechedit.fileio import commit_output_dir, prepare_output_dir, write_json_atomic
+from mechedit.specio import to_dict
+from mechedit.trace.api import TraceConfig, select_facts, trace
+from mechedit.trace.result import TraceResult, rank_locations
+
+
+def _git_hash() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def trace_run(checkpoint: str | Path, out: str | Path, *, facts: list[str] | None = None,
+              relation: str | None = None, n: int | None = None, all_facts: bool = False,
+              include_heldout: bool = False, config: TraceConfig = TraceConfig(), force: bool = False,
+              max_fact_figures: int = 6, progress=None) -> dict:
+    """Trace the chosen facts of a checkpoint into run folder `out`; returns what the CLI prints."""
+    import mechedit
+    from mechedit.trace.plot import plot_average, plot_fact
+
+    if not facts and relation is None and not all_facts:
+        raise MecheditError("choose facts with --fact SUBJECT|RELATION, --relation NAME [--n K] or --all")
+    if facts and (relation is not None or all_facts):
+        raise MecheditError("--fact cannot be combined with --relation or --all")
+    bundle = mechedit.load(checkpoint)
+    chosen = select_facts(bundle.world, facts or None, relation=relation, n=n, seed=config.seed,
+                          include_heldout=include_heldout)
+    if not chosen:
+        raise MecheditError("no facts selected")
+    tmp = prepare_output_dir(out, force)
+    result = trace(bundle, chosen, config, progress=progress)
+    result.save(tmp)
+    summary = result.summary()
+    write_json_atomic(tmp / "summary.json", summary)
+    located = {}
+    if result.n_facts:
+        for k in result.kinds:
+            ranked = rank_locations(result, k)
+            located[k] = [to_dict(loc) for loc in ranked]
+    write_json_atomic(tmp / "locations.json", located)
+    figs = tmp / "figures"
+    figs.mkdir()
+    written = []
+    if result.n_facts:
+        written.append(plot_average(result, figs / "average.png"))
+        for rel in sorted({d["relation"] for d in result.facts}):
+            written.append(plot_average(result, figs / f"average_{rel}.png", result.rows(relation=rel), rel))
+        for i in range(min(max_fact_figures, result.n_facts)):
+            d = result.facts[i]
+            written.append(plot_fact(result, i, figs / f"fact_{d['index']}.png"))
+    write_json_atomic(tmp / "spec.json", {
+        "command": "trace", "checkpoint": str(Path(checkpoint).resolve()), "config": to_dict(config),
+        "facts": facts, "relation": relation, "n": n, "all": all_facts, "include_heldout": include_heldout,
+        "mechedit_version": mechedit.__version__, "git": _git_hash()})
+    path = commit_output_dir(tmp, out)
+    return {"out": path, "result": result, "summary": summary,
+            "located": {k: v[0] for k, v in located.items()},
+            "figures": [path / "figures" / p.name for p in written]}
+
+
+def load_run(directory: str | Path) -> TraceResult:
+    return TraceResult.load(directory)
