@@ -192,6 +192,49 @@ def trace(
     typer.echo(f"run written to {r['out']}; figures in {r['out']}/figures")
 
 
+@command()
+def unlearn(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint directory to unlearn from."),
+    forget: list[str] = typer.Option(..., "--forget", "-f",
+                                     help="subject:NAME, fact:SUBJECT|RELATION or relation:R (comma or repeat for lists)."),
+    method: str = typer.Option("npo", "--method", "-m", help="ga, gd, npo, dpo, rt, rmu (or an editor: rome, ...)."),
+    param: list[str] = typer.Option([], "--param", "-p", help="Method parameter key=value (repeatable)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output directory (unlearned checkpoint + deltas + scorecard)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite a non-empty output directory."),
+):
+    """Unlearn facts: write the unlearned checkpoint, its deltas (edit.json) and a forget scorecard.
+
+    Example: mechedit unlearn runs/model --method npo --forget subject:kavo -p steps=80 -o runs/unlearn
+    """
+    from mechedit.unlearn.run import parse_params, unlearn_checkpoint
+
+    card = unlearn_checkpoint(checkpoint, method, forget, parse_params(param), out, force)
+    after = card["forget"]["after"]
+    typer.echo("recall after (cloze): " + ", ".join(f"{k} {v['cloze']['agg_value']:.3f}" for k, v in after.items()))
+    typer.echo(f"unlearned checkpoint written to {out}")
+
+
+@command()
+def diagnose(
+    before: Path = typer.Argument(..., help="Checkpoint before the edit / unlearning."),
+    after: Path = typer.Argument(..., help="Checkpoint after it (its edit.json gives the requests)."),
+    suite: list[str] = typer.Option([], "--suite", "-s", help="Suite name (repeatable; 'all' for every suite). "
+                                    "Default: forget + leftover."),
+    forget: list[str] = typer.Option([], "--forget", "-f", help="Forget target(s), overriding AFTER's edit.json."),
+    option: list[str] = typer.Option([], "--option", help="Suite option key=value, e.g. k=0.1 (repeatable)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output directory for scorecard.json."),
+    force: bool = typer.Option(False, "--force", help="Overwrite a non-empty output directory."),
+):
+    """Score AFTER against BEFORE with diagnostic suites (forget, leftover, relearn, forget_quality, edit...).
+
+    Example: mechedit diagnose runs/model runs/unlearn --suite leftover -o runs/diag
+    """
+    from mechedit.unlearn.run import diagnose_checkpoints, parse_params
+
+    diagnose_checkpoints(before, after, list(suite), out, list(forget), parse_params(option), force)
+    typer.echo(f"scorecard written to {out}/scorecard.json")
+
+
 def main() -> None:
     app()
 

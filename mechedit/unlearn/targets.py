@@ -97,3 +97,12 @@ def parse_forget(world: World, specs: str | list[str]) -> ForgetTarget:
         else:
             raise MecheditError(f"unknown forget target kind {kind!r} in {item!r} (use subject, fact or relation)")
     return ForgetTarget._make(world, ids)
+
+
+def resolve_target(world: World, requests=None, forget: str | list[str] | None = None) -> ForgetTarget:
+    """The forget target of a diagnosis: `forget` specs when given, else the requests' facts."""
+    if forget:
+        return parse_forget(world, forget)
+    if not requests:
+        raise MecheditError("no forget target: give --forget or requests (an AFTER directory with edit.json)")
+    return ForgetTarget.from_requests(world, requests)

@@ -1,0 +1,44 @@
+"""The "forget" suite: recall on forget, retain and neighbour facts, before and after unlearning.
+
+Sets: forget (the target's facts), neighbours_relation (same relation, other subjects),
+neighbours_subject (same subject, other relations), retain (every other trained fact, neighbours
+included). Probe kinds: cloze (trained templates), paraphrase (held-out template), qa. Values are
+per-fact recall (mean over that fact's prompts of the kind).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from mechedit.diagnose import metric, register_suite
+from mechedit.model.evaluate import score_answers
+from mechedit.unlearn.targets import ForgetTarget, resolve_target
+
+KINDS = ("cloze", "paraphrase", "qa")
+
+
+def recall_table(model, tokenizer, target: ForgetTarget) -> dict:
+    world = target.world
+    sets = {"forget": list(target.forget), "neighbours_relation": target.neighbours_relation,
+            "neighbours_subject": target.neighbours_subject, "retain": target.retain}
+    out: dict = {}
+    for name, facts in sets.items():
+        probes = world.probes(facts, kinds=KINDS)
+        sc = score_answers(model, tokenizer, [p.prompt for p in probes], [p.answer for p in probes]) if probes else None
+        out[name] = {}
+        for kind in KINDS:
+            per: dict[int, list[float]] = {}
+            if sc is not None:
+                for p, ok in zip(probes, sc.correct):
+                    if p.kind == kind:
+                        per.setdefault(p.fact, []).append(float(ok))
+            out[name][kind] = metric({k: float(np.mean(v)) for k, v in per.items()})
+    return out
+
+
+@register_suite("forget")
+def forget_suite(before, after, requests, forget=None, **options) -> dict:
+    """Forget / neighbour / retain recall on cloze, paraphrase and QA, before and after."""
+    target = resolve_target(before.world, requests, forget)
+    return {"n_forget_facts": len(target.forget),
+            "before": recall_table(before.model, before.tokenizer, target),
+            "after": recall_table(after.model, after.tokenizer, target)}

@@ -1,0 +1,37 @@
+"""The "forget_quality" suite (expensive: retrains the model without the forget set once, cached).
+
+TOFU forget quality: KS-test p-value between the unlearned and the retrained model's truth ratios on
+the forget prompts (high p = indistinguishable from never having learned them), the same for the
+original model, and retain utility (cloze recall on retained facts) of all three.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from mechedit.diagnose import metric, register_suite
+from mechedit.diagnose.reference import ks_pvalue, retrained_reference, truth_ratios
+from mechedit.model.evaluate import score_answers
+from mechedit.unlearn.targets import resolve_target
+
+
+def retain_utility(b, facts) -> float:
+    probes = b.world.probes(facts, kinds=("cloze",))
+    return float(score_answers(b.model, b.tokenizer, [p.prompt for p in probes], [p.answer for p in probes]).correct.mean())
+
+
+@register_suite("forget_quality")
+def forget_quality_suite(before, after, requests, forget=None, reference=None, cache_dir=None, **options) -> dict:
+    """KS-test forget quality against the retrained reference, and retain utility."""
+    target = resolve_target(before.world, requests, forget)
+    ref = reference or retrained_reference(before, target, cache_dir)
+    w, facts = before.world, list(target.forget)
+    r = {name: truth_ratios(b.model, b.tokenizer, w, facts) for name, b in
+         (("original", before), ("unlearned", after), ("retrained", ref))}
+    return {
+        "forget_quality": ks_pvalue(r["unlearned"], r["retrained"]),
+        "forget_quality_original": ks_pvalue(r["original"], r["retrained"]),
+        "truth_ratio": {k: metric(dict(enumerate(v.tolist()))) for k, v in r.items()},
+        "retain_utility": {name: retain_utility(b, target.retain) for name, b in
+                           (("original", before), ("unlearned", after), ("retrained", ref))},
+        "retrained_forget_recall": retain_utility(ref, facts),
+    }

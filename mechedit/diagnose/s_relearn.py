@@ -1,0 +1,28 @@
+"""The "relearn" suite (expensive: may retrain the reference model once per forget set, cached).
+
+Fine-tunes the unlearned model and the retrained reference on half of the forget facts for
+`relearn_steps` steps (lr `relearn_lr`) and reports cloze recall on the other half before and after
+the attack; recovery well above the reference's means the knowledge was hidden, not removed.
+"""
+from __future__ import annotations
+
+from mechedit.diagnose import register_suite
+from mechedit.diagnose.reference import relearn, retrained_reference, split_halves
+from mechedit.errors import MecheditError
+from mechedit.unlearn.targets import resolve_target
+
+
+@register_suite("relearn")
+def relearn_suite(before, after, requests, forget=None, relearn_steps: int = 10, relearn_lr: float = 1e-3,
+                  reference=None, cache_dir=None, **options) -> dict:
+    """Relearning attack on half the forget set, scored on the other half, vs the retrained reference."""
+    target = resolve_target(before.world, requests, forget)
+    train, held = split_halves(target)
+    if not train or not held:
+        raise MecheditError("relearn needs at least two forget facts (one to relearn, one to score)")
+    ref = reference or retrained_reference(before, target, cache_dir)
+    w = before.world
+    return {"n_relearn_facts": len(train), "n_scored_facts": len(held), "steps": relearn_steps,
+            "unlearned": relearn(after.model, after.tokenizer, w, train, held, relearn_steps, relearn_lr),
+            "retrained": relearn(ref.model, ref.tokenizer, w, train, held, relearn_steps, relearn_lr),
+            "original": relearn(before.model, before.tokenizer, w, train, held, relearn_steps, relearn_lr)}
