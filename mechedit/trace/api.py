@@ -118,15 +118,17 @@ def subject_embedding_std(model, tokenizer, world: World) -> float:
 
 
 def trace(bundle, facts: Iterable[str | int | Fact] | None = None, config: TraceConfig | None = None, *,
-          bridge=None, progress: Callable[[int, int], None] | None = None, **overrides) -> TraceResult:
+          bridge=None, include_heldout: bool = False, progress: Callable[[int, int], None] | None = None,
+          **overrides) -> TraceResult:
     """Causally trace `facts` (default: every trained fact) in `bundle` (a loaded checkpoint).
 
     `overrides` are TraceConfig fields (sites=("mlp",), noise=5, ...). Facts whose clean top-1
-    answer is wrong are skipped and listed in `result.skipped`, never traced.
+    answer is wrong are skipped and listed in `result.skipped`, never traced. Facts of held-out
+    (never trained) subjects are refused unless `include_heldout`.
     """
     config = dataclasses.replace(config or TraceConfig(), **overrides)
     world, tok, model = bundle.world, bundle.tokenizer, bundle.model
-    chosen = select_facts(world, facts) if facts is not None else select_facts(world)
+    chosen = select_facts(world, facts, include_heldout=include_heldout)
     if not chosen:
         raise MecheditError("no facts to trace")
     prepared = [prepare_fact(world, tok, f, config.template) for f in chosen]

@@ -37,7 +37,7 @@ def trace_run(checkpoint: str | Path, out: str | Path, *, facts: list[str] | Non
     if not chosen:
         raise MecheditError("no facts selected")
     tmp = prepare_output_dir(out, force)
-    result = trace(bundle, chosen, config, progress=progress)
+    result = trace(bundle, chosen, config, include_heldout=include_heldout, progress=progress)
     result.save(tmp)
     summary = result.summary()
     write_json_atomic(tmp / "summary.json", summary)
