@@ -12,6 +12,7 @@ import time
 import numpy as np
 
 import mechedit
+import torch
 from mechedit.diagnose import get_suite
 from mechedit.edit import EditRequest, run_method
 from mechedit.edit.run import edited_bundle
@@ -73,6 +74,7 @@ def main() -> None:
     ap.add_argument("--n-batch", type=int, default=100)
     ap.add_argument("--only", default="rome,memit,alphaedit,lora,lora_rank")
     args = ap.parse_args()
+    torch.set_num_threads(1)  # small models: threading overhead dominates on a shared machine
     bundle = mechedit.load(args.checkpoint)
     layer = args.layer if args.layer == "traced" else int(args.layer)
     if layer == "traced":

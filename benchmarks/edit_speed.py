@@ -12,6 +12,7 @@ import tempfile
 import time
 
 import mechedit
+import torch
 from mechedit.edit import run_method
 from mechedit.edit import stats
 
@@ -31,6 +32,7 @@ def main() -> None:
     ap.add_argument("--n-rome", type=int, default=10)
     ap.add_argument("--n-memit", type=int, default=100)
     args = ap.parse_args()
+    torch.set_num_threads(1)  # small models: threading overhead dominates on a shared machine
     import sys
     sys.path.insert(0, os.path.dirname(__file__))
     from edit_quality import random_requests

@@ -189,8 +189,8 @@ def optimize_targets(model, batch: Batch, essence: Batch | None, layer: int, n_r
             lpe = torch.log_softmax(le[torch.arange(len(essence.last)), essence.last], -1)
             loss = loss + kl_weight * torch.nn.functional.kl_div(lpe, p_orig, log_target=True, reduction="batchmean")
         loss = loss + weight_decay * (delta.norm(dim=1) ** 2 / ref_norm.float() ** 2).mean()
-        losses.append(float(nll.mean()))
-        if float(nll.max()) < stop_loss:
+        losses.append(float(nll.detach().mean()))
+        if float(nll.detach().max()) < stop_loss:
             break
         opt.zero_grad()
         loss.backward()

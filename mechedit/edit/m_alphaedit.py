@@ -28,7 +28,7 @@ from mechedit.specio import to_dict
 
 @dataclass(frozen=True)
 class AlphaEditParams:
-    layer: int | list[int] | str = "all"
+    layer: int | list[int] | str = "auto"  # as MEMIT: list, int, "traced", "all" or "auto" (all but the last)
     null_threshold: float = 1e-2  # eigenvalues below null_threshold * max eigenvalue span the null space
     alpha: float = 10.0  # the L2 term of the solve, as the reference
     kp_cache: str = ""  # directory accumulating the keys of earlier batches ("" = no sequential memory)

@@ -32,7 +32,7 @@ from mechedit.specio import to_dict
 
 @dataclass(frozen=True)
 class MemitParams:
-    layer: int | list[int] | str = "all"  # list of MLP layers, an int, "traced" or "all"
+    layer: int | list[int] | str = "auto"  # list of MLP layers, an int, "traced", "all" or "auto" (all but the last)
     mom2_weight: float = 100.0  # lambda: weight of C against the new keys
     n_prefixes: int = 10
     prefix_words: int = 5
@@ -52,6 +52,8 @@ class MemitParams:
 def memit_layers(bundle, layer, requests) -> list[int]:
     if layer == "all":
         return list(range(bundle.n_layers))
+    if layer == "auto":  # the last layer's MLP at the subject token cannot reach the prediction (no attention after it)
+        return list(range(max(1, bundle.n_layers - 1)))
     return resolve_layers(bundle, layer, requests, allow_list=True)
 
 
