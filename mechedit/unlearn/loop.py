@@ -128,6 +128,7 @@ class UnlearnData:
     forget_objects: list[str]
     forget_alt: list[str]  # refusal or counterfactual objects (RT, DPO)
     forget_cloze: list[int]  # indices of cloze prompts (early-stopping check)
+    forget_subject_start: list[int]  # token position of each forget prompt's first subject token
     retain: Batch
 
 
@@ -145,9 +146,10 @@ def counterfactual(world: World, fact: Fact) -> str:
 def build_data(bundle, requests: list[EditRequest], alt: str = "refusal") -> UnlearnData:
     world = bundle.world
     target = ForgetTarget.from_requests(world, requests)
-    prompts, objects, alts, cloze = [], [], [], []
+    prompts, objects, alts, cloze, starts = [], [], [], [], []
     for f in target.forget:
         p, o, c = forget_examples(world, [f])
+        starts += [1 + world.subject_span(q.split(), f)[0] for q in p]  # +1: <bos>
         prompts += p
         objects += o
         cloze += c
@@ -155,7 +157,7 @@ def build_data(bundle, requests: list[EditRequest], alt: str = "refusal") -> Unl
     rp, ro, _ = forget_examples(world, target.retain)
     if not rp:
         raise MecheditError("nothing left to retain: the forget target covers every trained fact")
-    return UnlearnData(target, prompts, objects, alts, [i for i, c in enumerate(cloze) if c],
+    return UnlearnData(target, prompts, objects, alts, [i for i, c in enumerate(cloze) if c], starts,
                        make_batch(bundle.tokenizer, rp, ro))
 
 
@@ -214,6 +216,9 @@ def run_unlearning(bundle, requests: list[EditRequest], p: UnlearnParams, loss_f
     forget_all = make_batch(tok, data.forget_prompts, answers)
     cache = {"forget_true": make_batch(tok, data.forget_prompts, data.forget_objects),
              "forget_alt": make_batch(tok, data.forget_prompts, data.forget_alt)}
+    # [n, pos] 1 from the first subject token on: the positions whose context holds the forget subject
+    cache["from_subject"] = (torch.arange(forget_all.ids.shape[1])[None, :]
+                             >= torch.tensor(data.forget_subject_start)[:, None]) & forget_all.mask.bool()
     original = bundle.model
     ref = copy.deepcopy(original).eval()
     for q in ref.parameters():

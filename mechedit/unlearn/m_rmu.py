@@ -2,7 +2,9 @@
 
 At layer l: L = mean_tokens ||h_l(forget) - c u||^2 / d + alpha mean_tokens ||h_l(retain) - h_l^ref(retain)||^2 / d
 (MSE as in the reference code), u a fixed random unit vector (seeded), updating the MLPs of
-`layers` (default: l and the layer before it). Differs from the reference: c is given relative to
+`layers` (default: l and the layer before it). Differs from the reference: (1) only forget tokens
+from the first subject token on are steered - the tokens before it have exactly the retain prompts'
+activations (same words, causal attention), so steering them would fight the retain term; (2) c is given relative to
 the mean norm of the original model's h_l on forget tokens (`steering` x that norm), because the
 reference's absolute c = 6.5 fits a 7B model's residual scale, not ours.
 """
@@ -54,7 +56,7 @@ def rmu(bundle, requests, p: RMUParams):
     state: dict[str, torch.Tensor] = {}
 
     def loss(ctx, forget, retain):
-        fm = forget.mask.bool()
+        fm = ctx.cache["from_subject"][ctx.cache["fidx"], : forget.ids.shape[1]]
         if "c" not in state:
             with torch.no_grad():
                 state["c"] = p.steering * _hidden(ctx.ref, forget, layer)[fm].norm(dim=-1).mean()
