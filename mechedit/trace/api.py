@@ -33,7 +33,8 @@ class TraceConfig:
     window: int | None = None  # None: round(10/48 x n_layers), at least 1
     seed: int = 0
     template: int | None = None  # None: per fact, the first trained template in TEMPLATE_PREFERENCE
-    batch_size: int = 4096  # rows per forward pass of the batched engine
+    batch_size: int | None = None  # rows per forward of the batched engine; None: from a memory budget
+    memory_mb: int = 2048  # activation budget that sets the automatic batch size
     engine: str = "batched"  # "batched" | "reference"
 
     def __post_init__(self):
@@ -47,7 +48,7 @@ class TraceConfig:
             raise MecheditError("samples must be >= 1")
         if self.window is not None and self.window < 1:
             raise MecheditError("window must be >= 1")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise MecheditError("batch_size must be >= 1")
         if self.engine not in ("batched", "reference"):
             raise MecheditError(f"unknown engine {self.engine!r} (batched, reference)")
@@ -150,10 +151,11 @@ def trace(bundle, facts: Iterable[str | int | Fact] | None = None, config: Trace
         return TraceResult(cfg, nu, n_layers, [], np.zeros(0), np.zeros(0), np.zeros((0, config.samples)),
                            {k: np.zeros((0, n_layers, 0)) for k in config.kinds}, skipped)
     prepared = [prepared[i] for i in known]
+    batch = config.batch_size or E.auto_batch_size(model.config, max(p.n_tokens for p in prepared), config.memory_mb)
     run = E.run_batched if config.engine == "batched" else E.run_reference
     out = run(bridge, prepared, kinds=config.kinds, noise_scale=nu, samples=config.samples, window=window,
               seed=config.seed, n_layers=n_layers, d_model=d_model, pad_id=tok.pad_token_id,
-              batch_size=config.batch_size, progress=progress)
+              batch_size=batch, progress=progress)
     labels = []
     for p in prepared:
         f = world.facts[p.index]

@@ -64,6 +64,13 @@ def default_window(n_layers: int) -> int:
     return max(1, round(10 * n_layers / 48))
 
 
+def auto_batch_size(hf_config, n_tokens: int, memory_mb: int) -> int:
+    """Rows per forward so that the widest activations ([rows, tokens, max(d_mlp, vocab)] in fp32,
+    with ~8 alive at once) fit in `memory_mb`."""
+    width = max(hf_config.intermediate_size, hf_config.vocab_size, 4 * hf_config.hidden_size)
+    return int(min(65536, max(64, memory_mb * 2**20 // (n_tokens * width * 4 * 8))))
+
+
 def window_bounds(layer: int, window: int, n_layers: int) -> tuple[int, int]:
     """[lo, hi) of the layers restored around `layer` (ROME: layer - w//2 .. layer + ceil(w/2))."""
     return max(0, layer - window // 2), min(n_layers, layer + math.ceil(window / 2))

@@ -27,7 +27,7 @@ def trace_run(checkpoint: str | Path, out: str | Path, *, facts: list[str] | Non
     import mechedit
     from mechedit.trace.plot import plot_average, plot_fact
 
-    if not facts and relation is None and not all_facts:
+    if not facts and relation is None and not all_facts and n is None:
         raise MecheditError("choose facts with --fact SUBJECT|RELATION, --relation NAME [--n K] or --all")
     if facts and (relation is not None or all_facts):
         raise MecheditError("--fact cannot be combined with --relation or --all")
