@@ -185,3 +185,20 @@ def test_cli_edit_bad_inputs_exit_2(tiny_checkpoint, tmp_path, args, msg):
     assert r.exit_code == 2, r.output
     assert msg in r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_traced_layer_uses_locate_for(tiny_bundle, monkeypatch):
+    trace = pytest.importorskip("mechedit.trace")
+    from types import SimpleNamespace
+
+    calls = []
+
+    def fake_locate_for(bundle, facts=None, **kw):
+        calls.append(facts)
+        return SimpleNamespace(layer=0, site="mlp")
+
+    monkeypatch.setattr(trace, "locate_for", fake_locate_for)
+    req = _request(tiny_bundle.world)
+    res = run_method(tiny_bundle, [req], "rome", layer="traced", steps=3, n_prefixes=1)
+    assert res.info["layer"] == 0 and list(res.deltas) == [w_out_name(0)]
+    assert calls and calls[0][0] == tiny_bundle.world.fact(req.subject, req.relation)

@@ -94,7 +94,7 @@ def finetune(bundle, requests: list[EditRequest], p: FinetuneParams) -> EditResu
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if p.norm_constraint > 0:
             with torch.no_grad():
                 for n in names:

@@ -71,7 +71,7 @@ def lora(bundle, requests: list[EditRequest], p: LoraParams) -> EditResult:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     merged = model.merge_and_unload()
     deltas = {}
     with torch.no_grad():
