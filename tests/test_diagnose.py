@@ -1,6 +1,7 @@
 """Diagnostics: MIA scores against direct computation, adversarial probes, probes, suites on the tiny model."""
 from __future__ import annotations
 
+import json
 import math
 import zlib
 
@@ -88,15 +89,16 @@ def test_suites_on_unchanged_model(tiny_bundle):
     reqs = parse_forget(tiny_bundle.world, f"subject:{subj.name}").requests()
     card = diagnose(tiny_bundle, tiny_bundle, reqs, ("forget", "leftover"))
     f = card["forget"]
-    assert f["before"] == f["after"] and f["before"]["forget"]["cloze"]["agg_value"] > 0.9
+    same = lambda x, y: json.dumps(x, sort_keys=True) == json.dumps(y, sort_keys=True)  # NaN-safe  # noqa: E731
+    assert same(f["before"], f["after"]) and f["before"]["forget"]["cloze"]["agg_value"] > 0.9
     left = card["leftover"]
     for fam, d in left["adversarial"].items():
-        assert d["before"] == d["after"], fam
+        assert same(d["before"], d["after"]), fam
     mia = left["mia"]["loss"]["before"]
     assert mia["auc_vs_nonmember"] > 0.9  # trained facts vs facts of never-seen subjects
     probes = left["probes"]["before"]["prompt_last"]
     assert probes["by_layer"]["agg_value"] >= 0.75
-    assert left["probes"]["before"] == left["probes"]["after"]
+    assert same(left["probes"]["before"], left["probes"]["after"])
     assert left["logit_lens"]["before"]["agg_value"] > 0.5
 
 
