@@ -235,6 +235,42 @@ def diagnose(
     typer.echo(f"scorecard written to {out}/scorecard.json")
 
 
+@command()
+def run(
+    spec: Path = typer.Argument(..., help="Analysis spec (TOML), e.g. analyses/quickstart.toml."),
+    out: Path = typer.Option(..., "-o", "--out", help="Run folder (a rerun resumes it)."),
+    executor: str = typer.Option("local", "--executor", help="local (process pool) or ray."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Parallel cases (default: the number of cores)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: start a local Ray)."),
+    force: bool = typer.Option(False, "--force", help="Start over if the folder holds a run of another spec."),
+):
+    """Run an analysis: train or reuse the model, trace, run every case of the grid.
+
+    Example: mechedit run analyses/quickstart.toml -o runs/quickstart
+    """
+    from mechedit.analysis import run_analysis
+
+    res = run_analysis(spec, out, executor_name=executor, workers=workers, address=address, force=force,
+                       progress=lambda msg: typer.echo(msg, err=True))
+    typer.echo(f"{res['done']}/{res['total']} cases done ({res['ran']} run now, {res['skipped']} resumed) in {res['run_dir']}")
+
+
+@command()
+def report(
+    run_dir: Path = typer.Argument(..., help="Run folder written by `mechedit run`."),
+    out: Path = typer.Option(..., "-o", "--out", help="Report folder, e.g. reports/quickstart."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing report."),
+):
+    """Write a self-contained HTML report of a run folder.
+
+    Example: mechedit report runs/quickstart -o reports/quickstart
+    """
+    from mechedit.report import build_report
+
+    index = build_report(run_dir, out, force=force)
+    typer.echo(f"report written to {index}")
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,203 @@
+"""Analysis specs: a TOML file naming the world, the model, what to trace, the grid and the diagnostics.
+
+```toml
+name = "quickstart"
+[world]                       # spec = "default" | a spec file; or dir = a world directory
+spec = "default"
+[model]                       # preset = "default" | spec = a model spec file | checkpoint = a directory
+preset = "default"
+[trace]                       # optional: traced facts; "traced" layers resolve to its MLP location
+relation = "capital"
+n = 30
+[requests.single]             # request sets: counterfactual edits ...
+relation = "capital"
+n = 8
+mode = "each"                 # each request edited alone (restored between) | "batch": one call
+[requests.forget1]            # ... or forget targets (unlearning): forget = "subject:NAME" or subjects = N
+subjects = 1
+[[grid]]                      # methods x params x layers x request sets
+method = "rome"
+layers = ["traced", 0, 1, 2, 3]
+requests = ["single"]
+params = { steps = [20, 40] } # a list sweeps the values
+[diagnostics]
+suites = ["edit"]
+```
+Paths are relative to the spec file. Every key is checked; an error names the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mechedit.errors import SpecError
+from mechedit.specio import load_spec_file
+
+
+@dataclass(frozen=True)
+class RequestSet:
+    name: str
+    kind: str  # "counterfactual" | "forget"
+    mode: str  # "each" | "batch"
+    n: int = 5
+    relation: str | None = None
+    forget: str | None = None  # "subject:NAME", "fact:S|R", "relation:R"
+    subjects: int | None = None  # forget all facts of N random trained subjects
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Case:
+    """One cell of the grid."""
+
+    method: str
+    params: dict
+    layer: Any  # int, list of ints, "traced" or None (method default / not layered)
+    requests: str  # request-set name
+
+    @property
+    def key(self) -> dict:
+        return {"method": self.method, "params": self.params, "layer": self.layer, "requests": self.requests}
+
+    @property
+    def id(self) -> str:
+        text = json.dumps(self.key, sort_keys=True)
+        return f"{self.method}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
+
+
+@dataclass(frozen=True)
+class AnalysisSpec:
+    name: str
+    base: Path  # directory of the spec file (paths are relative to it)
+    world: dict
+    model: dict
+    trace: dict | None
+    request_sets: dict[str, RequestSet]
+    cases: tuple[Case, ...]
+    suites: tuple[str, ...]  # run on counterfactual request sets
+    forget_suites: tuple[str, ...]  # run on forget request sets (unlearning)
+    suite_options: dict = field(default_factory=dict)
+    raw: dict = field(default_factory=dict)
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.raw, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_TOP = {"name", "world", "model", "trace", "requests", "grid", "diagnostics", "description"}
+_WORLD = {"spec", "dir"}
+_MODEL = {"preset", "spec", "checkpoint"}
+_TRACE = {"relation", "n", "facts", "sites", "samples", "noise", "window", "seed"}
+_REQ = {"relation", "n", "mode", "forget", "subjects", "seed"}
+_GRID = {"method", "params", "layers", "requests"}
+_DIAG = {"suites", "forget_suites", "options"}
+
+
+def _check_keys(table: Any, allowed: set[str], where: str) -> dict:
+    if not isinstance(table, dict):
+        raise SpecError(f"{where}: expected a table")
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise SpecError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(allowed))})")
+    return table
+
+
+def _sweep(params: dict, where: str) -> list[dict]:
+    """{a: [1, 2], b: 3} -> [{a: 1, b: 3}, {a: 2, b: 3}] (a list value is a sweep)."""
+    if not isinstance(params, dict):
+        raise SpecError(f"{where}: expected a table of parameters")
+    keys = sorted(params)
+    values = [v if isinstance(v, list) else [v] for v in (params[k] for k in keys)]
+    return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+
+
+def parse_analysis(data: dict, base: Path) -> AnalysisSpec:
+    from mechedit.edit.api import get_method, make_params
+    from mechedit.errors import MecheditError
+
+    _check_keys(data, _TOP, "analysis")
+    name = str(data.get("name", "analysis"))
+    world = _check_keys(data.get("world", {"spec": "default"}), _WORLD, "world")
+    if len(world) != 1:
+        raise SpecError("world: give exactly one of spec or dir")
+    if "dir" in world and not (base / world["dir"]).is_dir():
+        raise SpecError(f"world.dir: world directory not found: {base / world['dir']}")
+    if "spec" in world and world["spec"] != "default" and not (base / world["spec"]).is_file():
+        raise SpecError(f"world.spec: spec file not found: {base / world['spec']}")
+    model = _check_keys(data.get("model", {"preset": "default"}), _MODEL, "model")
+    if len(model) != 1:
+        raise SpecError("model: give exactly one of preset, spec or checkpoint")
+    if "checkpoint" in model and not (base / model["checkpoint"]).is_dir():
+        raise SpecError(f"model.checkpoint: checkpoint not found: {base / model['checkpoint']}")
+    trace = data.get("trace")
+    if trace is not None:
+        _check_keys(trace, _TRACE, "trace")
+    sets: dict[str, RequestSet] = {}
+    for sname, t in _check_keys(data.get("requests", {}), set(data.get("requests", {})), "requests").items():
+        _check_keys(t, _REQ, f"requests.{sname}")
+        kind = "forget" if ("forget" in t or "subjects" in t) else "counterfactual"
+        mode = t.get("mode", "each" if kind == "counterfactual" else "batch")
+        if mode not in ("each", "batch"):
+            raise SpecError(f"requests.{sname}.mode: must be 'each' or 'batch', got {mode!r}")
+        sets[sname] = RequestSet(sname, kind, mode, int(t.get("n", 5)), t.get("relation"), t.get("forget"),
+                                 t.get("subjects"), int(t.get("seed", 0)))
+    grid = data.get("grid", [])
+    if not isinstance(grid, list) or not grid:
+        raise SpecError("grid: the grid is empty (add at least one [[grid]] entry)")
+    cases: list[Case] = []
+    for i, g in enumerate(grid):
+        where = f"grid[{i}]"
+        _check_keys(g, _GRID, where)
+        if "method" not in g:
+            raise SpecError(f"{where}.method: missing")
+        try:
+            method = get_method(str(g["method"]))
+        except MecheditError as exc:
+            raise SpecError(f"{where}.method: {exc}") from None
+        req_names = g.get("requests", list(sets)[:1])
+        if isinstance(req_names, str):
+            req_names = [req_names]
+        if not req_names:
+            raise SpecError(f"{where}.requests: no request set (define one under [requests.NAME])")
+        for r in req_names:
+            if r not in sets:
+                raise SpecError(f"{where}.requests: unknown request set {r!r} (defined: {', '.join(sets) or 'none'})")
+        layers = g.get("layers", [None])
+        if not isinstance(layers, list) or not layers:
+            raise SpecError(f"{where}.layers: expected a non-empty list")
+        for params in _sweep(g.get("params", {}), f"{where}.params"):
+            if "layer" in params:
+                raise SpecError(f"{where}.params: give layers with the 'layers' key, not params.layer")
+            try:
+                make_params(method, params)
+            except MecheditError as exc:
+                raise SpecError(f"{where}.params: {exc}") from None
+            for layer in layers:
+                if layer == "traced" and trace is None:
+                    raise SpecError(f"{where}.layers: 'traced' needs a [trace] section")
+                for r in req_names:
+                    cases.append(Case(method.name, params, layer, r))
+    ids = [c.id for c in cases]
+    if len(set(ids)) != len(ids):
+        raise SpecError("grid: the same case appears twice")
+    diag = _check_keys(data.get("diagnostics", {}), _DIAG, "diagnostics")
+    suites = tuple(diag.get("suites", ["edit"]))
+    forget_suites = tuple(diag.get("forget_suites", ["forget"]))
+    from mechedit.diagnose import get_suite
+
+    for s in suites + forget_suites:
+        try:
+            get_suite(s)
+        except MecheditError as exc:
+            raise SpecError(f"diagnostics.suites: {exc}") from None
+    return AnalysisSpec(name, base, world, model, trace, sets, tuple(cases), suites, forget_suites, dict(diag.get("options", {})),
+                        data)
+
+
+def load_analysis(path: str | Path) -> AnalysisSpec:
+    path = Path(path)
+    return parse_analysis(load_spec_file(path), path.resolve().parent)

@@ -1,0 +1,95 @@
+"""Report figures (matplotlib, Agg backend): training curve, scores against layer, probe curves."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def training_curve(curve: list[dict], path: Path) -> Path | None:
+    if not curve:
+        return None
+    ep = [r["epoch"] for r in curve]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot(ep, [r["cloze"] for r in curve], marker="o", label="cloze recall (trained templates)")
+    ax.plot(ep, [r["paraphrase"] for r in curve], marker="s", label="held-out paraphrase recall")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("recall")
+    ax.set_ylim(0, 1.02)
+    ax2 = ax.twinx()
+    ax2.plot(ep, [r["loss"] for r in curve], color="grey", ls="--", label="training loss")
+    ax2.set_ylabel("loss")
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="center right", fontsize=8)
+    ax.set_title("Training curve")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def scores_vs_layer(layers: list[int], series: dict[str, list[float]], ie: list[float] | None, path: Path,
+                    title: str) -> Path:
+    """Edit scores at each edited layer (left axis) next to the trace's indirect effect (right axis)."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for name, vals in series.items():
+        ax.plot(layers, vals, marker="o", label=name)
+    ax.set_xlabel("edited layer")
+    ax.set_ylabel("score")
+    ax.set_xticks(layers)
+    if ie is not None:
+        ax2 = ax.twinx()
+        ax2.bar(np.arange(len(ie)), ie, alpha=0.2, color="tab:purple", label="trace IE (MLP, last subject token)")
+        ax2.set_ylabel("indirect effect")
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="best")
+    else:
+        ax.legend(fontsize=7)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def line_plot(x: list, series: dict[str, list[float]], path: Path, *, xlabel: str, ylabel: str, title: str,
+              diagonal: bool = False) -> Path:
+    fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    for name, ys in series.items():
+        ax.plot(x if not isinstance(ys, tuple) else ys[0], ys if not isinstance(ys, tuple) else ys[1],
+                marker="." if not diagonal else None, label=name)
+    if diagonal:
+        ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def bar_plot(labels: list[str], series: dict[str, list[float]], path: Path, *, ylabel: str, title: str) -> Path:
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    n = max(1, len(series))
+    width = 0.8 / n
+    x = np.arange(len(labels))
+    for i, (name, vals) in enumerate(series.items()):
+        ax.bar(x + i * width - 0.4 + width / 2, vals, width, label=name)
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_xlabel("adversarial family")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
