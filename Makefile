@@ -2,9 +2,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-RUNS ?= runs/demo
+RUNS ?= runs/quickstart
+REPORT ?= reports/quickstart
 
-.PHONY: setup demo test bench clean
+.PHONY: setup chromium demo test bench clean
 
 setup: $(VENV)/.installed
 
@@ -13,19 +14,26 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,ray]"
 	touch $@
 
-demo: setup
-	$(VENV)/bin/mechedit world -o $(RUNS)/world --force
-	$(VENV)/bin/mechedit train $(RUNS)/world -o $(RUNS)/model --force
-	$(VENV)/bin/mechedit info $(RUNS)/model
+# the report test renders the HTML report in Debian's headless Chromium
+chromium:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || echo "warning: could not install chromium; the report rendering test will be skipped"
 
-test: setup
+# the main job: world + training (cached), tracing, the edit/unlearn grid, the report
+demo: setup
+	$(VENV)/bin/mechedit run analyses/quickstart.toml -o $(RUNS)
+	$(VENV)/bin/mechedit report $(RUNS) -o $(REPORT) --force
+	@echo "open $(REPORT)/index.html"
+
+test: setup chromium
 	$(PY) -m pytest -q
 
 bench: setup
 	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/trace_speed.py
+	$(PY) benchmarks/edit_speed.py
 
 clean:
 	rm -rf $(VENV) runs
