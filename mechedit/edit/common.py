@@ -75,14 +75,34 @@ class Batch:
     owner: torch.Tensor  # [b] index of the request each row belongs to
 
 
-def build_batch(bundle, requests: list[EditRequest], prefixes: list[str], *, essence: bool = False) -> Batch:
-    """Rows for every (request, prefix, prompt); `essence=True` uses "{subject} 's" prompts (ROME's KL term)."""
+def essence_prompts(world, req: EditRequest, kind: str) -> list[str]:
+    """Prompts about the subject whose predictions the edit should keep (ROME's KL "essence" term).
+
+    "possessive": "{subject} 's" (the nearest this world has to ROME's "{subject} is a");
+    "relations": one trained cloze prompt (the first trained template) of each of the subject's
+    OTHER facts, plus "{subject} 's" -- with a distributed subject representation this is what
+    keeps the subject's other relations (the KL is to the unedited model's own predictions).
+    """
+    f = world.fact(req.subject, req.relation)
+    name = world.subjects[f.subject].name
+    out = [f"{name} 's"]
+    if kind == "relations":
+        for g in world.facts_of(f.subject):
+            if g.relation != f.relation and world.is_trained(g):
+                t = next(x for x in range(world.n_templates) if x != g.heldout_template)
+                out.append(world.prompt(g, t))
+    return out
+
+
+def build_batch(bundle, requests: list[EditRequest], prefixes: list[str], *, essence: bool = False,
+                essence_kind: str = "possessive") -> Batch:
+    """Rows for every (request, prefix, prompt); `essence=True` uses the essence prompts (ROME's KL term)."""
     tok, world = bundle.tokenizer, bundle.world
     seqs, subj, last, target, owner = [], [], [], [], []
     for i, r in enumerate(requests):
         f = world.fact(r.subject, r.relation)
         name = world.subjects[f.subject].name
-        prompts = [f"{name} 's"] if essence else edit_prompts(world, r)
+        prompts = essence_prompts(world, r, essence_kind) if essence else edit_prompts(world, r)
         new_id = tok(r.new_object, add_special_tokens=False)["input_ids"][0]
         for pre in ([""] if essence else prefixes):
             for p in prompts:
@@ -154,20 +174,51 @@ def add_at_subject(model, layer: int, delta: torch.Tensor, batch: Batch):
         h.remove()
 
 
+@contextlib.contextmanager
+def add_rank_one(model, layer: int, delta: torch.Tensor, u: torch.Tensor, batch: Batch):
+    """The rank-one edit W += delta[i] u[i]^T of `layer`'s down projection for row owner i, as a hook.
+
+    Every position p of a row gets delta * (u . k_p) added to the MLP output -- exactly what the
+    weight edit does -- so optimising delta through this hook optimises the final edit itself.
+    u [n_requests, d_mlp] is C^-1 k* / (k*^T C^-1 k*) (so u . k* = 1 and W' k* = W k* + delta).
+    """
+    mod = model.gpt_neox.layers[layer].mlp.dense_4h_to_h
+    uo = u[batch.owner]  # [b, d_mlp]
+
+    def hook(module, inputs, output):
+        coef = torch.einsum("bpd,bd->bp", inputs[0].double(), uo)  # [b, pos]
+        return output + (coef.unsqueeze(-1) * delta[batch.owner].unsqueeze(1)).to(output.dtype)
+
+    h = mod.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        h.remove()
+
+
 def optimize_targets(model, batch: Batch, essence: Batch | None, layer: int, n_requests: int, *,
                      clamp: torch.Tensor, lr: float, steps: int, kl_weight: float, weight_decay: float,
-                     ref_norm: torch.Tensor, stop_loss: float = 0.05) -> tuple[torch.Tensor, dict]:
+                     ref_norm: torch.Tensor, stop_loss: float = 0.05,
+                     rank_one_u: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """delta [n_requests, d_model] added at the subject token of `layer` so the new objects are predicted.
 
     Loss (ROME/MEMIT compute_v): mean NLL(new object) over prefixes + kl_weight * KL(p_orig || p_edit)
     on the essence prompts + weight_decay * ||delta||^2 / ||ref||^2; ||delta|| is clamped to `clamp`
-    (per request) after each Adam step.
+    (per request) after each Adam step. With `rank_one_u` ([n_requests, d_mlp], see `add_rank_one`)
+    delta is applied the way the rank-one weight edit will apply it (scaled by u . k at every
+    position) instead of only at the subject token: the keys of the individual prompts differ from
+    their mean k*, and this makes the optimised loss the loss of the edited model.
     """
+    if rank_one_u is not None:
+        add = lambda d, b: add_rank_one(model, layer, d, rank_one_u, b)  # noqa: E731
+    else:
+        add = lambda d, b: add_at_subject(model, layer, d, b)  # noqa: E731
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     d_model = model.config.hidden_size
-    delta = torch.zeros(n_requests, d_model, requires_grad=True)
+    delta = torch.zeros(n_requests, d_model, dtype=torch.float64 if rank_one_u is not None else torch.float32,
+                        requires_grad=True)
     opt = torch.optim.Adam([delta], lr=lr)
     rows = torch.arange(len(batch.last))
     p_orig = None
@@ -177,14 +228,14 @@ def optimize_targets(model, batch: Batch, essence: Batch | None, layer: int, n_r
             p_orig = torch.log_softmax(lo[torch.arange(len(essence.last)), essence.last], -1)
     losses = []
     for step in range(steps):
-        with add_at_subject(model, layer, delta, batch):
+        with add(delta, batch):
             logits = model(input_ids=batch.ids, attention_mask=batch.mask).logits  # [b, pos, vocab]
         logp = torch.log_softmax(logits[rows, batch.last].float(), -1)
         nll_rows = -logp[rows, batch.target]
         nll = _mean_by_owner(nll_rows.unsqueeze(1), batch.owner, n_requests).squeeze(1)  # [n_requests]
         loss = nll.mean()
         if p_orig is not None:
-            with add_at_subject(model, layer, delta, essence):
+            with add(delta, essence):
                 le = model(input_ids=essence.ids, attention_mask=essence.mask).logits
             lpe = torch.log_softmax(le[torch.arange(len(essence.last)), essence.last], -1)
             loss = loss + kl_weight * torch.nn.functional.kl_div(lpe, p_orig, log_target=True, reduction="batchmean")

@@ -34,8 +34,11 @@ from mechedit.specio import to_dict
 class MemitParams:
     layer: int | list[int] | str = "auto"  # list of MLP layers, an int, "traced", "all" or "auto" (all but the last)
     mom2_weight: float = 100.0  # lambda: weight of C against the new keys
-    n_prefixes: int = 10
+    n_prefixes: int = 0  # corpus prefixes (out of distribution for a model trained on single sentences)
     prefix_words: int = 5
+    kl_weight: float = 4.0  # KL(p_orig || p_edit) on the subjects' other facts (see common.essence_prompts)
+    essence: str = "relations"  # "possessive" or "relations"
+    per_prompt_keys: bool = True  # one key per (request, prompt) row in the solve instead of the mean key
     steps: int = 60
     lr_factor: float = 0.1  # Adam lr = lr_factor * ||h_L|| / sqrt(d_model)
     clamp_factor: float = 0.75  # ||delta_i|| <= clamp_factor * ||h_L||  (MEMIT's 0.75)
@@ -58,13 +61,25 @@ def memit_layers(bundle, layer, requests) -> list[int]:
 
 
 @torch.no_grad()
-def _residual_at(model, batch: Batch, layer: int, n: int) -> torch.Tensor:
-    """h_layer (after block `layer`) at the subject token, averaged per request. [n, d_model]"""
+def _residual_at(model, batch: Batch, layer: int, n: int | None) -> torch.Tensor:
+    """h_layer (after block `layer`) at the subject token, averaged per request ([n, d_model]) or per row (n=None)."""
     hs = model(input_ids=batch.ids, attention_mask=batch.mask, output_hidden_states=True).hidden_states
     h = hs[layer + 1][torch.arange(len(batch.subj)), batch.subj].double()
+    if n is None:
+        return h
     out = torch.zeros(n, h.shape[1], dtype=torch.float64)
     out.index_add_(0, batch.owner, h)
     return out / torch.bincount(batch.owner, minlength=n).unsqueeze(1).double()
+
+
+@torch.no_grad()
+def _row_keys(model, batch: Batch, layer: int) -> torch.Tensor:
+    """The key at the subject token of every row. [rows, d_mlp]"""
+    from mechedit.edit.stats import capture_keys
+
+    with capture_keys(model, [layer]) as store:
+        model(input_ids=batch.ids, attention_mask=batch.mask)
+    return store[layer][0][torch.arange(len(batch.subj)), batch.subj].double()
 
 
 def spread_update(bundle, requests: list[EditRequest], layers: list[int], p,
@@ -79,19 +94,26 @@ def spread_update(bundle, requests: list[EditRequest], layers: list[int], p,
     L = layers[-1]
     prefixes = context_prefixes(bundle.world, p.n_prefixes, p.prefix_words, p.seed)
     batch = build_batch(bundle, requests, prefixes)
+    essence = build_batch(bundle, requests, prefixes, essence=True, essence_kind=p.essence) if p.kl_weight > 0 else None
     h0 = _residual_at(model, batch, L, n)  # [n, d_model]
     h_norm = h0.norm(dim=1)
     delta, info = optimize_targets(
-        model, batch, None, L, n, clamp=p.clamp_factor * h_norm,
+        model, batch, essence, L, n, clamp=p.clamp_factor * h_norm,
         lr=p.lr_factor * float(h_norm.mean()) / math.sqrt(model.config.hidden_size), steps=p.steps,
-        kl_weight=0.0, weight_decay=p.weight_decay, ref_norm=h_norm, stop_loss=p.stop_loss)
-    Z = h0 + delta  # [n, d_model]
+        kl_weight=p.kl_weight, weight_decay=p.weight_decay, ref_norm=h_norm, stop_loss=p.stop_loss)
+    # the target is "the residual moved by delta_i" at every prompt (row) of request i
+    per_row = p.per_prompt_keys
+    Z = (_residual_at(model, batch, L, None) + delta[batch.owner]) if per_row else h0 + delta  # [rows or n, d_model]
     deltas: dict[str, torch.Tensor] = {}
     applied: list[EditResult] = []
     try:
         for i, l in enumerate(layers):
-            K = mean_keys(model, batch, l, n).T  # [d_mlp, n]
-            R = (Z - _residual_at(model, batch, L, n)).T / (len(layers) - i)  # [d_model, n]
+            if per_row:
+                K = _row_keys(model, batch, l).T  # [d_mlp, rows]
+                R = (Z - _residual_at(model, batch, L, None)).T / (len(layers) - i)  # [d_model, rows]
+            else:
+                K = mean_keys(model, batch, l, n).T  # [d_mlp, n]
+                R = (Z - _residual_at(model, batch, L, n)).T / (len(layers) - i)  # [d_model, n]
             name = w_out_name(l)
             W = dict(model.named_parameters())[name]
             dW = solve(l, R, K).to(W.dtype)

@@ -43,6 +43,8 @@ class RomeParams:
     stop_loss: float = 0.05  # stop when every request's mean NLL is below this
     n_stats: int | None = None  # corpus sentences for C (None: the whole corpus)
     ridge: float = 1e-4  # C + ridge * mean(diag C) * I, so C^-1 exists with dead units
+    through_edit: bool = True  # optimise delta through the rank-one edit (delta * u.k at every position)
+    essence: str = "relations"  # KL prompts: "possessive" ("{s} 's") or "relations" (+ the subject's other facts)
     seed: int = 0
 
     def validate(self) -> None:
@@ -52,6 +54,8 @@ class RomeParams:
             raise SpecError("rome: lr_factor and clamp_factor must be > 0; kl_weight, weight_decay >= 0")
         if self.ridge < 0:
             raise SpecError("rome: ridge must be >= 0")
+        if self.essence not in ("possessive", "relations"):
+            raise SpecError(f"rome: essence must be 'possessive' or 'relations', got {self.essence!r}")
 
 
 def inverse_second_moment(C: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -72,14 +76,18 @@ def _one(bundle, req: EditRequest, layer: int, p: RomeParams, C_inv: torch.Tenso
     model = bundle.model
     prefixes = context_prefixes(bundle.world, p.n_prefixes, p.prefix_words, p.seed)
     batch = build_batch(bundle, [req], prefixes)
-    essence = build_batch(bundle, [req], prefixes, essence=True)
+    essence = build_batch(bundle, [req], prefixes, essence=True, essence_kind=p.essence)
     k_star = mean_keys(model, batch, layer, 1)[0]  # [d_mlp]
     h_norm = residual_norm(model, batch, layer)
     W = dict(model.named_parameters())[w_out_name(layer)].detach()
+    u = None
+    if p.through_edit:
+        c_k = C_inv @ k_star
+        u = (c_k / (k_star @ c_k)).unsqueeze(0)  # [1, d_mlp]
     delta, info = optimize_targets(
         model, batch, essence, layer, 1, clamp=torch.tensor([p.clamp_factor * h_norm]),
         lr=p.lr_factor * h_norm / math.sqrt(model.config.hidden_size), steps=p.steps, kl_weight=p.kl_weight,
-        weight_decay=p.weight_decay, ref_norm=torch.tensor([h_norm]), stop_loss=p.stop_loss)
+        weight_decay=p.weight_decay, ref_norm=torch.tensor([h_norm]), stop_loss=p.stop_loss, rank_one_u=u)
     v_star = W.double() @ k_star + delta[0]
     dW = rank_one_update(W, k_star, v_star, C_inv)
     info.update(h_norm=h_norm, delta_norm=float(delta[0].norm()), clamp=p.clamp_factor * h_norm)
