@@ -146,14 +146,24 @@ def clean_run(bridge, facts: list[PreparedFact], pad_id: int, sites: tuple[str, 
     return p.numpy().astype(np.float64), top1.numpy(), stacked
 
 
-def _row_plan(facts: list[PreparedFact], kinds: tuple[str, ...], n_layers: int, samples: int) -> np.ndarray:
-    """Every restoration row as (fact, kind, layer, token, sample): [R, 5] int64."""
-    parts = []
+def _row_plan(facts: list[PreparedFact], kinds: tuple[str, ...], n_layers: int, samples: int,
+              window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Restoration rows as (fact, kind, layer, token, sample): ([R, 5] to run, [R', 5] known to equal
+    the corrupted run). A restoration changes nothing when the token precedes the subject (clean and
+    corrupted states agree there) or when every restored layer is the last one and the token is not
+    the last (no later layer reads it)."""
+    run, same = [], []
     for fi, f in enumerate(facts):
         k, l, t, s = np.meshgrid(np.arange(len(kinds)), np.arange(n_layers), np.arange(f.n_tokens),
                                  np.arange(samples), indexing="ij")
-        parts.append(np.stack([np.full(k.size, fi), k.ravel(), l.ravel(), t.ravel(), s.ravel()], axis=1))
-    return np.concatenate(parts) if parts else np.zeros((0, 5), dtype=np.int64)
+        rows = np.stack([np.full(k.size, fi), k.ravel(), l.ravel(), t.ravel(), s.ravel()], axis=1)
+        lo = np.array([window_bounds(int(x), window, n_layers)[0] if kind_site(kinds[int(ki)])[0] != "resid"
+                       else int(x) for ki, x in zip(rows[:, 1], rows[:, 2])])
+        trivial = (rows[:, 3] < f.subject[0]) | ((lo == n_layers - 1) & (rows[:, 3] < f.n_tokens - 1))
+        run.append(rows[~trivial])
+        same.append(rows[trivial])
+    empty = np.zeros((0, 5), dtype=np.int64)
+    return (np.concatenate(run) if run else empty), (np.concatenate(same) if same else empty)
 
 
 @torch.no_grad()
@@ -197,7 +207,10 @@ def run_batched(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], no
     corrupt_c = {s: torch.stack(corrupt[s], dim=1).reshape(F, S, L, T, d_model) for s in sever_sites}
 
     out = {k: np.full((F, L, T, S), np.nan) for k in kinds}
-    plan = _row_plan(facts, kinds, L, S)
+    plan, same = _row_plan(facts, kinds, L, S, window)
+    for ki, k in enumerate(kinds):
+        m = same[:, 1] == ki
+        out[k][same[m, 0], same[m, 2], same[m, 3], same[m, 4]] = p_corrupt[same[m, 0], same[m, 4]]
     kind_restore = np.array([restore_sites.index(kind_site(k)[0]) for k in kinds])
     kind_sever = np.array([sever_sites.index(kind_site(k)[1]) if kind_site(k)[1] else -1 for k in kinds])
     for start in range(0, len(plan), batch_size):
@@ -238,8 +251,9 @@ def run_batched(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], no
 
 def _setter(rows: torch.Tensor, pos: torch.Tensor, src: torch.Tensor):
     """A hook that sets x[rows[i], pos[i]] = src[i] (several hooks on one name compose in order)."""
-    def fn(x, hook):  # x [B, T, d]
-        return x.index_put((rows, pos), src.to(x.dtype))
+    def fn(x, hook):  # x [B, T, d]; in place: the activation is this forward's own tensor
+        x[rows, pos] = src.to(x.dtype)
+        return x
     return fn
 
 
