@@ -160,3 +160,10 @@ def test_unknown_fact_lookup_is_a_clear_error():
         w.parse_fact(f"{w.subjects[0].name}|nothing")
     with pytest.raises(MecheditError, match="SUBJECT\\|RELATION"):
         w.parse_fact("no-bar")
+
+
+def test_shipped_default_world_file_matches_the_embedded_default():
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "analyses" / "worlds" / "default.toml"
+    assert WorldSpec.from_file(path) == default_world_spec()
