@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from mechedit.cli import app
 from mechedit.diagnose import get_suite
 from mechedit.edit import EditRequest, EditResult, run_method
-from mechedit.edit.common import build_batch, context_prefixes, mean_keys
+from mechedit.edit.common import add_rank_one, build_batch, context_prefixes, edit_prompts, mean_keys
 from mechedit.edit.m_rome import inverse_second_moment, rank_one_update
 from mechedit.edit.run import edited_bundle, frozen_copy, sequential_edits
 from mechedit.edit.stats import compute_second_moment, second_moment, w_out_name
@@ -129,7 +129,8 @@ def test_sequential_edits_restore(tiny_bundle):
     steps = sequential_edits(tiny_bundle, [[_request(w, 0)], [_request(w, 3)]], "alphaedit",
                              scorecard_options={"n_unrelated": 10, "n_retain": 10}, **FAST["alphaedit"])
     assert len(steps) == 2 and steps[1]["scorecard"]["n_requests"] == 2
-    assert steps[1]["result"].info["preserved_keys"][0] == 1  # the first batch's key was kept
+    # the first batch's keys were kept: one per trained prompt of its request (per_prompt_keys)
+    assert steps[1]["result"].info["preserved_keys"][0] == len(edit_prompts(w, _request(w, 0)))
     for n, p in tiny_bundle.model.named_parameters():
         assert torch.equal(p, before[n])
 
@@ -202,3 +203,26 @@ def test_traced_layer_uses_locate_for(tiny_bundle, monkeypatch):
     res = run_method(tiny_bundle, [req], "rome", layer="traced", steps=3, n_prefixes=1)
     assert res.info["layer"] == 0 and list(res.deltas) == [w_out_name(0)]
     assert calls and calls[0][0] == tiny_bundle.world.fact(req.subject, req.relation)
+
+
+def test_rank_one_hook_equals_weight_edit(tiny_bundle):
+    """ROME optimises delta through `add_rank_one`: the hook must give exactly the edited model's logits."""
+    model = tiny_bundle.model
+    req = _request(tiny_bundle.world, 1)
+    batch = build_batch(tiny_bundle, [req], [""])
+    k = mean_keys(model, batch, 0, 1)[0]
+    C_inv = inverse_second_moment(second_moment(tiny_bundle, 0), 1e-4)
+    u = (C_inv @ k) / (k @ C_inv @ k)
+    delta = torch.randn(1, model.config.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), add_rank_one(model, 0, delta, u.unsqueeze(0), batch):
+        hooked = model(input_ids=batch.ids, attention_mask=batch.mask).logits
+    W = dict(model.named_parameters())[w_out_name(0)].detach()
+    dW = rank_one_update(W, k, W.double() @ k + delta[0], C_inv)
+    res = EditResult("rome", {}, [req], {w_out_name(0): dW.float()}).apply(model)
+    with torch.no_grad():
+        edited = model(input_ids=batch.ids, attention_mask=batch.mask).logits
+    res.restore(model)
+    with torch.no_grad():
+        plain = model(input_ids=batch.ids, attention_mask=batch.mask).logits
+    assert not torch.allclose(plain, edited, atol=1e-3)
+    assert torch.allclose(hooked, edited, atol=1e-3 * float(edited.abs().max()))

@@ -28,18 +28,18 @@ from mechedit.specio import to_dict
 
 @dataclass(frozen=True)
 class AlphaEditParams:
-    layer: int | list[int] | str = "auto"  # as MEMIT: list, int, "traced", "all" or "auto" (all but the last)
+    layer: int | list[int] | str = "auto"  # as MEMIT: list, int, "traced", "all" or "auto" (window ending at the traced layer)
     null_threshold: float = 1e-2  # eigenvalues below null_threshold * max eigenvalue span the null space
     alpha: float = 10.0  # the L2 term of the solve, as the reference
     kp_cache: str = ""  # directory accumulating the keys of earlier batches ("" = no sequential memory)
     n_prefixes: int = 0  # corpus prefixes (out of distribution for a model trained on single sentences)
     prefix_words: int = 5
-    kl_weight: float = 4.0  # KL(p_orig || p_edit) on the subjects' other facts (see common.essence_prompts)
+    kl_weight: float = 1.0  # KL(p_orig || p_edit) on the subjects' other facts (see common.essence_prompts)
     essence: str = "relations"  # "possessive" or "relations"
     per_prompt_keys: bool = True  # one key per (request, prompt) row in the solve instead of the mean key
-    steps: int = 60
+    steps: int = 100
     lr_factor: float = 0.1
-    clamp_factor: float = 0.75
+    clamp_factor: float = 1.0  # ||delta_i|| <= clamp_factor * ||h_L||
     weight_decay: float = 0.05
     stop_loss: float = 0.05
     n_stats: int | None = None

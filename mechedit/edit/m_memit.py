@@ -8,7 +8,11 @@ Transformer").
         R = (Z - h_L(current)) / (number of layers left)           [d_model, N]
         Delta_l = R K^T (lambda C_l + K K^T)^-1     (float64)     then apply Delta_l and continue
 
-Where we deliberately differ: lambda (mom2_update_weight) defaults to a value tuned on small
+Where we deliberately differ: "auto" layers are a window of max(1, n_layers // 4) layers ending at
+the traced layer (on the 4-layer default: [0]); the least-squares solve uses one key per (request,
+prompt) row (`per_prompt_keys`), each mapped to its own residual + delta_i, instead of the mean key
+(the template keys differ at the first layers); the target optimisation carries ROME's KL term on
+the subject's other facts (`kl_weight`, `essence`); lambda (mom2_update_weight) defaults to a value tuned on small
 models (reference 1.5e4 for GPT-J) and C_l is E[k k^T] on the world's corpus; the clamp and Adam
 lr are relative to ||h_L||; keys and residuals are averaged over the same context prefixes as
 ROME's k*. With Pythia's parallel residual, the residual after block L moves exactly by what is
@@ -32,16 +36,16 @@ from mechedit.specio import to_dict
 
 @dataclass(frozen=True)
 class MemitParams:
-    layer: int | list[int] | str = "auto"  # list of MLP layers, an int, "traced", "all" or "auto" (all but the last)
+    layer: int | list[int] | str = "auto"  # list of MLP layers, an int, "traced", "all" or "auto" (window ending at the traced layer)
     mom2_weight: float = 100.0  # lambda: weight of C against the new keys
     n_prefixes: int = 0  # corpus prefixes (out of distribution for a model trained on single sentences)
     prefix_words: int = 5
-    kl_weight: float = 4.0  # KL(p_orig || p_edit) on the subjects' other facts (see common.essence_prompts)
+    kl_weight: float = 1.0  # KL(p_orig || p_edit) on the subjects' other facts (see common.essence_prompts)
     essence: str = "relations"  # "possessive" or "relations"
     per_prompt_keys: bool = True  # one key per (request, prompt) row in the solve instead of the mean key
-    steps: int = 60
+    steps: int = 100
     lr_factor: float = 0.1  # Adam lr = lr_factor * ||h_L|| / sqrt(d_model)
-    clamp_factor: float = 0.75  # ||delta_i|| <= clamp_factor * ||h_L||  (MEMIT's 0.75)
+    clamp_factor: float = 1.0  # ||delta_i|| <= clamp_factor * ||h_L|| (MEMIT: 0.75; a small model needs ~||h_L||)
     weight_decay: float = 0.05
     stop_loss: float = 0.05
     n_stats: int | None = None
@@ -55,8 +59,13 @@ class MemitParams:
 def memit_layers(bundle, layer, requests) -> list[int]:
     if layer == "all":
         return list(range(bundle.n_layers))
-    if layer == "auto":  # the last layer's MLP at the subject token cannot reach the prediction (no attention after it)
-        return list(range(max(1, bundle.n_layers - 1)))
+    if layer == "auto":
+        # MEMIT's window (GPT-J: layers 3-8 of 28) ends at the causally traced MLP layer: a target
+        # set at a later layer's residual of the subject token is read too late to move the answer
+        # (on the 4-layer default only layer 0's MLP output can). Width: max(1, n_layers // 4).
+        (top,) = resolve_layers(bundle, "traced", requests, allow_list=False)
+        width = max(1, bundle.n_layers // 4)
+        return list(range(max(0, top - width + 1), top + 1))
     return resolve_layers(bundle, layer, requests, allow_list=True)
 
 
