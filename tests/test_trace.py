@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from mechedit.cli import app
 from mechedit.errors import MecheditError
 from mechedit.trace import (CATEGORIES, Location, TraceConfig, TraceResult, locate, locate_for, rank_locations,
-                            select_facts, trace)
+                            prepare_fact, select_facts, trace)
 from mechedit.trace.engine import window_bounds
 from mechedit.trace.result import category_positions
 
@@ -217,3 +217,24 @@ def test_cli_trace(tiny_checkpoint, bundle, tmp_path):
                       ([], "choose facts")):
         r = runner.invoke(app, ["trace", str(tiny_checkpoint), *args, "-o", str(tmp_path / "x")])
         assert r.exit_code == 2 and msg in r.output, (args, r.output)
+
+
+@pytest.mark.parametrize("window", [1, 3])
+def test_prefix_shared_batched_equals_reference(bundle, bridge, window):
+    """Rows that start at their first affected block (grouped by start block and prompt length,
+    several chunks per group) give the reference's numbers, for windows of one and of all layers,
+    with both severed paths."""
+    by_len = {}
+    for f in bundle.world.train_facts:
+        n = len(prepare_fact(bundle.world, bundle.tokenizer, f).ids)
+        by_len.setdefault(n, f)
+    facts = list(by_len.values())[:3]
+    assert len(facts) >= 2  # prompts of different lengths: several groups per start block
+    kw = dict(bridge=bridge, samples=2, window=window, severed=("mlp", "attn"), seed=5)
+    fast = trace(bundle, facts, batch_size=7, **kw)
+    slow = trace(bundle, facts, engine="reference", **kw)
+    assert fast.n_facts >= 2
+    np.testing.assert_allclose(fast.p_corrupt_samples, slow.p_corrupt_samples, atol=1e-5)
+    for k in fast.kinds:
+        np.testing.assert_allclose(fast.p_restored[k], slow.p_restored[k], atol=1e-5, equal_nan=True)
+    assert np.nanstd(fast.p_restored["mlp"]) > 0.01

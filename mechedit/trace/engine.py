@@ -166,11 +166,62 @@ def _row_plan(facts: list[PreparedFact], kinds: tuple[str, ...], n_layers: int, 
     return (np.concatenate(run) if run else empty), (np.concatenate(same) if same else empty)
 
 
+def _block_kwargs(bridge, n_tokens: int, memo: dict) -> dict:
+    """The keyword arguments the bridge passes to its blocks for a sequence of `n_tokens` (rotary
+    position embeddings, position ids, mask), captured once per length from a one-row forward; any
+    KV cache is dropped (each block call below is a plain, cache-free forward)."""
+    if n_tokens not in memo:
+        cap: dict = {}
+
+        def pre(module, args, kwargs):
+            cap.update(kwargs)
+            raise _Captured
+
+        handle = bridge.blocks[0].register_forward_pre_hook(pre, with_kwargs=True)
+        try:
+            bridge(torch.zeros(1, n_tokens, dtype=torch.long))
+        except _Captured:
+            pass
+        finally:
+            handle.remove()
+        if cap.get("attention_mask") is not None:
+            raise MecheditError("causal tracing expects the bridge to pass no attention mask to its blocks")
+        kw = {k: v for k, v in cap.items() if k not in ("layer_past", "past_key_values", "past_key_value", "cache_position")}
+        if "use_cache" in kw:
+            kw["use_cache"] = False
+        memo[n_tokens] = kw
+    return memo[n_tokens]
+
+
+class _Captured(Exception):
+    pass
+
+
+def _forward_from(bridge, x: torch.Tensor, start: int, n_layers: int, kw: dict, last: int) -> torch.Tensor:
+    """Run blocks start..L-1 of the bridge on the residual stream `x` [B, T, d] entering block
+    `start` (their hook points fire as in a full forward), then the final norm and unembedding at
+    position `last` only: logits [B, V]."""
+    for j in range(start, n_layers):
+        x = bridge.blocks[j](x, **kw)
+        if isinstance(x, tuple):
+            x = x[0]
+    x = bridge.ln_final(x[:, last : last + 1])
+    return bridge.unembed(x)[:, 0]
+
+
 @torch.no_grad()
 def run_batched(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], noise_scale: float, samples: int,
                 window: int, seed: int, n_layers: int, d_model: int, pad_id: int, batch_size: int = 4096,
                 progress: Callable[[int, int], None] | None = None) -> EngineOutput:
-    """All restorations of all `facts` in batches of `batch_size` rows (see the module docstring)."""
+    """All restorations of all `facts` in batches of `batch_size` rows (see the module docstring).
+
+    Prefix sharing: every block below the first one a restoration touches computes exactly what the
+    corrupted run computes, so the corrupted run (one row per fact and sample) caches the residual
+    stream entering each block, and each restoration row runs only from its first affected block:
+    block `lo` of its window for `mlp` / `attn`, block l+1 for `resid` at layer l (whose state is
+    the input of block l+1, set at token t to its clean value). Rows are grouped by (start block,
+    prompt length), so batches need no padding, and only the last position is unembedded.
+    """
     F, S, L = len(facts), samples, n_layers
     restore_sites = tuple(dict.fromkeys(kind_site(k)[0] for k in kinds))
     sever_sites = tuple(dict.fromkeys(s for k in kinds if (s := kind_site(k)[1])))
@@ -184,15 +235,15 @@ def run_batched(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], no
     last_all = torch.tensor([f.n_tokens - 1 for f in facts])
     ans_all = torch.tensor([f.answer_id for f in facts])
 
-    # corrupted run (rows = facts x samples), caching the severable sites' corrupted outputs
+    # corrupted run (rows = facts x samples), caching the residual stream entering each block
+    # (index L: the last block's output) and the severable sites' corrupted outputs
     fr = torch.arange(F).repeat_interleave(S)
     sr = torch.arange(S).repeat(F)
     corrupt: dict[str, list[torch.Tensor | None]] = {s: [None] * L for s in sever_sites}
+    pre: list[torch.Tensor | None] = [None] * (L + 1)
 
-    def add_noise(rows_f, rows_s):
-        def fn(x, hook):  # x [B, T, d]
-            return x + noise[rows_f, rows_s, : x.shape[1]].to(x.dtype)
-        return fn
+    def add_noise(x, hook):  # x [F*S, T, d]
+        return x + noise[fr, sr, : x.shape[1]].to(x.dtype)
 
     def store(site, layer):
         def fn(x, hook):
@@ -200,11 +251,20 @@ def run_batched(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], no
             return x
         return fn
 
-    hooks = [(EMBED_HOOK, add_noise(fr, sr))] + [(hook_name(s, l), store(s, l)) for s in sever_sites for l in range(L)]
+    def store_pre(j):
+        def fn(x, hook):
+            pre[j] = x.detach().clone()
+            return x
+        return fn
+
+    hooks = [(EMBED_HOOK, add_noise)] + [(hook_name(s, l), store(s, l)) for s in sever_sites for l in range(L)]
+    hooks += [(f"blocks.{j}.hook_resid_pre", store_pre(j)) for j in range(L)]
+    hooks += [(f"blocks.{L - 1}.hook_resid_post", store_pre(L))]
     with bridge.hooks(fwd_hooks=hooks):
         logits = bridge(ids_all[fr])
     p_corrupt = _answer_probs(logits, last_all[fr], ans_all[fr]).reshape(F, S).numpy().astype(np.float64)
     corrupt_c = {s: torch.stack(corrupt[s], dim=1).reshape(F, S, L, T, d_model) for s in sever_sites}
+    resid_in = torch.stack(pre, dim=1).reshape(F, S, L + 1, T, d_model)  # [F, S, L+1, T, d]
 
     out = {k: np.full((F, L, T, S), np.nan) for k in kinds}
     plan, same = _row_plan(facts, kinds, L, S, window)
@@ -213,39 +273,60 @@ def run_batched(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], no
         out[k][same[m, 0], same[m, 2], same[m, 3], same[m, 4]] = p_corrupt[same[m, 0], same[m, 4]]
     kind_restore = np.array([restore_sites.index(kind_site(k)[0]) for k in kinds])
     kind_sever = np.array([sever_sites.index(kind_site(k)[1]) if kind_site(k)[1] else -1 for k in kinds])
-    for start in range(0, len(plan), batch_size):
-        chunk = plan[start : start + batch_size]
-        f_, k_, l_, t_, s_ = (torch.from_numpy(chunk[:, i]) for i in range(5))
-        rsite = torch.from_numpy(kind_restore[chunk[:, 1]])
-        ssite = torch.from_numpy(kind_sever[chunk[:, 1]])
-        is_resid = torch.tensor([restore_sites[i] == "resid" for i in kind_restore[chunk[:, 1]]])
-        w = torch.where(is_resid, torch.ones_like(l_), torch.full_like(l_, window))
-        lo = torch.clamp(l_ - w // 2, min=0)
-        hi = torch.clamp(l_ + (w + 1) // 2, max=L)
-        lo = torch.where(is_resid, l_, lo)
-        hi = torch.where(is_resid, l_ + 1, hi)
-        Tc = int(max(facts[i].n_tokens for i in set(chunk[:, 0].tolist())))
-        hooks = [(EMBED_HOOK, add_noise(f_, s_))]
-        for si, site in enumerate(restore_sites):
-            for j in range(L):
-                rows = torch.nonzero((rsite == si) & (lo <= j) & (j < hi)).flatten()
-                if len(rows):
-                    src = clean[site][f_[rows], j, t_[rows]]  # [r, d]
-                    hooks.append((hook_name(site, j), _setter(rows, t_[rows], src)))
-        for si, site in enumerate(sever_sites):
-            for j in range(L):
-                rows = torch.nonzero((ssite == si) & (l_ < j)).flatten()
-                if len(rows):
-                    src = corrupt_c[site][f_[rows], s_[rows], j, t_[rows]]  # [r, d]
-                    hooks.append((hook_name(site, j), _setter(rows, t_[rows], src)))
-        with bridge.hooks(fwd_hooks=hooks):
-            logits = bridge(ids_all[f_, :Tc])  # [B, Tc, V]
-        p = _answer_probs(logits, last_all[f_], ans_all[f_]).numpy()
-        for ki, k in enumerate(kinds):
-            m = chunk[:, 1] == ki
-            out[k][chunk[m, 0], chunk[m, 2], chunk[m, 3], chunk[m, 4]] = p[m]
-        if progress:
-            progress(min(start + batch_size, len(plan)), len(plan))
+    kind_is_resid = np.array([kind_site(k)[0] == "resid" for k in kinds])
+    # per row: the block it starts from, and [lo, hi) of the restored hook layers (resid: none)
+    is_resid = kind_is_resid[plan[:, 1]]
+    lo_w = np.maximum(0, plan[:, 2] - window // 2)
+    hi_w = np.minimum(L, plan[:, 2] + (window + 1) // 2)
+    lo_all = np.where(is_resid, plan[:, 2] + 1, lo_w)
+    hi_all = np.where(is_resid, plan[:, 2] + 1, hi_w)
+    n_tok = np.array([f.n_tokens for f in facts])[plan[:, 0]]
+    order = np.lexsort((np.arange(len(plan)), n_tok, lo_all))
+    plan, is_resid, lo_all, hi_all, n_tok = plan[order], is_resid[order], lo_all[order], hi_all[order], n_tok[order]
+    groups = np.flatnonzero(np.diff(lo_all) | np.diff(n_tok)) + 1
+    bounds = [0, *groups.tolist(), len(plan)]
+    kw_memo: dict = {}
+    done = 0
+    for g0, g1 in zip(bounds[:-1], bounds[1:]):
+        start_block, Tc = int(lo_all[g0]), int(n_tok[g0])
+        kw = _block_kwargs(bridge, Tc, kw_memo)
+        for c0 in range(g0, g1, batch_size):
+            c1 = min(c0 + batch_size, g1)
+            chunk = plan[c0:c1]
+            f_, k_, l_, t_, s_ = (torch.from_numpy(chunk[:, i]) for i in range(5))
+            lo = torch.from_numpy(lo_all[c0:c1])
+            hi = torch.from_numpy(hi_all[c0:c1])
+            x = resid_in[f_, s_, start_block, :Tc].clone()  # [B, Tc, d]
+            res = torch.from_numpy(is_resid[c0:c1])
+            if bool(res.any()):  # resid at l = the input of block l+1, set at token t
+                rows = torch.nonzero(res).flatten()
+                x[rows, t_[rows]] = clean["resid"][f_[rows], l_[rows], t_[rows]].to(x.dtype)
+            rsite = torch.from_numpy(kind_restore[chunk[:, 1]])
+            ssite = torch.from_numpy(kind_sever[chunk[:, 1]])
+            hooks = []
+            for si, site in enumerate(restore_sites):
+                if site == "resid":
+                    continue
+                for j in range(start_block, L):
+                    rows = torch.nonzero((rsite == si) & (lo <= j) & (j < hi)).flatten()
+                    if len(rows):
+                        src = clean[site][f_[rows], j, t_[rows]]  # [r, d]
+                        hooks.append((hook_name(site, j), _setter(rows, t_[rows], src)))
+            for si, site in enumerate(sever_sites):
+                for j in range(start_block, L):
+                    rows = torch.nonzero((ssite == si) & (l_ < j)).flatten()
+                    if len(rows):
+                        src = corrupt_c[site][f_[rows], s_[rows], j, t_[rows]]  # [r, d]
+                        hooks.append((hook_name(site, j), _setter(rows, t_[rows], src)))
+            with bridge.hooks(fwd_hooks=hooks):
+                logits = _forward_from(bridge, x, start_block, L, kw, Tc - 1)  # [B, V]
+            p = torch.softmax(logits.float(), dim=-1)[torch.arange(len(chunk)), ans_all[f_]].numpy()
+            for ki, k in enumerate(kinds):
+                m = chunk[:, 1] == ki
+                out[k][chunk[m, 0], chunk[m, 2], chunk[m, 3], chunk[m, 4]] = p[m]
+            done += len(chunk)
+            if progress:
+                progress(done, len(plan))
     return EngineOutput(p_clean, top1, p_corrupt, out)
 
 
