@@ -219,12 +219,20 @@ def run_batched(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], no
     corrupted run computes, so the corrupted run (one row per fact and sample) caches the residual
     stream entering each block, and each restoration row runs only from its first affected block:
     block `lo` of its window for `mlp` / `attn`, block l+1 for `resid` at layer l (whose state is
-    the input of block l+1, set at token t to its clean value). Rows are grouped by (start block,
+    the input of block l+1, set at token t to its clean value). With a parallel residual (block
+    output = mlp_out + attn_out + input, as in GPT-NeoX) the output of the window's first block is
+    composed from the cached clean and corrupted states at token t (other tokens are unchanged),
+    so those rows start at block lo+1. Rows are grouped by (start block,
     prompt length), so batches need no padding, and only the last position is unembedded.
     """
     F, S, L = len(facts), samples, n_layers
     restore_sites = tuple(dict.fromkeys(kind_site(k)[0] for k in kinds))
     sever_sites = tuple(dict.fromkeys(s for k in kinds if (s := kind_site(k)[1])))
+    # parallel residual (GPT-NeoX / Pythia): block output = mlp_out + attn_out + block input, so the
+    # first block of an mlp / attn window is composed from cached states instead of being run
+    parallel = bool(getattr(bridge.cfg, "parallel_attn_mlp", False))
+    compose = parallel and any(s != "resid" for s in restore_sites)
+    kept_sites = tuple(dict.fromkeys(sever_sites + (SEVERABLE if compose else ())))
     p_clean, top1, clean = clean_run(bridge, facts, pad_id, restore_sites, L)
     T = max(f.n_tokens for f in facts)
     ids_all = _pad_ids(facts, pad_id)  # [F, T]
@@ -236,10 +244,10 @@ def run_batched(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], no
     ans_all = torch.tensor([f.answer_id for f in facts])
 
     # corrupted run (rows = facts x samples), caching the residual stream entering each block
-    # (index L: the last block's output) and the severable sites' corrupted outputs
+    # (index L: the last block's output) and the mlp / attn outputs (severed paths, composed blocks)
     fr = torch.arange(F).repeat_interleave(S)
     sr = torch.arange(S).repeat(F)
-    corrupt: dict[str, list[torch.Tensor | None]] = {s: [None] * L for s in sever_sites}
+    corrupt: dict[str, list[torch.Tensor | None]] = {s: [None] * L for s in kept_sites}
     pre: list[torch.Tensor | None] = [None] * (L + 1)
 
     def add_noise(x, hook):  # x [F*S, T, d]
@@ -247,7 +255,7 @@ def run_batched(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], no
 
     def store(site, layer):
         def fn(x, hook):
-            corrupt[site][layer] = x.detach().float().clone()
+            corrupt[site][layer] = x.detach().clone()
             return x
         return fn
 
@@ -257,13 +265,13 @@ def run_batched(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], no
             return x
         return fn
 
-    hooks = [(EMBED_HOOK, add_noise)] + [(hook_name(s, l), store(s, l)) for s in sever_sites for l in range(L)]
+    hooks = [(EMBED_HOOK, add_noise)] + [(hook_name(s, l), store(s, l)) for s in kept_sites for l in range(L)]
     hooks += [(f"blocks.{j}.hook_resid_pre", store_pre(j)) for j in range(L)]
     hooks += [(f"blocks.{L - 1}.hook_resid_post", store_pre(L))]
     with bridge.hooks(fwd_hooks=hooks):
         logits = bridge(ids_all[fr])
     p_corrupt = _answer_probs(logits, last_all[fr], ans_all[fr]).reshape(F, S).numpy().astype(np.float64)
-    corrupt_c = {s: torch.stack(corrupt[s], dim=1).reshape(F, S, L, T, d_model) for s in sever_sites}
+    corrupt_c = {s: torch.stack(corrupt[s], dim=1).reshape(F, S, L, T, d_model) for s in kept_sites}
     resid_in = torch.stack(pre, dim=1).reshape(F, S, L + 1, T, d_model)  # [F, S, L+1, T, d]
 
     out = {k: np.full((F, L, T, S), np.nan) for k in kinds}
@@ -278,7 +286,7 @@ def run_batched(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], no
     is_resid = kind_is_resid[plan[:, 1]]
     lo_w = np.maximum(0, plan[:, 2] - window // 2)
     hi_w = np.minimum(L, plan[:, 2] + (window + 1) // 2)
-    lo_all = np.where(is_resid, plan[:, 2] + 1, lo_w)
+    lo_all = np.where(is_resid, plan[:, 2] + 1, lo_w + 1 if compose else lo_w)
     hi_all = np.where(is_resid, plan[:, 2] + 1, hi_w)
     n_tok = np.array([f.n_tokens for f in facts])[plan[:, 0]]
     order = np.lexsort((np.arange(len(plan)), n_tok, lo_all))
@@ -301,6 +309,16 @@ def run_batched(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], no
             if bool(res.any()):  # resid at l = the input of block l+1, set at token t
                 rows = torch.nonzero(res).flatten()
                 x[rows, t_[rows]] = clean["resid"][f_[rows], l_[rows], t_[rows]].to(x.dtype)
+            if compose and not bool(res.all()):  # output of block lo with its mlp or attn restored at t
+                rows = torch.nonzero(~res).flatten()
+                fr_, sr_, tr_, j = f_[rows], s_[rows], t_[rows], start_block - 1
+                site_r = [restore_sites[i] for i in kind_restore[chunk[rows.numpy(), 1]]]
+                is_mlp = torch.tensor([x_ == "mlp" for x_ in site_r])[:, None]
+                mlp = torch.where(is_mlp, clean["mlp"][fr_, j, tr_].to(x.dtype) if "mlp" in clean else 0,
+                                  corrupt_c["mlp"][fr_, sr_, j, tr_])
+                attn = torch.where(is_mlp, corrupt_c["attn"][fr_, sr_, j, tr_],
+                                   clean["attn"][fr_, j, tr_].to(x.dtype) if "attn" in clean else 0)
+                x[rows, tr_] = mlp + attn + resid_in[fr_, sr_, j, tr_]  # HF's order: mlp + attn + input
             rsite = torch.from_numpy(kind_restore[chunk[:, 1]])
             ssite = torch.from_numpy(kind_sever[chunk[:, 1]])
             hooks = []
