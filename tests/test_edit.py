@@ -129,8 +129,9 @@ def test_sequential_edits_restore(tiny_bundle):
     steps = sequential_edits(tiny_bundle, [[_request(w, 0)], [_request(w, 3)]], "alphaedit",
                              scorecard_options={"n_unrelated": 10, "n_retain": 10}, **FAST["alphaedit"])
     assert len(steps) == 2 and steps[1]["scorecard"]["n_requests"] == 2
-    # the first batch's keys were kept: one per trained prompt of its request (per_prompt_keys)
-    assert steps[1]["result"].info["preserved_keys"][0] == len(edit_prompts(w, _request(w, 0)))
+    # the first batch's keys were kept: one per (prefix, trained prompt) row of its request (per_prompt_keys)
+    rows = (FAST["alphaedit"]["n_prefixes"] + 1) * len(edit_prompts(w, _request(w, 0)))
+    assert steps[1]["result"].info["preserved_keys"][0] == rows
     for n, p in tiny_bundle.model.named_parameters():
         assert torch.equal(p, before[n])
 
