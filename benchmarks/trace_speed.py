@@ -4,7 +4,7 @@ Both engines trace the same facts (all three sites, ROME's 10 noise samples) in 
 the script prints each one's facts/second, the speed ratio and the largest difference between
 their results.
 
-    python benchmarks/trace_speed.py /tmp/mechedit-default --facts 4 --extra 60
+    python benchmarks/trace_speed.py /tmp/mechedit-default --facts 10
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from mechedit.trace import select_facts, trace
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", nargs="?", default="/tmp/mechedit-default")
-    ap.add_argument("--facts", type=int, default=4, help="facts traced by both engines")
-    ap.add_argument("--extra", type=int, default=60, help="more facts for the batched engine's throughput alone")
+    ap.add_argument("--facts", type=int, default=10, help="facts traced by both engines")
+    ap.add_argument("--extra", type=int, default=0, help="more facts for the batched engine's throughput alone")
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=None, help="rows per forward (default: from a memory budget)")
     ap.add_argument("--seed", type=int, default=0)

@@ -219,11 +219,15 @@ def test_cli_trace(tiny_checkpoint, bundle, tmp_path):
         assert r.exit_code == 2 and msg in r.output, (args, r.output)
 
 
-@pytest.mark.parametrize("window", [1, 3])
-def test_prefix_shared_batched_equals_reference(bundle, bridge, window):
+@pytest.mark.parametrize("window,min_rows", [(1, 1), (3, 1), (1, 10**6)])
+def test_prefix_shared_batched_equals_reference(bundle, bridge, window, min_rows, monkeypatch):
     """Rows that start at their first affected block (grouped by start block and prompt length,
-    several chunks per group) give the reference's numbers, for windows of one and of all layers,
-    with both severed paths."""
+    several chunks per group) and run only the tokens from their chunk's first restored token on
+    (one token per chunk, or tokens mixed) give the reference's numbers, for windows of one and of
+    all layers, with both severed paths."""
+    from mechedit.trace import engine
+
+    monkeypatch.setattr(engine, "SUFFIX_MIN_ROWS", min_rows)
     by_len = {}
     for f in bundle.world.train_facts:
         n = len(prepare_fact(bundle.world, bundle.tokenizer, f).ids)

@@ -19,9 +19,9 @@ Method (ROME section 2.1, and METHODS.md "Causal tracing"):
 Where we differ: the window defaults to round(10/48 x n_layers) (>= 1) rather than 10, because
 ROME's window of 10 of GPT-2 XL's 48 layers would cover a whole small model.
 
-`run_batched` puts every (kind, layer, token, sample) row of many facts into batches of
-`batch_size` rows (right-padded; causal attention makes padding invisible to real tokens, so no
-mask is needed) with hooks that index the batch dimension. `run_reference` is the plain
+`run_batched` puts every (kind, layer, token, sample) row of many facts into batches of at most
+`batch_size` rows of equal prompt length, with hooks that index the batch dimension, and runs each
+row only from its first affected block and token (see its docstring). `run_reference` is the plain
 one-cell-at-a-time loop (one forward of `samples` rows per fact, kind, layer and token) that the
 tests compare against.
 """
@@ -197,6 +197,38 @@ class _Captured(Exception):
     pass
 
 
+# rows restoring different tokens share a forward over the tokens from the smallest of them on
+# (tokens between it and a row's own token just recompute corrupted values) once a chunk has this many
+SUFFIX_MIN_ROWS = 256
+
+
+class _KV:
+    """A stand-in for HF's KV cache that the bridge's attention calls as `update(k, v, layer)`:
+    recording (keep each layer's post-rotary keys and values) or replaying (prepend the kept ones,
+    so queries of a suffix of the tokens attend to the corrupted run's earlier tokens)."""
+
+    def __init__(self, past: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None):
+        self.past = past
+        self.kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, k, v, layer_idx, *args, **kwargs):  # k, v [B, heads, T, d_head]
+        if self.past is None:
+            self.kept[layer_idx] = (k, v)
+            return k, v
+        pk, pv = self.past[layer_idx]
+        return torch.cat([pk.to(k.dtype), k], dim=-2), torch.cat([pv.to(v.dtype), v], dim=-2)
+
+
+def _suffix_kw(kw: dict, t: int, cache: _KV) -> dict:
+    """Block kwargs for the tokens t.. of a sequence (positions and rotary tables sliced) with `cache`."""
+    out = dict(kw, layer_past=cache)
+    if kw.get("position_ids") is not None:
+        out["position_ids"] = kw["position_ids"][:, t:]
+    if kw.get("position_embeddings") is not None:
+        out["position_embeddings"] = tuple(e[:, t:] for e in kw["position_embeddings"])
+    return out
+
+
 def _forward_from(bridge, x: torch.Tensor, start: int, n_layers: int, kw: dict, last: int) -> torch.Tensor:
     """Run blocks start..L-1 of the bridge on the residual stream `x` [B, T, d] entering block
     `start` (their hook points fire as in a full forward), then the final norm and unembedding at
@@ -222,7 +254,13 @@ def run_batched(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], no
     the input of block l+1, set at token t to its clean value). With a parallel residual (block
     output = mlp_out + attn_out + input, as in GPT-NeoX) the output of the window's first block is
     composed from the cached clean and corrupted states at token t (other tokens are unchanged),
-    so those rows start at block lo+1. Rows are grouped by (start block,
+    so those rows start at block lo+1.
+
+    Suffix sharing: tokens before the restored token t keep their corrupted states at every block,
+    so a chunk of rows runs only tokens t0.. (t0 its smallest restored token), attending to the
+    corrupted run's cached keys and values of tokens < t0 (passed as the blocks' KV cache).
+
+    Rows are grouped by (start block,
     prompt length), so batches need no padding, and only the last position is unembedded.
     """
     F, S, L = len(facts), samples, n_layers
@@ -273,6 +311,13 @@ def run_batched(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], no
     p_corrupt = _answer_probs(logits, last_all[fr], ans_all[fr]).reshape(F, S).numpy().astype(np.float64)
     corrupt_c = {s: torch.stack(corrupt[s], dim=1).reshape(F, S, L, T, d_model) for s in kept_sites}
     resid_in = torch.stack(pre, dim=1).reshape(F, S, L + 1, T, d_model)  # [F, S, L+1, T, d]
+    # the corrupted run's keys and values at every block ({j: [F, S, heads, T, d_head] x 2})
+    kw_memo: dict = {}
+    rec = _KV()
+    kw_T = _block_kwargs(bridge, T, kw_memo)
+    for j in range(L):
+        bridge.blocks[j](resid_in[:, :, j].reshape(F * S, T, d_model), **dict(kw_T, layer_past=rec))
+    past_kv = {j: tuple(z.reshape(F, S, *z.shape[1:]) for z in rec.kept[j]) for j in range(L)}
 
     out = {k: np.full((F, L, T, S), np.nan) for k in kinds}
     plan, same = _row_plan(facts, kinds, L, S, window)
@@ -289,26 +334,36 @@ def run_batched(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], no
     lo_all = np.where(is_resid, plan[:, 2] + 1, lo_w + 1 if compose else lo_w)
     hi_all = np.where(is_resid, plan[:, 2] + 1, hi_w)
     n_tok = np.array([f.n_tokens for f in facts])[plan[:, 0]]
-    order = np.lexsort((np.arange(len(plan)), n_tok, lo_all))
+    order = np.lexsort((np.arange(len(plan)), plan[:, 3], n_tok, lo_all))
     plan, is_resid, lo_all, hi_all, n_tok = plan[order], is_resid[order], lo_all[order], hi_all[order], n_tok[order]
     groups = np.flatnonzero(np.diff(lo_all) | np.diff(n_tok)) + 1
     bounds = [0, *groups.tolist(), len(plan)]
-    kw_memo: dict = {}
-    done = 0
+    chunks = []  # (group start, chunk start, chunk end): within a group, rows sorted by token
     for g0, g1 in zip(bounds[:-1], bounds[1:]):
-        start_block, Tc = int(lo_all[g0]), int(n_tok[g0])
+        c0 = g0
+        for b in [*(np.flatnonzero(np.diff(plan[g0:g1, 3])) + 1 + g0).tolist(), g1]:
+            if b - c0 >= SUFFIX_MIN_ROWS or b == g1:
+                while b - c0 > batch_size:
+                    chunks.append((g0, c0, c0 + batch_size))
+                    c0 += batch_size
+                if b > c0:
+                    chunks.append((g0, c0, b))
+                    c0 = b
+    done = 0
+    for g0, c0, c1 in chunks:
+        start_block, Tc, t0 = int(lo_all[g0]), int(n_tok[g0]), int(plan[c0, 3])
         kw = _block_kwargs(bridge, Tc, kw_memo)
-        for c0 in range(g0, g1, batch_size):
-            c1 = min(c0 + batch_size, g1)
+        if True:
             chunk = plan[c0:c1]
             f_, k_, l_, t_, s_ = (torch.from_numpy(chunk[:, i]) for i in range(5))
             lo = torch.from_numpy(lo_all[c0:c1])
             hi = torch.from_numpy(hi_all[c0:c1])
-            x = resid_in[f_, s_, start_block, :Tc].clone()  # [B, Tc, d]
+            x = resid_in[f_, s_, start_block, t0:Tc].clone()  # [B, Tc - t0, d]: tokens t0..
+            zero = t_ - t0  # token t of a row is position t - t0 of the suffix
             res = torch.from_numpy(is_resid[c0:c1])
             if bool(res.any()):  # resid at l = the input of block l+1, set at token t
                 rows = torch.nonzero(res).flatten()
-                x[rows, t_[rows]] = clean["resid"][f_[rows], l_[rows], t_[rows]].to(x.dtype)
+                x[rows, zero[rows]] = clean["resid"][f_[rows], l_[rows], t_[rows]].to(x.dtype)
             if compose and not bool(res.all()):  # output of block lo with its mlp or attn restored at t
                 rows = torch.nonzero(~res).flatten()
                 fr_, sr_, tr_, j = f_[rows], s_[rows], t_[rows], start_block - 1
@@ -318,7 +373,7 @@ def run_batched(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], no
                                   corrupt_c["mlp"][fr_, sr_, j, tr_])
                 attn = torch.where(is_mlp, corrupt_c["attn"][fr_, sr_, j, tr_],
                                    clean["attn"][fr_, j, tr_].to(x.dtype) if "attn" in clean else 0)
-                x[rows, tr_] = mlp + attn + resid_in[fr_, sr_, j, tr_]  # HF's order: mlp + attn + input
+                x[rows, zero[rows]] = mlp + attn + resid_in[fr_, sr_, j, tr_]  # HF's order: mlp + attn + input
             rsite = torch.from_numpy(kind_restore[chunk[:, 1]])
             ssite = torch.from_numpy(kind_sever[chunk[:, 1]])
             hooks = []
@@ -329,15 +384,16 @@ def run_batched(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], no
                     rows = torch.nonzero((rsite == si) & (lo <= j) & (j < hi)).flatten()
                     if len(rows):
                         src = clean[site][f_[rows], j, t_[rows]]  # [r, d]
-                        hooks.append((hook_name(site, j), _setter(rows, t_[rows], src)))
+                        hooks.append((hook_name(site, j), _setter(rows, zero[rows], src)))
             for si, site in enumerate(sever_sites):
                 for j in range(start_block, L):
                     rows = torch.nonzero((ssite == si) & (l_ < j)).flatten()
                     if len(rows):
                         src = corrupt_c[site][f_[rows], s_[rows], j, t_[rows]]  # [r, d]
-                        hooks.append((hook_name(site, j), _setter(rows, t_[rows], src)))
+                        hooks.append((hook_name(site, j), _setter(rows, zero[rows], src)))
             with bridge.hooks(fwd_hooks=hooks):
-                logits = _forward_from(bridge, x, start_block, L, kw, Tc - 1)  # [B, V]
+                past = {j: (k[f_, s_, :, :t0], v[f_, s_, :, :t0]) for j, (k, v) in past_kv.items() if j >= start_block}
+                logits = _forward_from(bridge, x, start_block, L, _suffix_kw(kw, t0, _KV(past)), Tc - 1 - t0)  # [B, V]
             p = torch.softmax(logits.float(), dim=-1)[torch.arange(len(chunk)), ans_all[f_]].numpy()
             for ki, k in enumerate(kinds):
                 m = chunk[:, 1] == ki
