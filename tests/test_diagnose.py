@@ -92,10 +92,12 @@ def test_suites_on_unchanged_model(tiny_bundle):
     same = lambda x, y: json.dumps(x, sort_keys=True) == json.dumps(y, sort_keys=True)  # NaN-safe  # noqa: E731
     assert same(f["before"], f["after"]) and f["before"]["forget"]["cloze"]["agg_value"] > 0.9
     left = card["leftover"]
-    for fam, d in left["adversarial"].items():
+    for fam, d in left["adversarial"]["families"].items():
         assert same(d["before"], d["after"]), fam
-    mia = left["mia"]["loss"]["before"]
-    assert mia["auc_vs_nonmember"] > 0.9  # trained facts vs facts of never-seen subjects
+    assert left["adversarial"]["recall_before"] == left["adversarial"]["recall_after"] > 0.5
+    mia = left["mia"]["auc_vs_nonmembers"]["loss"]
+    assert mia["before"] == mia["after"] > 0.9  # trained facts vs facts of never-seen subjects
+    assert left["mia"]["roc_before"] == left["mia"]["roc_after"]
     probes = left["probes"]["before"]["prompt_last"]
     assert probes["by_layer"]["agg_value"] >= 0.75
     assert same(left["probes"]["before"], left["probes"]["after"])
@@ -114,8 +116,10 @@ def test_unlearning_moves_the_scores(tiny_bundle):
     assert card["forget"]["after"]["forget"]["cloze"]["agg_value"] < card["forget"]["before"]["forget"]["cloze"]["agg_value"]
     lens = card["leftover"]["logit_lens"]
     assert lens["after"]["agg_value"] < lens["before"]["agg_value"]
-    mia = card["leftover"]["mia"]["loss"]
-    assert mia["after"]["forget_scores"]["agg_value"] < mia["before"]["forget_scores"]["agg_value"]
+    mia = card["leftover"]["mia"]["forget_scores"]["loss"]
+    assert mia["after"]["agg_value"] < mia["before"]["agg_value"]
+    adv = card["leftover"]["adversarial"]
+    assert adv["recall_after"] < adv["recall_before"]
 
 
 def test_truth_ratio_and_relearn(tiny_bundle):
@@ -136,3 +140,41 @@ def test_truth_ratio_and_relearn(tiny_bundle):
     assert a and b and not {x.index for x in a} & {x.index for x in b}
     res = relearn(tiny_bundle.model, tiny_bundle.tokenizer, w, a, b, steps=0)
     assert res["before"] == res["after"] > 0.9
+
+
+def test_scorecards_strict_json_with_headline_keys(tiny_bundle):
+    """A whole subject forgotten: neighbours_subject is left out with a note, no NaN anywhere, and the
+    flattened scorecard has the headline keys the HTML report reads."""
+    from mechedit.analysis.cases import flatten
+
+    subj = [s for s in tiny_bundle.world.subjects if s.kind == "subject" and not s.heldout][0]
+    target = parse_forget(tiny_bundle.world, f"subject:{subj.name}")
+    assert not target.neighbours_subject
+    card = diagnose(tiny_bundle, tiny_bundle, target.requests(), ("forget", "leftover"))
+    text = json.dumps(card, allow_nan=False)  # raises on NaN / inf
+    assert "neighbours_subject" not in card["forget"] and "neighbours_subject" in " ".join(card["forget"]["notes"])
+    flat = flatten(json.loads(text))
+    for key in ("forget.forget.cloze.after", "forget.forget.paraphrase.after", "forget.forget.qa.after",
+                "forget.neighbours_relation.cloze.after", "forget.retain.cloze.after",
+                "leftover.adversarial.recall_after", "leftover.mia.auc_vs_nonmembers.loss.after",
+                "leftover.mia.auc_vs_nonmembers.min_k_pp.after", "leftover.probes.best_accuracy_after"):
+        assert key in flat and math.isfinite(flat[key]), key
+    assert flat["forget.forget.cloze.after"] == card["forget"]["after"]["forget"]["cloze"]["agg_value"]
+    lo = card["leftover"]
+    n_layers = tiny_bundle.model.config.num_hidden_layers
+    for pos in ("last", "last_subject"):
+        for tag in ("before", "after"):
+            assert len(lo["probes"][f"{pos}_accuracy_by_layer_{tag}"]) == n_layers
+    assert lo["probes"]["best_accuracy_after"] == max(lo["probes"]["last_accuracy_by_layer_after"] +
+                                                      lo["probes"]["last_subject_accuracy_by_layer_after"])
+    roc = lo["mia"]["roc_after"]
+    assert len(roc["fpr"]) == len(roc["tpr"]) >= 2 and roc["fpr"][0] == 0.0 and roc["tpr"][-1] == 1.0
+    assert set(lo["adversarial"]["by_family"]) == set(FAMILIES) - ({"synonym"} if not subj.alias else set())
+
+
+def test_strict_json():
+    from mechedit.diagnose.strict import strict_json
+
+    out = strict_json({"a": float("nan"), "b": [np.float32(1.5), float("inf")], "c": np.int64(3), "d": None})
+    assert out == {"a": None, "b": [1.5, None], "c": 3, "d": None}
+    json.dumps(out, allow_nan=False)

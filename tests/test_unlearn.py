@@ -146,6 +146,8 @@ def test_cli_unlearn_then_diagnose(tiny_checkpoint, tmp_path):
     assert r.exit_code == 0, r.output
     card = json.loads((out / "scorecard.json").read_text())["forget"]
     assert card["after"]["forget"]["cloze"]["agg_value"] < card["before"]["forget"]["cloze"]["agg_value"]
+    assert card["forget"]["cloze"]["after"] == card["after"]["forget"]["cloze"]["agg_value"]
+    assert "NaN" not in (out / "scorecard.json").read_text()
     assert (out / "deltas.safetensors").is_file() and (out / "model.safetensors").is_file()
     r = runner.invoke(app, ["diagnose", str(tiny_checkpoint), str(out), "-s", "forget", "-o", str(tmp_path / "d")])
     assert r.exit_code == 0, r.output

@@ -4,12 +4,19 @@ Sets: forget (the target's facts), neighbours_relation (same relation, other sub
 neighbours_subject (same subject, other relations), retain (every other trained fact, neighbours
 included). Probe kinds: cloze (trained templates), paraphrase (held-out template), qa. Values are
 per-fact recall (mean over that fact's prompts of the kind).
+
+Output: `before` / `after` hold the per-fact tables ({set: {kind: metric}}); the headline is
+`{set: {kind: {"before", "after", "change"}}}` at the top level, so the flattened scorecard reads
+`forget.forget.cloze.after`, `forget.neighbours_relation.cloze.after`, `forget.retain.qa.after`, ...
+A set with no facts (`neighbours_subject` when whole subjects are forgotten) is left out and named in
+`notes`; the scorecard is strict JSON (no NaN).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from mechedit.diagnose import metric, register_suite
+from mechedit.diagnose.strict import strict_json
 from mechedit.model.evaluate import score_answers
 from mechedit.unlearn.targets import ForgetTarget, resolve_target
 
@@ -22,6 +29,8 @@ def recall_table(model, tokenizer, target: ForgetTarget) -> dict:
             "neighbours_subject": target.neighbours_subject, "retain": target.retain}
     out: dict = {}
     for name, facts in sets.items():
+        if not facts:
+            continue
         probes = world.probes(facts, kinds=KINDS)
         sc = score_answers(model, tokenizer, [p.prompt for p in probes], [p.answer for p in probes]) if probes else None
         out[name] = {}
@@ -39,6 +48,14 @@ def recall_table(model, tokenizer, target: ForgetTarget) -> dict:
 def forget_suite(before, after, requests, forget=None, **options) -> dict:
     """Forget / neighbour / retain recall on cloze, paraphrase and QA, before and after."""
     target = resolve_target(before.world, requests, forget)
-    return {"n_forget_facts": len(target.forget),
-            "before": recall_table(before.model, before.tokenizer, target),
-            "after": recall_table(after.model, after.tokenizer, target)}
+    tables = {"before": recall_table(before.model, before.tokenizer, target),
+              "after": recall_table(after.model, after.tokenizer, target)}
+    out: dict = {"n_forget_facts": len(target.forget), **tables, "notes": []}
+    for name, kinds in tables["after"].items():
+        out[name] = {}
+        for kind, m in kinds.items():
+            b, a = tables["before"][name][kind]["agg_value"], m["agg_value"]
+            out[name][kind] = {"before": b, "after": a, "change": a - b, "n": len(m["value_by_index"])}
+    if "neighbours_subject" not in tables["after"]:
+        out["notes"].append("neighbours_subject left out: every trained fact of the forgotten subjects is forgotten")
+    return strict_json(out)

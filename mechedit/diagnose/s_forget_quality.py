@@ -3,6 +3,8 @@
 TOFU forget quality: KS-test p-value between the unlearned and the retrained model's truth ratios on
 the forget prompts (high p = indistinguishable from never having learned them), the same for the
 original model, and retain utility (cloze recall on retained facts) of all three.
+Headline: `forget_quality.ks_pvalue` (unlearned vs retrained), `forget_quality.ks_pvalue_original`,
+`forget_quality.retain_utility.unlearned`.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import numpy as np
 
 from mechedit.diagnose import metric, register_suite
 from mechedit.diagnose.reference import ks_pvalue, retrained_reference, truth_ratios
+from mechedit.diagnose.strict import strict_json
 from mechedit.model.evaluate import score_answers
 from mechedit.unlearn.targets import resolve_target
 
@@ -27,11 +30,11 @@ def forget_quality_suite(before, after, requests, forget=None, reference=None, c
     w, facts = before.world, list(target.forget)
     r = {name: truth_ratios(b.model, b.tokenizer, w, facts) for name, b in
          (("original", before), ("unlearned", after), ("retrained", ref))}
-    return {
-        "forget_quality": ks_pvalue(r["unlearned"], r["retrained"]),
-        "forget_quality_original": ks_pvalue(r["original"], r["retrained"]),
+    return strict_json({
+        "ks_pvalue": ks_pvalue(r["unlearned"], r["retrained"]),
+        "ks_pvalue_original": ks_pvalue(r["original"], r["retrained"]),
         "truth_ratio": {k: metric(dict(enumerate(v.tolist()))) for k, v in r.items()},
         "retain_utility": {name: retain_utility(b, target.retain) for name, b in
                            (("original", before), ("unlearned", after), ("retrained", ref))},
         "retrained_forget_recall": retain_utility(ref, facts),
-    }
+    })

@@ -6,6 +6,14 @@
 - probes: per layer and position, accuracy of probes trained on the original model's retained facts,
   on the forget facts with the original and the unlearned model (`probe_max_train` caps training prompts);
 - logit_lens: per layer, mean probability of the old object at the last prompt token.
+
+Headline keys (flattened scorecard): `leftover.adversarial.recall_after` (mean recall over the families
+except reverse_query, which was never trained), `leftover.adversarial.by_family.<family>.after`,
+`leftover.mia.auc_vs_nonmembers.<attack>.after` (attack: loss, zlib, min_k, min_k_pp),
+`leftover.mia.roc_after` ({attack, fpr, tpr}: Min-K%++ forget vs non-members),
+`leftover.probes.best_accuracy_after` (best layer and position), and per-layer lists
+`leftover.probes.{last,last_subject}_accuracy_by_layer_{before,after}` (`accuracy_by_layer_*` = last).
+Strict JSON: a value that cannot be computed is None.
 """
 from __future__ import annotations
 
@@ -15,33 +23,65 @@ from mechedit.diagnose import metric, register_suite
 from mechedit.diagnose.adversarial import adversarial_probes, score_adversarial
 from mechedit.diagnose.mia import ATTACKS, auc, fact_texts, mia_scores
 from mechedit.diagnose.probes import fit_probes, logit_lens, probe_accuracy, residuals
+from mechedit.diagnose.strict import finite, strict_json
 from mechedit.unlearn.targets import ForgetTarget, resolve_target
+
+
+UNTRAINED_FAMILIES = ("reverse_query",)  # its prompt order was never trained: low even before unlearning
 
 
 def adversarial_section(before, after, target: ForgetTarget) -> dict:
     probes = adversarial_probes(target.world, list(target.forget), exclude=target.forget_ids)
-    out = {}
+    fams: dict = {}
     for tag, b in (("before", before), ("after", after)):
         for fam, d in score_adversarial(b.model, b.tokenizer, probes).items():
-            out.setdefault(fam, {})[tag] = {"recall": metric(d["recall"]), "prob": metric(d["prob"])}
+            fams.setdefault(fam, {})[tag] = {"recall": metric(d["recall"]), "prob": metric(d["prob"])}
+    out: dict = {"families": fams, "by_family": {}}
+    for fam, d in fams.items():
+        out["by_family"][fam] = {t: d[t]["recall"]["agg_value"] for t in ("before", "after")}
+    for tag in ("before", "after"):
+        vals = [d[tag] for fam, d in out["by_family"].items() if fam not in UNTRAINED_FAMILIES]
+        out[f"recall_{tag}"] = float(np.mean(vals)) if vals else None
+    out["note"] = "recall_before/after: mean over families except " + ", ".join(UNTRAINED_FAMILIES)
     return out
 
 
-def mia_section(before, after, target: ForgetTarget, k: float = 0.2) -> dict:
+def roc_points(members: np.ndarray, nonmembers: np.ndarray) -> dict:
+    from sklearn.metrics import roc_curve
+
+    if len(members) == 0 or len(nonmembers) == 0:
+        return {"fpr": [], "tpr": []}
+    fpr, tpr, _ = roc_curve(np.r_[np.ones(len(members)), np.zeros(len(nonmembers))], np.r_[members, nonmembers])
+    return {"fpr": [round(float(x), 5) for x in fpr], "tpr": [round(float(x), 5) for x in tpr]}
+
+
+def mia_section(before, after, target: ForgetTarget, k: float = 0.2, roc_attack: str = "min_k_pp") -> dict:
+    """AUCs keyed {comparison: {attack: {before, after}}}; per-fact forget scores; ROC points of `roc_attack`."""
     world = target.world
     texts = {"forget": fact_texts(world, target.forget), "nonmember": fact_texts(world, world.heldout_facts),
              "retain": fact_texts(world, target.retain)}
-    out: dict = {}
+    out: dict = {"auc_vs_nonmembers": {}, "auc_vs_retain": {}, "auc_retain_vs_nonmembers": {}, "forget_scores": {},
+                 "n": {name: len(t) for name, t in texts.items()}, "k": k}
     for tag, b in (("before", before), ("after", after)):
         sc = {name: mia_scores(b.model, b.tokenizer, t, k) for name, t in texts.items()}
         for a in ATTACKS:
-            out.setdefault(a, {})[tag] = {
-                "auc_vs_nonmember": auc(sc["forget"][a], sc["nonmember"][a]),
-                "auc_vs_retain": auc(sc["forget"][a], sc["retain"][a]),
-                "auc_retain_vs_nonmember": auc(sc["retain"][a], sc["nonmember"][a]),
-                "forget_scores": metric({f.index: v for f, v in zip(target.forget, sc["forget"][a])}),
-            }
+            out["auc_vs_nonmembers"].setdefault(a, {})[tag] = finite(auc(sc["forget"][a], sc["nonmember"][a]))
+            out["auc_vs_retain"].setdefault(a, {})[tag] = finite(auc(sc["forget"][a], sc["retain"][a]))
+            out["auc_retain_vs_nonmembers"].setdefault(a, {})[tag] = finite(auc(sc["retain"][a], sc["nonmember"][a]))
+            out["forget_scores"].setdefault(a, {})[tag] = metric({f.index: v for f, v in zip(target.forget, sc["forget"][a])})
+        out[f"roc_{tag}"] = {"attack": roc_attack, **roc_points(sc["forget"][roc_attack], sc["nonmember"][roc_attack])}
     return out
+
+
+_PROBE_CACHE: dict = {}
+
+
+def weights_fingerprint(model) -> tuple:
+    """A cheap fingerprint of a model's weights (sum and abs-sum of every parameter)."""
+    import torch
+
+    with torch.no_grad():
+        return tuple(round(float(f(q.double()).item()), 6) for q in model.parameters() for f in (torch.sum, lambda t: t.abs().sum()))
 
 
 def probe_section(before, after, target: ForgetTarget, max_train: int = 3000, seed: int = 0) -> dict:
@@ -50,18 +90,30 @@ def probe_section(before, after, target: ForgetTarget, max_train: int = 3000, se
     train = [f for f in target.retain if f.relation in rels]
     if not train:
         return {"note": "no retained facts share the forgotten relations; no probe can be trained"}
-    rng = np.random.default_rng(seed)
-    xs, ys, _ = residuals(before.model, before.tokenizer, world, train)
-    if len(ys) > max_train:
-        keep = np.sort(rng.choice(len(ys), max_train, replace=False))
-        xs, ys = {k: v[keep] for k, v in xs.items()}, ys[keep]
-    clfs = fit_probes(xs, ys, seed)
-    out: dict = {"n_train": int(len(ys))}
+    key = (weights_fingerprint(before.model), target.hash(), max_train, seed)
+    if key not in _PROBE_CACHE:  # the probes depend only on the original model: fit once per forget set
+        rng = np.random.default_rng(seed)
+        xs, ys, _ = residuals(before.model, before.tokenizer, world, train)
+        if len(ys) > max_train:
+            keep = np.sort(rng.choice(len(ys), max_train, replace=False))
+            xs, ys = {k: v[keep] for k, v in xs.items()}, ys[keep]
+        _PROBE_CACHE.clear()
+        _PROBE_CACHE[key] = (fit_probes(xs, ys, seed), len(ys))
+    clfs, n_train = _PROBE_CACHE[key]
+    out: dict = {"n_train": int(n_train)}
+    names = {"prompt_last": "last", "subject_last": "last_subject"}
     for tag, b in (("before", before), ("after", after)):
         xe, ye, fe = residuals(b.model, b.tokenizer, world, list(target.forget))
         acc = probe_accuracy(clfs, xe, ye)
         out[tag] = {pos: {"by_layer": metric({l: a for l, a in enumerate(v)}, agg=float(np.nanmax(v))),
                           "best_layer": int(np.nanargmax(v))} for pos, v in acc.items()}
+        for pos, v in acc.items():
+            out[f"{names[pos]}_accuracy_by_layer_{tag}"] = [finite(a) for a in v]
+        out[f"accuracy_by_layer_{tag}"] = out[f"last_accuracy_by_layer_{tag}"]
+        best = max(((a, l, pos) for pos, v in acc.items() for l, a in enumerate(v)), key=lambda t: t[0])
+        out[f"best_accuracy_{tag}"] = best[0]
+        out[f"best_layer_{tag}"] = best[1]
+        out[f"best_position_{tag}"] = names[best[2]]
     return out
 
 
@@ -78,7 +130,7 @@ def leftover_suite(before, after, requests, forget=None, k: float = 0.2, probe_m
                    **options) -> dict:
     """Adversarial probes, membership inference, linear probes and logit lens on the forget set."""
     target = resolve_target(before.world, requests, forget)
-    return {"adversarial": adversarial_section(before, after, target),
-            "mia": mia_section(before, after, target, k),
-            "probes": probe_section(before, after, target, probe_max_train),
-            "logit_lens": lens_section(before, after, target)}
+    return strict_json({"adversarial": adversarial_section(before, after, target),
+                        "mia": mia_section(before, after, target, k),
+                        "probes": probe_section(before, after, target, probe_max_train),
+                        "logit_lens": lens_section(before, after, target)})

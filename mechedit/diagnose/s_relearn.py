@@ -3,11 +3,14 @@
 Fine-tunes the unlearned model and the retrained reference on half of the forget facts for
 `relearn_steps` steps (lr `relearn_lr`) and reports cloze recall on the other half before and after
 the attack; recovery well above the reference's means the knowledge was hidden, not removed.
+Headline: `relearn.recovery` = the unlearned model's recall on the scored half after the attack,
+`relearn.recovery_retrained` / `relearn.recovery_original` the same for the reference / original.
 """
 from __future__ import annotations
 
 from mechedit.diagnose import register_suite
 from mechedit.diagnose.reference import relearn, retrained_reference, split_halves
+from mechedit.diagnose.strict import strict_json
 from mechedit.errors import MecheditError
 from mechedit.unlearn.targets import resolve_target
 
@@ -22,7 +25,11 @@ def relearn_suite(before, after, requests, forget=None, relearn_steps: int = 10,
         raise MecheditError("relearn needs at least two forget facts (one to relearn, one to score)")
     ref = reference or retrained_reference(before, target, cache_dir)
     w = before.world
-    return {"n_relearn_facts": len(train), "n_scored_facts": len(held), "steps": relearn_steps,
-            "unlearned": relearn(after.model, after.tokenizer, w, train, held, relearn_steps, relearn_lr),
-            "retrained": relearn(ref.model, ref.tokenizer, w, train, held, relearn_steps, relearn_lr),
-            "original": relearn(before.model, before.tokenizer, w, train, held, relearn_steps, relearn_lr)}
+    out = {"n_relearn_facts": len(train), "n_scored_facts": len(held), "steps": relearn_steps, "lr": relearn_lr,
+           "unlearned": relearn(after.model, after.tokenizer, w, train, held, relearn_steps, relearn_lr),
+           "retrained": relearn(ref.model, ref.tokenizer, w, train, held, relearn_steps, relearn_lr),
+           "original": relearn(before.model, before.tokenizer, w, train, held, relearn_steps, relearn_lr)}
+    out["recovery"] = out["unlearned"]["after"]
+    out["recovery_retrained"] = out["retrained"]["after"]
+    out["recovery_original"] = out["original"]["after"]
+    return strict_json(out)
