@@ -44,7 +44,7 @@ class UnlearnParams:
     lora_rank: int = 0  # > 0: train a LoRA adapter of this rank on the chosen layers/modules, then merge
     lora_alpha: float = 16.0
     stop_recall: float = 0.0  # stop once forget-set cloze recall <= this (negative: never stop early)
-    eval_every: int = 5  # steps between forget-recall checks
+    eval_every: int = 1  # steps between forget-recall checks (1: stop as soon as recall hits stop_recall)
     grad_clip: float = 1.0
     seed: int = 0
 

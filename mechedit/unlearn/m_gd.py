@@ -12,7 +12,7 @@ from mechedit.unlearn.loop import UnlearnParams, nll, run_unlearning
 
 @dataclass(frozen=True)
 class GDParams(UnlearnParams):
-    lr: float = 3e-4
+    lr: float = 1e-3
     retain_weight: float = 1.0
 
 

@@ -6,7 +6,14 @@ At layer l: L = mean_tokens ||h_l(forget) - c u||^2 / d + alpha mean_tokens ||h_
 from the first subject token on are steered - the tokens before it have exactly the retain prompts'
 activations (same words, causal attention), so steering them would fight the retain term; (2) c is given relative to
 the mean norm of the original model's h_l on forget tokens (`steering` x that norm), because the
-reference's absolute c = 6.5 fits a 7B model's residual scale, not ours.
+reference's absolute c = 6.5 fits a 7B model's residual scale, not ours; (3) full MLP weights of the
+two layers are trained (the reference trains only the down-projections of three layers).
+
+Defaults tuned on the embedded default model (4 layers, d_model 128), forgetting one subject (6 facts):
+layer = n_layers // 2 (2), lr 3e-3, steering 2, alpha 10 -> forget cloze/paraphrase/QA recall 0 after
+~70 steps with retain cloze 0.991. The old defaults (layer 1, lr 1e-3) left cloze recall at 0.44
+after 100 steps; layer 1 with lr 3e-3 forgot cloze but left paraphrase at 0.17; steering 6 forgot
+but cost 5 points of retain recall.
 """
 from __future__ import annotations
 
@@ -21,8 +28,8 @@ from mechedit.unlearn.loop import UnlearnParams, capture_layer, run_unlearning
 
 @dataclass(frozen=True)
 class RMUParams(UnlearnParams):
-    lr: float = 1e-3
-    layer: int = -1  # steered layer; -1 = the middle layer (n_layers // 2 - 1, at least 0)
+    lr: float = 3e-3
+    layer: int = -1  # steered layer; -1 = the middle layer (n_layers // 2)
     steering: float = 2.0  # c = steering x mean ||h_l|| of the original model on forget tokens
     alpha: float = 10.0  # retain weight on the activation-matching term
     modules: str = "mlp"
@@ -43,7 +50,7 @@ def _hidden(model, batch, layer: int) -> torch.Tensor:
 @register_method("rmu", params=RMUParams, kind="unlearn")
 def rmu(bundle, requests, p: RMUParams):
     n_layers = bundle.n_layers
-    layer = p.layer if p.layer >= 0 else max(0, n_layers // 2 - 1)
+    layer = p.layer if p.layer >= 0 else n_layers // 2
     if layer >= n_layers:
         raise MecheditError(f"rmu: layer {layer} is out of range (the model has {n_layers} layers)")
     layers = p.layers or tuple(sorted({max(0, layer - 1), layer}))
