@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from mechedit.diagnose import metric, register_suite
+from mechedit.diagnose.cache import memo
 from mechedit.diagnose.strict import strict_json
 from mechedit.model.evaluate import score_answers
 from mechedit.unlearn.targets import ForgetTarget, resolve_target
@@ -48,8 +49,8 @@ def recall_table(model, tokenizer, target: ForgetTarget) -> dict:
 def forget_suite(before, after, requests, forget=None, **options) -> dict:
     """Forget / neighbour / retain recall on cloze, paraphrase and QA, before and after."""
     target = resolve_target(before.world, requests, forget)
-    tables = {"before": recall_table(before.model, before.tokenizer, target),
-              "after": recall_table(after.model, after.tokenizer, target)}
+    tables = {tag: memo("recall_table", b.model, (target.hash(),), lambda b=b: recall_table(b.model, b.tokenizer, target))
+              for tag, b in (("before", before), ("after", after))}
     out: dict = {"n_forget_facts": len(target.forget), **tables, "notes": []}
     for name, kinds in tables["after"].items():
         out[name] = {}

@@ -12,12 +12,17 @@ import numpy as np
 
 from mechedit.diagnose import metric, register_suite
 from mechedit.diagnose.reference import ks_pvalue, retrained_reference, truth_ratios
+from mechedit.diagnose.cache import memo
 from mechedit.diagnose.strict import strict_json
 from mechedit.model.evaluate import score_answers
 from mechedit.unlearn.targets import resolve_target
 
 
 def retain_utility(b, facts) -> float:
+    return memo("retain_utility", b.model, (tuple(f.index for f in facts),), lambda: _retain_utility(b, facts))
+
+
+def _retain_utility(b, facts) -> float:
     probes = b.world.probes(facts, kinds=("cloze",))
     return float(score_answers(b.model, b.tokenizer, [p.prompt for p in probes], [p.answer for p in probes]).correct.mean())
 

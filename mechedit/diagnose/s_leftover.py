@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from mechedit.diagnose import metric, register_suite
+from mechedit.diagnose.cache import memo
 from mechedit.diagnose.adversarial import adversarial_probes, score_adversarial
 from mechedit.diagnose.mia import ATTACKS, auc, fact_texts, mia_scores
 from mechedit.diagnose.probes import fit_probes, logit_lens, probe_accuracy, residuals
@@ -63,7 +64,8 @@ def mia_section(before, after, target: ForgetTarget, k: float = 0.2, roc_attack:
     out: dict = {"auc_vs_nonmembers": {}, "auc_vs_retain": {}, "auc_retain_vs_nonmembers": {}, "forget_scores": {},
                  "n": {name: len(t) for name, t in texts.items()}, "k": k}
     for tag, b in (("before", before), ("after", after)):
-        sc = {name: mia_scores(b.model, b.tokenizer, t, k) for name, t in texts.items()}
+        sc = {name: memo("mia", b.model, (name, target.hash(), len(t), k), lambda t=t: mia_scores(b.model, b.tokenizer, t, k))
+              for name, t in texts.items()}
         for a in ATTACKS:
             out["auc_vs_nonmembers"].setdefault(a, {})[tag] = finite(auc(sc["forget"][a], sc["nonmember"][a]))
             out["auc_vs_retain"].setdefault(a, {})[tag] = finite(auc(sc["forget"][a], sc["retain"][a]))
@@ -73,33 +75,21 @@ def mia_section(before, after, target: ForgetTarget, k: float = 0.2, roc_attack:
     return out
 
 
-_PROBE_CACHE: dict = {}
-
-
-def weights_fingerprint(model) -> tuple:
-    """A cheap fingerprint of a model's weights (sum and abs-sum of every parameter)."""
-    import torch
-
-    with torch.no_grad():
-        return tuple(round(float(f(q.double()).item()), 6) for q in model.parameters() for f in (torch.sum, lambda t: t.abs().sum()))
-
-
 def probe_section(before, after, target: ForgetTarget, max_train: int = 3000, seed: int = 0) -> dict:
     world = target.world
     rels = {f.relation for f in target.forget}
     train = [f for f in target.retain if f.relation in rels]
     if not train:
         return {"note": "no retained facts share the forgotten relations; no probe can be trained"}
-    key = (weights_fingerprint(before.model), target.hash(), max_train, seed)
-    if key not in _PROBE_CACHE:  # the probes depend only on the original model: fit once per forget set
+    def fit():  # the probes depend only on the original model: fit once per forget set
         rng = np.random.default_rng(seed)
         xs, ys, _ = residuals(before.model, before.tokenizer, world, train)
         if len(ys) > max_train:
             keep = np.sort(rng.choice(len(ys), max_train, replace=False))
             xs, ys = {k: v[keep] for k, v in xs.items()}, ys[keep]
-        _PROBE_CACHE.clear()
-        _PROBE_CACHE[key] = (fit_probes(xs, ys, seed), len(ys))
-    clfs, n_train = _PROBE_CACHE[key]
+        return fit_probes(xs, ys, seed), len(ys)
+
+    clfs, n_train = memo("probes", before.model, (target.hash(), max_train, seed), fit)
     out: dict = {"n_train": int(n_train)}
     names = {"prompt_last": "last", "subject_last": "last_subject"}
     for tag, b in (("before", before), ("after", after)):

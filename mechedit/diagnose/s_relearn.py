@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from mechedit.diagnose import register_suite
 from mechedit.diagnose.reference import relearn, retrained_reference, split_halves
+from mechedit.diagnose.cache import memo
 from mechedit.diagnose.strict import strict_json
 from mechedit.errors import MecheditError
 from mechedit.unlearn.targets import resolve_target
@@ -26,9 +27,9 @@ def relearn_suite(before, after, requests, forget=None, relearn_steps: int = 10,
     ref = reference or retrained_reference(before, target, cache_dir)
     w = before.world
     out = {"n_relearn_facts": len(train), "n_scored_facts": len(held), "steps": relearn_steps, "lr": relearn_lr,
-           "unlearned": relearn(after.model, after.tokenizer, w, train, held, relearn_steps, relearn_lr),
-           "retrained": relearn(ref.model, ref.tokenizer, w, train, held, relearn_steps, relearn_lr),
-           "original": relearn(before.model, before.tokenizer, w, train, held, relearn_steps, relearn_lr)}
+           **{tag: memo("relearn", b.model, (target.hash(), relearn_steps, relearn_lr),
+                        lambda b=b: relearn(b.model, b.tokenizer, w, train, held, relearn_steps, relearn_lr))
+              for tag, b in (("unlearned", after), ("retrained", ref), ("original", before))}}
     out["recovery"] = out["unlearned"]["after"]
     out["recovery_retrained"] = out["retrained"]["after"]
     out["recovery_original"] = out["original"]["after"]
