@@ -1,9 +1,18 @@
 """Shared fixtures: a tiny seeded world and a tiny model trained on it once per test session."""
 from __future__ import annotations
 
-import pytest
+import os
 
-from mechedit.model.checkpoint import load_checkpoint
+# Tiny models gain nothing from a second thread, and on a loaded 2-core machine two OpenMP threads per
+# process spin against each other (100x slower). Subprocesses (CLI tests) inherit this too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+from mechedit.model.checkpoint import load_checkpoint  # noqa: E402
 from mechedit.model.pipeline import train_checkpoint
 from mechedit.model.spec import PRESETS, TRAIN_PRESETS, with_overrides
 from mechedit.world import generate_world, tiny_world_spec
