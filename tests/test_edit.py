@@ -113,6 +113,37 @@ def test_scorecard_of_empty_edit_shows_no_change(tiny_bundle):
     assert card["same_relation"]["n"] > 0 and card["unrelated"]["n"] == 20
 
 
+def test_scorecard_before_cache_is_exact_and_keyed_on_weights(tiny_bundle, monkeypatch):
+    from mechedit.diagnose import s_edit
+
+    s_edit._BEFORE_CACHE.clear()
+    req = _request(tiny_bundle.world)
+    res = run_method(tiny_bundle, [req], "rome", **FAST["rome"])
+    after = edited_bundle(tiny_bundle, res)
+    fn = get_suite("edit").fn
+    first = fn(tiny_bundle, after, [req], n_unrelated=20, n_retain=20)
+    calls = []
+    real = s_edit._score
+    monkeypatch.setattr(s_edit, "_score", lambda b, rows: calls.append(b) or real(b, rows))
+    second = fn(tiny_bundle, after, [req], n_unrelated=20, n_retain=20)
+    assert json.dumps(first, sort_keys=True) == json.dumps(second, sort_keys=True)
+    assert [c is after for c in calls] == [True]  # the before pass came from the cache
+    fp = s_edit.weights_fingerprint(tiny_bundle.model)
+    assert fp != s_edit.weights_fingerprint(after.model)
+    w = dict(tiny_bundle.model.named_parameters())[w_out_name(1)]
+    with torch.no_grad():
+        old = float(w[3, 5])
+        w[3, 5] += 1e-3  # one weight: the cache must miss
+        try:
+            assert s_edit.weights_fingerprint(tiny_bundle.model) != fp
+            calls.clear()
+            fn(tiny_bundle, after, [req], n_unrelated=20, n_retain=20)
+            assert len(calls) == 2
+        finally:
+            w[3, 5] = old
+    assert s_edit.weights_fingerprint(tiny_bundle.model) == fp
+
+
 def test_rome_edit_takes_on_tiny_model(tiny_bundle):
     req = _request(tiny_bundle.world, 2)
     res = run_method(tiny_bundle, [req], "rome", layer=0, steps=60)

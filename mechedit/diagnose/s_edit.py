@@ -7,10 +7,19 @@ relations; unrelated facts (a seeded sample); facts implied through nested / cor
 (does the edit propagate?); and perplexity on a retain sample of the corpus. Every category is
 scored before and after with one batched `score_answers` pass per model, and reported as
 {"before": metric, "after": metric, "change": after - before} in the shared metric schema.
+
+The BEFORE model's scores are cached (`_BEFORE_CACHE`, a few entries) keyed on a fingerprint of its
+weights (`weights_fingerprint`) and the exact (prompt, answer) rows: the analysis runner scores the
+same unedited model on the same rows for every method and parameter setting of a request set.
+A hit returns the very arrays a fresh pass would compute, so results are identical.
 """
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
+
 import numpy as np
+import torch
 
 from mechedit.diagnose import metric, register_suite
 from mechedit.model.evaluate import score_answers
@@ -84,6 +93,47 @@ def _items(world, requests, n_unrelated: int, n_retain: int, seed: int):
     return rows
 
 
+_BEFORE_CACHE: OrderedDict = OrderedDict()  # (weights fingerprint, rows digest) -> _score result
+_BEFORE_CACHE_SIZE = 8
+
+
+@torch.no_grad()
+def weights_fingerprint(model) -> tuple:
+    """Per parameter: name, shape, float64 sum and a position-weighted sum (1 + i mod 7 for element i).
+
+    Any single changed weight changes the weighted sum unless the change is below float64
+    resolution; a rank-one edit, a LoRA merge or a restore-to-original are all told apart.
+    Costs one pass over the parameters (milliseconds for the models here).
+    """
+    out = []
+    for name, p in model.named_parameters():
+        x = p.detach().reshape(-1).double()
+        w = (torch.arange(x.numel(), dtype=torch.float64) % 7) + 1
+        out.append((name, tuple(p.shape), float(x.sum()), float(x @ w)))
+    return tuple(out)
+
+
+def _rows_digest(rows) -> str:
+    h = hashlib.sha1()
+    for r in rows:
+        h.update(f"{r[2]}\x00{r[3]}\x01".encode())
+    return h.hexdigest()
+
+
+def _score_cached(bundle, rows):
+    """`_score` of an (unedited) model, reusing an earlier pass over identical weights and rows."""
+    key = (weights_fingerprint(bundle.model), _rows_digest(rows))
+    hit = _BEFORE_CACHE.get(key)
+    if hit is not None:
+        _BEFORE_CACHE.move_to_end(key)
+        return tuple(a.copy() for a in hit)
+    res = _score(bundle, rows)
+    _BEFORE_CACHE[key] = tuple(a.copy() for a in res)
+    while len(_BEFORE_CACHE) > _BEFORE_CACHE_SIZE:
+        _BEFORE_CACHE.popitem(last=False)
+    return res
+
+
 def _score(bundle, rows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     scores = score_answers(bundle.model, bundle.tokenizer, [r[2] for r in rows], [r[3] for r in rows])
     ntok = np.array([len(r[3].split()) for r in rows])
@@ -106,8 +156,8 @@ def edit_scorecard(before, after, requests, *, n_unrelated: int = 200, n_retain:
     world = after.world
     rows = _items(world, requests, n_unrelated, n_retain, seed)
     res = {}
-    for name, b in (("before", before), ("after", after)):
-        res[name] = _score(b, rows)
+    res["before"] = _score_cached(before, rows)
+    res["after"] = _score(after, rows)
     out: dict = {"n_requests": len(requests)}
     # P(new) > P(old) on the trained templates
     eff_new = [i for i, r in enumerate(rows) if r[0] == "efficacy"]
