@@ -6,6 +6,10 @@ A method supplies `loss(ctx, forget, retain) -> scalar`; the loop owns the copy 
 choice of trainable parameters (full, layer/module-restricted, or LoRA through peft), Adam, early
 stopping once forget-set cloze recall reaches `stop_recall`, and the deltas (trained - original).
 The input model is never changed.
+
+Early stopping is checked every step by default (`eval_every=1`): on the default model GA-type
+methods go from recall 0.8 to 0 within ~5 steps, and checking every 5 steps overshot into ~1.5 points
+more retain damage. The check scores only the forget cloze prompts (cheap).
 """
 from __future__ import annotations
 

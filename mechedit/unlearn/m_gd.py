@@ -1,6 +1,12 @@
 """GD: gradient difference, GA on the forget set plus NLL on retain data (RWKU `GD`, TOFU).
 
 L = -NLL_forget + retain_weight * NLL_retain, retain sampled from every other trained fact.
+
+Tuned on the embedded default model (one subject, 6 facts): lr 1e-3 with the loop's per-step recall
+check stops after ~8 steps at forget recall 0 with retain cloze 0.978 (lr 3e-4 checked every 5 steps:
+30 steps, retain 0.965; a 4x larger retain batch did not help). `modules="mlp"` keeps retain at 0.990
+but leaves QA recall at 0.17. The collateral is on facts sharing the forgotten objects: GA pushes the
+object tokens down everywhere.
 """
 from __future__ import annotations
 
