@@ -58,6 +58,16 @@ def answer_nll(model, batch) -> torch.Tensor:
     return model(input_ids=ids, attention_mask=mask, labels=labels).loss
 
 
+def answer_nll_rows(model, batch) -> torch.Tensor:
+    """Mean answer-token NLL of every row of a `_nll_batch`. [rows]"""
+    ids, mask, labels = batch
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # [b, pos-1, vocab]
+    tgt = labels[:, 1:]
+    keep = tgt != -100
+    nll = -torch.log_softmax(logits, -1).gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return (nll * keep).sum(1) / keep.sum(1).clamp_min(1)
+
+
 def trainable_names(bundle, layer, component: str, requests, weights_only: bool) -> list[str]:
     layers = (list(range(bundle.n_layers)) if layer == "all"
               else resolve_layers(bundle, layer, requests, allow_list=True))

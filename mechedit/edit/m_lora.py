@@ -7,6 +7,14 @@ leaves adapters frozen): `target_modules` = dense_h_to_4h, dense_4h_to_h (MLP) a
 query_key_value, attention.dense (attention), `layers_to_transform`, `layers_pattern="layers"`.
 The deltas are merged weight minus original weight, so `EditResult.apply` reproduces the merged
 model and the bundle's model is never changed.
+
+Collateral control (tuned on the default 4-layer model, rank 8, MLP of the traced layer 0): the
+loss is mean NLL(new | edit prompt) + retain_weight * mean NLL(original | retain prompt) over a
+retain mix that includes the edited subject's other facts; training STOPS as soon as every edit
+prompt's NLL is below `stop_loss` and no retain prompt's NLL rose by more than `retain_slack`.
+Running a fixed 100 steps at lr 5e-3 without retain cost 49 / 80 / 29 points of same-relation /
+same-subject / unrelated recall; the early stop alone brought that to 8 / 42 / 4, and the retain
+mix with the subject's other facts to ~2 / 8 / 1 (efficacy 1.0 throughout).
 """
 from __future__ import annotations
 
@@ -17,7 +25,7 @@ import torch
 
 from mechedit.edit.api import EditRequest, EditResult, register_method
 from mechedit.edit.common import resolve_layers
-from mechedit.edit.m_finetune import _nll_batch, answer_nll
+from mechedit.edit.m_finetune import _nll_batch, answer_nll_rows
 from mechedit.edit.retain import edit_pairs, retain_pairs
 from mechedit.errors import SpecError
 from mechedit.specio import to_dict
@@ -32,10 +40,12 @@ class LoraParams:
     rank: int = 8
     alpha: float = 16.0
     component: str = "mlp"  # mlp | attn | both
-    steps: int = 100
-    lr: float = 5e-3
-    n_retain: int = 0
-    retain_weight: float = 1.0
+    steps: int = 200  # at most; training stops once the edit is learned and the retain set kept (stop_loss, retain_slack)
+    lr: float = 2e-3  # 5e-3 overshot: after 100 steps same-relation -0.49, unrelated -0.29 on the default model
+    stop_loss: float = 0.1  # stop when every edit prompt's answer NLL is below this (0 = run all steps)
+    n_retain: int = 40  # retain pairs (Behemoth's categories + the subject's other facts, edit.retain) in every step
+    retain_weight: float = 3.0
+    retain_slack: float = 0.5  # ...and every retain prompt's NLL is within this of its value before training
     seed: int = 0
 
     def validate(self) -> None:
@@ -64,10 +74,19 @@ def lora(bundle, requests: list[EditRequest], p: LoraParams) -> EditResult:
     opt = torch.optim.Adam(trainable, lr=p.lr)
     model.eval()
     losses = []
+    retain0 = None
     for _ in range(p.steps):
-        loss = answer_nll(model, edit)
+        rows = answer_nll_rows(model, edit)  # [n_edit_prompts]
+        loss = rows.mean()
+        kept = True
         if retain_b is not None:
-            loss = loss + p.retain_weight * answer_nll(model, retain_b)
+            r_rows = answer_nll_rows(model, retain_b)  # [n_retain]
+            if retain0 is None:
+                retain0 = r_rows.detach()
+            kept = bool((r_rows.detach() <= retain0 + p.retain_slack).all())
+            loss = loss + p.retain_weight * r_rows.mean()
+        if p.stop_loss > 0 and float(rows.detach().max()) < p.stop_loss and kept:
+            break
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -79,5 +98,6 @@ def lora(bundle, requests: list[EditRequest], p: LoraParams) -> EditResult:
             if n in orig and not torch.equal(t, orig[n]):
                 deltas[n] = t.detach() - orig[n]
     return EditResult("lora", {**to_dict(p), "layer": layers}, list(requests), deltas,
-                      info={"layers": layers, "modules": TARGETS[p.component], "loss_first": losses[0],
-                            "loss_last": losses[-1], "n_retain": len(retain)})
+                      info={"layers": layers, "modules": TARGETS[p.component], "steps": len(losses),
+                            "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+                            "n_retain": len(retain)})

@@ -12,12 +12,17 @@ def edit_pairs(world, requests: list[EditRequest]) -> list[tuple[str, str]]:
     return [(p, r.new_object) for r in requests for p in edit_prompts(world, r)]
 
 
+RETAIN_KINDS = ("same_relation", "same_new_value", "unrelated", "same_subject")
+
+
 def retain_pairs(world, requests: list[EditRequest], n: int, seed: int,
-                 kinds: tuple[str, ...] = ("same_relation", "same_new_value", "unrelated")) -> list[tuple[str, str]]:
+                 kinds: tuple[str, ...] = RETAIN_KINDS) -> list[tuple[str, str]]:
     """Up to `n` (prompt, original object) pairs drawn evenly from Behemoth's retain categories.
 
     same_relation: other subjects with an edited relation; same_new_value: subjects that already have
-    a requested new object; unrelated: facts of other subjects and relations.
+    a requested new object; unrelated: facts of other subjects and relations; same_subject: the
+    edited subjects' other facts (the analogue of ROME's KL "essence" term), leaving out relations
+    derived from an edited one (nested / correlated), whose answers the edit may rightly change.
     """
     if n <= 0:
         return []
@@ -25,9 +30,14 @@ def retain_pairs(world, requests: list[EditRequest], n: int, seed: int,
     subjects = {f.subject for f in edited}
     rels = {r.relation for r in requests}
     new = {(r.relation, r.new_object) for r in requests}
-    pools = {"same_relation": [], "same_new_value": [], "unrelated": []}
+    pools = {"same_relation": [], "same_new_value": [], "unrelated": [], "same_subject": []}
+    edited_keys = {(f.subject, f.relation) for f in edited}
+    derived = {(f.subject, g.relation) for f in edited for g in world.facts_of(f.subject)
+               if world.relation(g.relation).source == f.relation}
     for f in world.train_facts:
         if f.subject in subjects:
+            if (f.subject, f.relation) not in edited_keys | derived:
+                pools["same_subject"].append(f)
             continue
         if f.relation in rels:
             pools["same_relation"].append(f)
