@@ -18,7 +18,7 @@ from transformers import GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
 from transformers.utils import logging as hf_logging
 
-from mechedit.errors import CheckpointError
+from mechedit.errors import CheckpointError, MecheditError
 from mechedit.fileio import read_json, write_json_atomic
 from mechedit.world.world import World
 
@@ -83,8 +83,13 @@ def load_checkpoint(directory: str | Path, *, dtype: torch.dtype = torch.float32
     missing = [f for f in REQUIRED_FILES if not (directory / f).is_file()]
     if missing:
         raise CheckpointError(f"not a mechedit checkpoint: {directory} is missing {', '.join(missing)}")
-    meta = read_json(directory / "mechedit.json", "mechedit.json")
-    world = World.load(directory)
+    try:
+        meta = read_json(directory / "mechedit.json", "mechedit.json")
+        world = World.load(directory)
+    except CheckpointError:
+        raise
+    except MecheditError as exc:
+        raise CheckpointError(f"corrupt checkpoint {directory}: {exc}") from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
