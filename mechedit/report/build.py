@@ -45,7 +45,7 @@ FORGET_COLUMNS = (
     ("forget.neighbours_subject.cloze.after", "neighbours (subject)"),
     ("forget.retain.cloze.after", "retain"),
     ("leftover.mia.auc_vs_nonmembers.loss.after", "MIA AUC (LOSS)"),
-    ("leftover.mia.auc_vs_nonmembers.mink_pp.after", "MIA AUC (Min-K%++)"),
+    ("leftover.mia.auc_vs_nonmembers.min_k_pp.after", "MIA AUC (Min-K%++)"),
     ("leftover.probes.best_accuracy_after", "probe acc (best layer)"),
     ("relearn.recovery", "relearning recovery"),
     ("forget_quality.ks_pvalue", "forget quality"),
