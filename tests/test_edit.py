@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from mechedit.cli import app
 from mechedit.diagnose import get_suite
 from mechedit.edit import EditRequest, EditResult, run_method
-from mechedit.edit.common import add_rank_one, build_batch, context_prefixes, edit_prompts, mean_keys
+from mechedit.edit.common import add_linear_edit, add_rank_one, build_batch, context_prefixes, edit_prompts, mean_keys
 from mechedit.edit.m_rome import inverse_second_moment, rank_one_update
 from mechedit.edit.run import edited_bundle, frozen_copy, sequential_edits
 from mechedit.edit.stats import compute_second_moment, second_moment, w_out_name
@@ -258,3 +258,25 @@ def test_rank_one_hook_equals_weight_edit(tiny_bundle):
         plain = model(input_ids=batch.ids, attention_mask=batch.mask).logits
     assert not torch.allclose(plain, edited, atol=1e-3)
     assert torch.allclose(hooked, edited, atol=1e-3 * float(edited.abs().max()))
+
+
+def test_joint_hook_equals_weight_edit(tiny_bundle):
+    """add_linear_edit (MEMIT/AlphaEdit through_edit) adds exactly what Delta W = delta^T U does."""
+    model = tiny_bundle.model
+    reqs = [_request(tiny_bundle.world, k) for k in range(3)]
+    batch = build_batch(tiny_bundle, reqs, [""])
+    g = torch.Generator().manual_seed(0)
+    d_mlp = model.gpt_neox.layers[0].mlp.dense_4h_to_h.in_features
+    U = torch.randn(3, d_mlp, generator=g, dtype=torch.float64) * 1e-2
+    delta = torch.randn(3, model.config.hidden_size, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        with add_linear_edit(model, 0, delta, U):
+            hooked = model(input_ids=batch.ids, attention_mask=batch.mask).logits
+        plain = model(input_ids=batch.ids, attention_mask=batch.mask).logits
+        res = EditResult("x", {}, reqs, {w_out_name(0): (delta.T @ U).float()}).apply(model)
+        try:
+            edited = model(input_ids=batch.ids, attention_mask=batch.mask).logits
+        finally:
+            res.restore(model)
+    assert not torch.allclose(hooked, plain, atol=1e-3)
+    torch.testing.assert_close(hooked, edited, atol=1e-4, rtol=1e-4)

@@ -196,10 +196,32 @@ def add_rank_one(model, layer: int, delta: torch.Tensor, u: torch.Tensor, batch:
         h.remove()
 
 
+@contextlib.contextmanager
+def add_linear_edit(model, layer: int, delta: torch.Tensor, U: torch.Tensor):
+    """The joint edit Delta W = delta^T U of `layer`'s down projection, as a hook (every row, every position).
+
+    delta [n_requests, d_model], U [n_requests, d_mlp]: a key k gets sum_i delta_i (U_i . k) added,
+    so every request's delta reaches every prompt, as in the solved MEMIT/AlphaEdit weight edit
+    (which is linear in the targets: Delta = R M = delta^T (G^T M), G the row -> request one-hot).
+    """
+    mod = model.gpt_neox.layers[layer].mlp.dense_4h_to_h
+
+    def hook(module, inputs, output):
+        coef = torch.einsum("bpd,nd->bpn", inputs[0].double(), U)  # [b, pos, n_requests]
+        return output + (coef @ delta).to(output.dtype)
+
+    h = mod.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        h.remove()
+
+
 def optimize_targets(model, batch: Batch, essence: Batch | None, layer: int, n_requests: int, *,
                      clamp: torch.Tensor, lr: float, steps: int, kl_weight: float, weight_decay: float,
                      ref_norm: torch.Tensor, stop_loss: float = 0.05,
-                     rank_one_u: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                     rank_one_u: torch.Tensor | None = None,
+                     joint_u: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """delta [n_requests, d_model] added at the subject token of `layer` so the new objects are predicted.
 
     Loss (ROME/MEMIT compute_v): mean NLL(new object) over prefixes + kl_weight * KL(p_orig || p_edit)
@@ -207,9 +229,12 @@ def optimize_targets(model, batch: Batch, essence: Batch | None, layer: int, n_r
     (per request) after each Adam step. With `rank_one_u` ([n_requests, d_mlp], see `add_rank_one`)
     delta is applied the way the rank-one weight edit will apply it (scaled by u . k at every
     position) instead of only at the subject token: the keys of the individual prompts differ from
-    their mean k*, and this makes the optimised loss the loss of the edited model.
+    their mean k*, and this makes the optimised loss the loss of the edited model. `joint_u`
+    does the same for a batch solve (MEMIT/AlphaEdit, one layer), cross-talk between edits included.
     """
-    if rank_one_u is not None:
+    if joint_u is not None:  # [n_requests, d_mlp], see add_linear_edit
+        add = lambda d, b: add_linear_edit(model, layer, d, joint_u)  # noqa: E731
+    elif rank_one_u is not None:
         add = lambda d, b: add_rank_one(model, layer, d, rank_one_u, b)  # noqa: E731
     else:
         add = lambda d, b: add_at_subject(model, layer, d, b)  # noqa: E731
@@ -217,7 +242,8 @@ def optimize_targets(model, batch: Batch, essence: Batch | None, layer: int, n_r
     for p in model.parameters():
         p.requires_grad_(False)
     d_model = model.config.hidden_size
-    delta = torch.zeros(n_requests, d_model, dtype=torch.float64 if rank_one_u is not None else torch.float32,
+    exact = rank_one_u is not None or joint_u is not None
+    delta = torch.zeros(n_requests, d_model, dtype=torch.float64 if exact else torch.float32,
                         requires_grad=True)
     opt = torch.optim.Adam([delta], lr=lr)
     rows = torch.arange(len(batch.last))

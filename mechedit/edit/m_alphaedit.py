@@ -1,15 +1,25 @@
 """AlphaEdit: MEMIT's update projected on the null space of the preserved keys (Fang et al. 2025,
 "AlphaEdit: Null-Space Constrained Knowledge Editing for Language Models").
 
-    P = U0 U0^T,  U0 = eigenvectors of C = E[k k^T] with eigenvalue < threshold * max eigenvalue
+    P = U0 U0^T,  U0 = the smallest eigenvectors of C = E[k k^T] holding at most `null_energy` of trace(C)
     Delta_l = R K^T P (K_p K_p^T P + K K^T P + alpha I)^-1          (float64)
+    alpha   = alpha_factor * trace(C) / d_mlp        (the mean eigenvalue of C; reference: alpha = 10 absolute)
 
 with R, K and the layer loop as in MEMIT (`m_memit.spread_update`). K_p accumulates the keys of
 earlier batches for sequential editing: give the same `kp_cache` directory to consecutive calls
 (`sequential_edits` does this).
 
-Where we deliberately differ: the null-space threshold is relative to the largest eigenvalue
-(the reference's absolute 2e-2 puts most of a small model's spectrum in the "null space").
+Where we deliberately differ: the null space is set by an energy fraction of the spectrum, not an
+absolute eigenvalue (the reference's 2e-2). C is uncentred, so its top eigenvalue is the mean key
+and dwarfs the rest: on the default model's layer 0 (d_mlp 512), "eigenvalue < 1e-2 x max" made 492
+directions "null" holding 8.6% of the energy, and 100 edits cost 41 points of same-relation and 35
+of unrelated recall; an energy fraction of 1e-3 keeps the projection to directions the corpus barely
+uses. The L2 weight is relative to the scale of the keys (alpha_factor x the mean eigenvalue of C,
+with the same 100 as MEMIT's mom2_weight): the reference's absolute alpha = 10 is negligible
+against K K^T here (||k||^2 ~ 4e3), so the edit was free to grow in the near-null directions.
+The targets are optimised through the solved edit (`through_edit`, as MEMIT). Measured on the
+default model, 100 edits in one call (efficacy; same-relation / same-subject / unrelated change):
+energy 1e-3, alpha 10: 0.87; -0.31 / -0.14 / -0.38.  energy 0.03, alpha 1000: 0.80; -0.11 / -0.14 / 0.00.
 """
 from __future__ import annotations
 
@@ -29,14 +39,15 @@ from mechedit.specio import to_dict
 @dataclass(frozen=True)
 class AlphaEditParams:
     layer: int | list[int] | str = "auto"  # as MEMIT: list, int, "traced", "all" or "auto" (window ending at the traced layer)
-    null_threshold: float = 1e-2  # eigenvalues below null_threshold * max eigenvalue span the null space
-    alpha: float = 10.0  # the L2 term of the solve, as the reference
+    null_energy: float = 0.03  # the null space: smallest eigen-directions of C holding <= this fraction of trace(C)
+    alpha_factor: float = 100.0  # L2 term alpha = alpha_factor * trace(C) / d_mlp (as MEMIT's mom2_weight on C)
     kp_cache: str = ""  # directory accumulating the keys of earlier batches ("" = no sequential memory)
     n_prefixes: int = 0  # corpus prefixes (out of distribution for a model trained on single sentences)
     prefix_words: int = 5
     kl_weight: float = 1.0  # KL(p_orig || p_edit) on the subjects' other facts (see common.essence_prompts)
     essence: str = "relations"  # "possessive" or "relations"
     per_prompt_keys: bool = True  # one key per (request, prompt) row in the solve instead of the mean key
+    through_edit: bool = True  # one layer: optimise the targets through the solved edit (cross-talk included)
     steps: int = 100
     lr_factor: float = 0.1
     clamp_factor: float = 1.0  # ||delta_i|| <= clamp_factor * ||h_L||
@@ -46,16 +57,18 @@ class AlphaEditParams:
     seed: int = 0
 
     def validate(self) -> None:
-        if not 0 < self.null_threshold < 1 or self.alpha <= 0:
-            raise SpecError("alphaedit: 0 < null_threshold < 1 and alpha > 0")
+        if not 0 < self.null_energy < 1 or self.alpha_factor <= 0:
+            raise SpecError("alphaedit: 0 < null_energy < 1 and alpha_factor > 0")
         if self.steps < 1 or self.lr_factor <= 0 or self.clamp_factor <= 0:
             raise SpecError("alphaedit: steps >= 1, lr_factor > 0, clamp_factor > 0")
 
 
-def null_space_projector(C: torch.Tensor, threshold: float) -> torch.Tensor:
-    """P = U0 U0^T over eigenvectors of C with eigenvalue < threshold * max eigenvalue. [d_mlp, d_mlp]"""
-    evals, evecs = torch.linalg.eigh(C.double())
-    U0 = evecs[:, evals < threshold * evals.max()]
+def null_space_projector(C: torch.Tensor, energy: float) -> torch.Tensor:
+    """P = U0 U0^T over the smallest eigenvectors of C whose eigenvalues sum to <= energy * trace(C). [d_mlp, d_mlp]"""
+    evals, evecs = torch.linalg.eigh(C.double())  # ascending
+    evals = evals.clamp_min(0)
+    keep = torch.cumsum(evals, 0) <= energy * evals.sum()
+    U0 = evecs[:, keep]
     return U0 @ U0.T
 
 
@@ -68,11 +81,13 @@ def alphaedit(bundle, requests: list[EditRequest], p: AlphaEditParams) -> EditRe
     null_dims = {}
 
     def solve(l, R, K):
-        P = null_space_projector(second_moment(bundle, l, p.n_stats), p.null_threshold)
+        C = second_moment(bundle, l, p.n_stats)
+        P = null_space_projector(C, p.null_energy)
+        alpha = p.alpha_factor * float(C.diagonal().sum()) / C.shape[0]
         null_dims[l] = int(round(float(P.trace())))
         Kp = kp.get(f"layer{l}", torch.zeros(K.shape[0], 0, dtype=torch.float64))
         new_keys[f"layer{l}"] = torch.cat([Kp, K], dim=1)
-        A = (Kp @ Kp.T + K @ K.T) @ P + p.alpha * torch.eye(K.shape[0], dtype=torch.float64)
+        A = (Kp @ Kp.T + K @ K.T) @ P + alpha * torch.eye(K.shape[0], dtype=torch.float64)
         return torch.linalg.solve(A.T, (R @ K.T @ P).T).T  # R K^T P A^-1
 
     deltas, info = spread_update(bundle, requests, layers, p, solve)

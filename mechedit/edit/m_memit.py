@@ -43,6 +43,7 @@ class MemitParams:
     kl_weight: float = 1.0  # KL(p_orig || p_edit) on the subjects' other facts (see common.essence_prompts)
     essence: str = "relations"  # "possessive" or "relations"
     per_prompt_keys: bool = True  # one key per (request, prompt) row in the solve instead of the mean key
+    through_edit: bool = True  # one layer: optimise the targets through the solved edit (cross-talk included)
     steps: int = 100
     lr_factor: float = 0.1  # Adam lr = lr_factor * ||h_L|| / sqrt(d_model)
     clamp_factor: float = 1.0  # ||delta_i|| <= clamp_factor * ||h_L|| (MEMIT: 0.75; a small model needs ~||h_L||)
@@ -106,12 +107,24 @@ def spread_update(bundle, requests: list[EditRequest], layers: list[int], p,
     essence = build_batch(bundle, requests, prefixes, essence=True, essence_kind=p.essence) if p.kl_weight > 0 else None
     h0 = _residual_at(model, batch, L, n)  # [n, d_model]
     h_norm = h0.norm(dim=1)
+    per_row = p.per_prompt_keys
+    joint_u = None
+    if p.through_edit and len(layers) == 1:
+        # one layer: the solved edit is linear in the targets, Delta = delta^T U, so the targets can be
+        # optimised through the final edit (keys of layer L do not depend on layer L's own edit)
+        K = (_row_keys(model, batch, L) if per_row else mean_keys(model, batch, L, n)).T  # [d_mlp, N]
+        M = solve(L, torch.eye(K.shape[1], dtype=torch.float64), K)  # [N, d_mlp]: Delta = R M
+        if per_row:
+            G = torch.zeros(K.shape[1], n, dtype=torch.float64)
+            G[torch.arange(K.shape[1]), batch.owner] = 1.0
+            M = G.T @ M  # [n, d_mlp]
+        joint_u = M
     delta, info = optimize_targets(
         model, batch, essence, L, n, clamp=p.clamp_factor * h_norm,
         lr=p.lr_factor * float(h_norm.mean()) / math.sqrt(model.config.hidden_size), steps=p.steps,
-        kl_weight=p.kl_weight, weight_decay=p.weight_decay, ref_norm=h_norm, stop_loss=p.stop_loss)
+        kl_weight=p.kl_weight, weight_decay=p.weight_decay, ref_norm=h_norm, stop_loss=p.stop_loss,
+        joint_u=joint_u)
     # the target is "the residual moved by delta_i" at every prompt (row) of request i
-    per_row = p.per_prompt_keys
     Z = (_residual_at(model, batch, L, None) + delta[batch.owner]) if per_row else h0 + delta  # [rows or n, d_model]
     deltas: dict[str, torch.Tensor] = {}
     applied: list[EditResult] = []
