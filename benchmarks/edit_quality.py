@@ -62,7 +62,8 @@ def batch(bundle, reqs, method, params, card_opts) -> dict:
     res = run_method(bundle, reqs, method, **params)
     card = get_suite("edit").fn(bundle, edited_bundle(bundle, res), reqs, **card_opts)
     return {"method": method, "params": params, "n": len(reqs), "mode": "batch",
-            "seconds": round(time.perf_counter() - t0, 2), **summarize([card])}
+            "seconds": round(time.perf_counter() - t0, 2),
+            "s_per_edit": round((time.perf_counter() - t0) / len(reqs), 3), **summarize([card])}
 
 
 def main() -> None:
