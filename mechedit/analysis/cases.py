@@ -109,8 +109,11 @@ def run_case(case: dict, ctx: dict) -> dict:
     from mechedit.edit.api import EditRequest, run_method
     from mechedit.edit.run import edited_bundle
 
+    from threadpoolctl import threadpool_limits
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    limits = threadpool_limits(limits=1)  # BLAS/OpenMP pools of numpy, scipy and scikit-learn too
     try:
         bundle = _bundle(ctx["checkpoint"])
         rset = ctx["request_sets"][case["requests"]]
@@ -149,4 +152,5 @@ def run_case(case: dict, ctx: dict) -> dict:
         json.dumps(record, allow_nan=False)  # fail here, not half-way through writing, if something is not JSON
         return {"record": record, "timings": timings}
     finally:
+        limits.restore_original_limits()
         torch.set_num_threads(threads)

@@ -56,14 +56,20 @@ def score_answers(model, tokenizer, prompts: list[str], answers: list[str], batc
         ids, mask = pad(seqs[chunk], tokenizer.pad_token_id)
         logits = model(input_ids=ids, attention_mask=mask).logits.float()  # [b, pos, vocab]
         logp = torch.log_softmax(logits, dim=-1)
-        for b, (s, l, k) in enumerate(zip(seqs[chunk], last[chunk], alen[chunk])):
-            pos = torch.arange(l, l + k)
-            tgt = torch.tensor(s[l + 1 : l + 1 + k])
-            lp = logp[b, pos, tgt]
-            correct.append(bool((logp[b, pos].argmax(-1) == tgt).all()))
-            logprob.append(float(lp.sum()))
-            pfirst.append(float(lp[0].exp()))
-            top1.append(int(logp[b, l].argmax()))
+        # every answer token of the chunk at once: (row, position predicting it, the token)
+        rows = torch.tensor([b for b, k in enumerate(alen[chunk]) for _ in range(k)])
+        pos = torch.tensor([l + j for l, k in zip(last[chunk], alen[chunk]) for j in range(k)])
+        tgt = ids[rows, pos + 1]
+        lp = logp[rows, pos, tgt]  # [answer tokens]
+        hit = (logp[rows, pos].argmax(-1) == tgt).float()
+        n = len(alen[chunk])
+        lp_sum = torch.zeros(n).index_add_(0, rows, lp)
+        hits = torch.zeros(n).index_add_(0, rows, hit)
+        first = torch.tensor(last[chunk])
+        correct += (hits == torch.tensor(alen[chunk], dtype=torch.float)).tolist()
+        logprob += lp_sum.tolist()
+        pfirst += logp[torch.arange(n), first, ids[torch.arange(n), first + 1]].exp().tolist()
+        top1 += logp[torch.arange(n), first].argmax(-1).tolist()
     if was_training:
         model.train()
     return AnswerScores(np.array(correct, dtype=bool), np.array(logprob), np.array(pfirst),
