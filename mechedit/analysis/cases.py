@@ -142,7 +142,10 @@ def run_case(case: dict, ctx: dict) -> dict:
                 "drilldown": drilldown(bundle, after, g),
                 "info": jsonable(result.info),
             })
+        import mechedit
+
         record = {
+            "mechedit_version": mechedit.__version__, "spec_hash": ctx.get("spec_hash"),
             "id": case["id"], "method": case["method"], "params": case["params"], "layer": case["layer"],
             "layer_used": layer, "requests": case["requests"], "request_kind": rset["kind"], "mode": rset["mode"],
             "n_requests": len(reqs), "suites": list(suites),

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Callable
 
@@ -21,15 +20,7 @@ from mechedit.analysis.requests import build_request_set
 from mechedit.analysis.spec import AnalysisSpec, load_analysis
 from mechedit.errors import MecheditError
 from mechedit.fileio import read_json, write_json_atomic
-
-
-def git_hash() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+from mechedit.provenance import git_hash
 
 
 def default_cache_dir() -> Path:
@@ -129,7 +120,7 @@ def run_analysis(spec_path: str | Path, run_dir: str | Path, *, executor_name: s
         "mechedit_version": mechedit.__version__, "git": git_hash(), "checkpoint": str(checkpoint),
         "located": located, "traced_layer": traced_layer, "request_sets": request_sets, "cases": cases,
         "suites": list(spec.suites), "forget_suites": list(spec.forget_suites)})
-    ctx = {"checkpoint": str(checkpoint), "traced_layer": traced_layer, "request_sets": request_sets,
+    ctx = {"spec_hash": spec.hash(), "checkpoint": str(checkpoint), "traced_layer": traced_layer, "request_sets": request_sets,
            "suites": list(spec.suites), "forget_suites": list(spec.forget_suites), "suite_options": spec.suite_options}
     todo = [c for c in cases if not (run_dir / f"case_{c['id']}.json").is_file()]
     skipped = len(cases) - len(todo)

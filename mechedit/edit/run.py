@@ -96,6 +96,10 @@ def edit_checkpoint(checkpoint: str | Path, requests: list[EditRequest], method:
         card = get_suite("edit").fn(before, bundle, requests)
         bundle.save(tmp, {"edit": result.to_json()})
         result.save(Path(tmp) / "edit")
+        from mechedit.provenance import stamp
+
+        card["_meta"] = stamp(command="edit", checkpoint=str(checkpoint), method=method, params=params,
+                              requests=[r.__dict__ for r in requests])
         write_json_atomic(Path(tmp) / "scorecard.json", card)
     except BaseException:
         import shutil

@@ -1,22 +1,14 @@
 """A trace run folder: spec.json, trace.json + trace.npz, summary.json, locations.json, figures/."""
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 from mechedit.errors import MecheditError
+from mechedit.provenance import git_hash
 from mechedit.fileio import commit_output_dir, prepare_output_dir, write_json_atomic
 from mechedit.specio import to_dict
 from mechedit.trace.api import TraceConfig, select_facts, trace
 from mechedit.trace.result import TraceResult, rank_locations
-
-
-def _git_hash() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def trace_run(checkpoint: str | Path, out: str | Path, *, facts: list[str] | None = None,
@@ -60,7 +52,7 @@ def trace_run(checkpoint: str | Path, out: str | Path, *, facts: list[str] | Non
     write_json_atomic(tmp / "spec.json", {
         "command": "trace", "checkpoint": str(Path(checkpoint).resolve()), "config": to_dict(config),
         "facts": facts, "relation": relation, "n": n, "all": all_facts, "include_heldout": include_heldout,
-        "mechedit_version": mechedit.__version__, "git": _git_hash()})
+        "mechedit_version": mechedit.__version__, "git": git_hash()})
     path = commit_output_dir(tmp, out)
     return {"out": path, "result": result, "summary": summary,
             "located": {k: v[0] for k, v in located.items()},

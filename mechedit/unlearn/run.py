@@ -7,6 +7,7 @@ from pathlib import Path
 from mechedit.edit.api import EditRequest, get_method, parse_param_value, run_method
 from mechedit.errors import MecheditError
 from mechedit.fileio import commit_output_dir, prepare_output_dir, write_json_atomic
+from mechedit.provenance import stamp
 from mechedit.model.checkpoint import load_checkpoint
 from mechedit.unlearn.targets import parse_forget
 
@@ -37,6 +38,7 @@ def unlearn_checkpoint(checkpoint: str | Path, method: str, forget: list[str], p
         after.save(tmp, {"unlearned": {"method": method, "forget": list(forget), "source": str(checkpoint)}})
         result.save(tmp)
         card = diagnose(before, after, target.requests(), ("forget",))
+        card["_meta"] = stamp(command="unlearn", checkpoint=str(checkpoint), method=method, forget=list(forget))
         write_json_atomic(tmp / "scorecard.json", card)
     except BaseException:
         import shutil
@@ -74,8 +76,8 @@ def diagnose_checkpoints(before_dir: str | Path, after_dir: str | Path, suites: 
         raise MecheditError(f"no requests: {after_dir} has no edit.json; pass --forget")
     tmp = prepare_output_dir(out, force)
     card = diagnose(before, after, requests, suites, **(options or {}))
-    card["_meta"] = {"before": str(before_dir), "after": str(after_dir), "suites": suites,
-                     "requests": [r.__dict__ for r in requests]}
+    card["_meta"] = stamp(command="diagnose", before=str(before_dir), after=str(after_dir), suites=list(suites),
+                          requests=[r.__dict__ for r in requests])
     write_json_atomic(tmp / "scorecard.json", card)
     commit_output_dir(tmp, out)
     return card
