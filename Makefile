@@ -30,10 +30,15 @@ demo: setup
 test: setup chromium
 	$(PY) -m pytest -q
 
+# benchmarks print figures (ratios within one process); they need a trained default model in runs/model
+BENCH_MODEL ?= runs/model
 bench: setup
+	test -f $(BENCH_MODEL)/mechedit.json || $(VENV)/bin/mechedit train -o $(BENCH_MODEL) --force
 	$(PY) benchmarks/train_throughput.py
-	$(PY) benchmarks/trace_speed.py
-	$(PY) benchmarks/edit_speed.py
+	$(PY) benchmarks/trace_speed.py $(BENCH_MODEL)
+	$(PY) benchmarks/edit_speed.py $(BENCH_MODEL)
+	$(PY) benchmarks/edit_quality.py $(BENCH_MODEL)
+	$(PY) benchmarks/unlearn_table.py $(BENCH_MODEL)
 
 clean:
 	rm -rf $(VENV) runs

@@ -18,7 +18,7 @@ from mechedit.trace import locate, select_facts, trace
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("checkpoint", nargs="?", default="/tmp/mechedit-default")
+    ap.add_argument("checkpoint", nargs="?", default="runs/model")
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--noise", type=float, nargs="+", default=[3.0, 5.0, 10.0, 20.0])
     ap.add_argument("--samples", type=int, default=10)

@@ -19,7 +19,7 @@ from mechedit.trace import select_facts, trace
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("checkpoint", nargs="?", default="/tmp/mechedit-default")
+    ap.add_argument("checkpoint", nargs="?", default="runs/model")
     ap.add_argument("--facts", type=int, default=10, help="facts traced by both engines")
     ap.add_argument("--extra", type=int, default=0, help="more facts for the batched engine's throughput alone")
     ap.add_argument("--samples", type=int, default=10)

@@ -48,7 +48,7 @@ def fmt(v) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("checkpoint", nargs="?", default="/tmp/mechedit-default")
+    ap.add_argument("checkpoint", nargs="?", default="runs/model")
     ap.add_argument("--methods", default="ga,gd,npo,dpo,rt,rmu,rome,memit,alphaedit")
     ap.add_argument("--sizes", default="1,10")
     ap.add_argument("--json", default="", help="also write every row (and the sanity figures) to this file")
