@@ -1,7 +1,7 @@
 """Edit quality on a checkpoint: ROME single edits, MEMIT/AlphaEdit 100-edit batches, LoRA single edits
 and the LoRA rank needed for 10 distinct edits. Prints one JSON line per measurement.
 
-    python benchmarks/edit_quality.py /tmp/mechedit-default [--layer N|traced] [--n-single 50] [--n-batch 100]
+    python benchmarks/edit_quality.py runs/model [--layer N|traced] [--n-single 50] [--n-batch 100]
 """
 from __future__ import annotations
 

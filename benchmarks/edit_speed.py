@@ -1,7 +1,7 @@
 """Editing speed: per-edit latency of ROME and the time of a 100-edit MEMIT call, with the share of time
 spent on second-moment statistics, first uncached (computed) then cached (loaded).
 
-    python benchmarks/edit_speed.py /tmp/mechedit-default [--layer 0|traced] [--n-rome 10] [--n-memit 100]
+    python benchmarks/edit_speed.py runs/model [--layer 0|traced] [--n-rome 10] [--n-memit 100]
 
 The layer is resolved once up front ("traced": mechedit.trace.locate_for), so tracing is not timed;
 MEMIT edits [layer] (what its "auto" window is on the 4-layer default).

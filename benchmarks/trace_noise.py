@@ -5,7 +5,7 @@ world may need more noise before the corrupted run forgets the fact. This prints
 p_clean, p_corrupt, the mean TE with its 95% interval, and the located resid/MLP/attn layers
 (mean IE at the last subject token).
 
-    python benchmarks/trace_noise.py /tmp/mechedit-default --n 100 --noise 3 5 10 20
+    python benchmarks/trace_noise.py runs/model --n 100 --noise 3 5 10 20
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Both engines trace the same facts (all three sites, ROME's 10 noise samples) in 
 the script prints each one's facts/second, the speed ratio and the largest difference between
 their results.
 
-    python benchmarks/trace_speed.py /tmp/mechedit-default --facts 10
+    python benchmarks/trace_speed.py runs/model --facts 10
 """
 from __future__ import annotations
 
