@@ -46,6 +46,7 @@ def test_edit_changes_only_named_params_and_restores_exactly(tiny_bundle, method
     res = run_method(tiny_bundle, [_request(tiny_bundle.world)], method, **FAST[method])
     for n, p in model.named_parameters():  # computing an edit leaves the model unchanged
         assert torch.equal(p, before[n]), n
+        assert p.requires_grad, f"{method} left requires_grad off on {n}"  # e.g. a later relearning attack needs it
     assert res.deltas and any(float(d.abs().max()) > 0 for d in res.deltas.values())
     res.apply(model)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}

@@ -239,10 +239,27 @@ def optimize_targets(model, batch: Batch, essence: Batch | None, layer: int, n_r
     else:
         add = lambda d, b: add_at_subject(model, layer, d, b)  # noqa: E731
     model.eval()
-    for p in model.parameters():
+    with frozen_weights(model):
+        return _optimise_delta(model, batch, n_requests, layer, add, essence, kl_weight, steps, lr, clamp,
+                               weight_decay, ref_norm, stop_loss, rank_one_u is not None or joint_u is not None)
+
+
+@contextlib.contextmanager
+def frozen_weights(model):
+    """Turn off requires_grad on every weight for the block, then restore each flag as it was."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
         p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _optimise_delta(model, batch, n_requests, layer, add, essence, kl_weight, steps, lr, clamp, weight_decay,
+                    ref_norm, stop_loss, exact):
     d_model = model.config.hidden_size
-    exact = rank_one_u is not None or joint_u is not None
     delta = torch.zeros(n_requests, d_model, dtype=torch.float64 if exact else torch.float32,
                         requires_grad=True)
     opt = torch.optim.Adam([delta], lr=lr)
