@@ -29,7 +29,7 @@ def generate_world(spec: WorldSpec) -> World:
     pool_size = max(int(n_words.max()), math.ceil(int(n_words.sum()) / spec.word_reuse))
     pool = gen.words(pool_size)
     names: list[str] = []
-    seen: set[tuple[str, ...]] = set(((w,) for w in []))
+    seen: set[tuple[str, ...]] = set()
     for k in n_words:
         for _ in range(200):
             combo = tuple(pool[int(i)] for i in rng.choice(pool_size, size=int(k), replace=False))
