@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mechedit.diagnose.strict import strict_json
+
 _BUNDLES: dict[str, Any] = {}  # per-process cache: checkpoint path -> Bundle
 
 
@@ -26,21 +28,18 @@ def _bundle(path: str):
 
 
 def jsonable(obj: Any) -> Any:
-    """Plain JSON data from method info (tensors and arrays become lists, NaN becomes None)."""
+    """Plain strict JSON data from method info: small tensors and arrays become lists, larger ones a
+    shape string, NaN becomes None (`strict_json`), anything else its str()."""
+    if isinstance(obj, torch.Tensor):
+        obj = obj.detach().cpu().numpy()
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist()) if obj.size <= 64 else f"array{list(obj.shape)}"
     if isinstance(obj, dict):
         return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return jsonable(obj.detach().cpu().tolist()) if obj.numel() <= 64 else f"tensor{list(obj.shape)}"
-    if isinstance(obj, np.ndarray):
-        return jsonable(obj.tolist()) if obj.size <= 64 else f"array{list(obj.shape)}"
-    if isinstance(obj, (np.floating, float)):
-        return None if not math.isfinite(float(obj)) else float(obj)
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if obj is None or isinstance(obj, (bool, int, str)):
-        return obj
+    if obj is None or isinstance(obj, (bool, int, float, str, np.generic)):
+        return strict_json(obj)
     return str(obj)
 
 

@@ -9,6 +9,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from mechedit.plotting import save_figure  # noqa: E402
+
 
 def training_curve(curve: list[dict], path: Path) -> Path | None:
     if not curve:
@@ -27,10 +29,7 @@ def training_curve(curve: list[dict], path: Path) -> Path | None:
     lines2 = ax2.get_legend_handles_labels()
     ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="center right", fontsize=8)
     ax.set_title("Training curve")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def scores_vs_layer(layers: list[int], series: dict[str, list[float]], ie: list[float] | None, path: Path,
@@ -52,10 +51,7 @@ def scores_vs_layer(layers: list[int], series: dict[str, list[float]], ie: list[
     else:
         ax.legend(fontsize=7)
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def line_plot(x: list, series: dict[str, list[float]], path: Path, *, xlabel: str, ylabel: str, title: str,
@@ -70,10 +66,7 @@ def line_plot(x: list, series: dict[str, list[float]], path: Path, *, xlabel: st
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def bar_plot(labels: list[str], series: dict[str, list[float]], path: Path, *, ylabel: str, title: str) -> Path:
@@ -89,7 +82,4 @@ def bar_plot(labels: list[str], series: dict[str, list[float]], path: Path, *, y
     ax.set_xlabel("adversarial family")
     ax.set_title(title)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

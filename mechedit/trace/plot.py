@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from mechedit.plotting import save_figure  # noqa: E402
 from mechedit.trace.result import CATEGORIES, CATEGORY_LABELS, TraceResult, mean_ci  # noqa: E402
 
 PANEL = {"resid": ("single restored layer (state)", "Purples"), "mlp": ("restored MLP window", "Greens"),
@@ -44,11 +45,7 @@ def plot_fact(result: TraceResult, row: int, path: str | Path) -> Path:
         ax.tick_params(axis="y", rotation=0)
     fig.suptitle(f"{d['prompt']} -> {d['object']}  (p clean {result.p_clean[row]:.3f}, corrupted "
                  f"{result.p_corrupt[row]:.3f})", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_average(result: TraceResult, path: str | Path, rows: np.ndarray | None = None, title: str = "") -> Path:
@@ -68,8 +65,4 @@ def plot_average(result: TraceResult, path: str | Path, rows: np.ndarray | None 
     te = result.total_effect[rows]
     fig.suptitle(f"{title or 'average'} over {len(rows)} facts: mean TE {np.mean(te):.3f}, noise nu "
                  f"{result.noise_scale:.3g}", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
