@@ -25,7 +25,7 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-FAST = {"rome": {"layer": 0, "steps": 10, "n_prefixes": 3},
+FAST = {"rome": {"layer": 0, "steps": 10, "n_prefixes": 3, "restarts": 0},
         "memit": {"layer": [0], "steps": 10, "n_prefixes": 3},
         "alphaedit": {"layer": [0], "steps": 10, "n_prefixes": 3},
         "finetune": {"layer": [1], "steps": 5},
@@ -153,6 +153,17 @@ def test_rome_edit_takes_on_tiny_model(tiny_bundle):
     # a 2-layer d_model 32 model is a hard case for one rank-one update; demand that it clearly moved
     assert card["efficacy"]["after"]["agg_value"] >= 0.5
     assert card["prob_new_gt_old"]["after"]["agg_value"] > card["prob_new_gt_old"]["before"]["agg_value"]
+
+
+def test_rome_restarts_keep_the_best_search(tiny_bundle):
+    req = _request(tiny_bundle.world, 2)
+    base = dict(layer=0, steps=8, n_prefixes=0)
+    plain = run_method(tiny_bundle, [req], "rome", restarts=0, **base).info["per_request"][0]
+    # restart_nll 0: every restart runs; the kept search is never worse than the one from zero
+    again = [run_method(tiny_bundle, [req], "rome", restarts=3, restart_nll=0.0, **base) for _ in range(2)]
+    best = again[0].info["per_request"][0]
+    assert best["nll_last"] <= plain["nll_last"]
+    assert all(torch.equal(again[0].deltas[k], again[1].deltas[k]) for k in again[0].deltas)  # seeded
 
 
 def test_sequential_edits_restore(tiny_bundle):

@@ -221,7 +221,8 @@ def optimize_targets(model, batch: Batch, essence: Batch | None, layer: int, n_r
                      clamp: torch.Tensor, lr: float, steps: int, kl_weight: float, weight_decay: float,
                      ref_norm: torch.Tensor, stop_loss: float = 0.05,
                      rank_one_u: torch.Tensor | None = None,
-                     joint_u: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                     joint_u: torch.Tensor | None = None,
+                     init: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """delta [n_requests, d_model] added at the subject token of `layer` so the new objects are predicted.
 
     Loss (ROME/MEMIT compute_v): mean NLL(new object) over prefixes + kl_weight * KL(p_orig || p_edit)
@@ -241,7 +242,8 @@ def optimize_targets(model, batch: Batch, essence: Batch | None, layer: int, n_r
     model.eval()
     with frozen_weights(model):
         return _optimise_delta(model, batch, n_requests, layer, add, essence, kl_weight, steps, lr, clamp,
-                               weight_decay, ref_norm, stop_loss, rank_one_u is not None or joint_u is not None)
+                               weight_decay, ref_norm, stop_loss, rank_one_u is not None or joint_u is not None,
+                               init)
 
 
 @contextlib.contextmanager
@@ -258,10 +260,11 @@ def frozen_weights(model):
 
 
 def _optimise_delta(model, batch, n_requests, layer, add, essence, kl_weight, steps, lr, clamp, weight_decay,
-                    ref_norm, stop_loss, exact):
+                    ref_norm, stop_loss, exact, init=None):
     d_model = model.config.hidden_size
-    delta = torch.zeros(n_requests, d_model, dtype=torch.float64 if exact else torch.float32,
-                        requires_grad=True)
+    dtype = torch.float64 if exact else torch.float32
+    delta = torch.zeros(n_requests, d_model, dtype=dtype) if init is None else init.detach().to(dtype).clone()
+    delta.requires_grad_(True)
     opt = torch.optim.Adam([delta], lr=lr)
     rows = torch.arange(len(batch.last))
     p_orig = None

@@ -26,6 +26,13 @@ Where we deliberately differ from the reference (GPT-2 XL hyper-parameters):
   lost 30-70% of the subject's other facts;
 - the clamp is 2 ||h_l|| and up to 100 steps (1 ||h_l||, 40 steps: 0.85 efficacy on 50 single edits,
   0.93 after; same 50 requests, same-relation change stays ~0.2 points);
+- restarts: v* is a non-convex search (the delta acts through LayerNorms and attention), and from
+  delta = 0 some edits stop in a poor local minimum far inside the clamp (NLL 1-7 with ||delta|| at
+  60-80% of it). When the prompts' mean NLL is still above `restart_nll`, the search is rerun from
+  up to `restarts` seeded random starts of norm ||h_l|| and the best result is kept (only failing
+  edits pay for it). 50 single edits, requests seed 1: efficacy 0.927 -> 0.967, same-subject
+  change -7.3 pt either way; seed 5: 0.873 -> 0.913 -- the rest fail even with no KL and a clamp of
+  4 ||h_l|| (those facts are read from the subject's other tokens; see below);
 - several requests in one call are applied one after the other (each computed on the model with
   the earlier ones applied), like the reference's sequential loop; the result holds the sum.
 
@@ -74,6 +81,9 @@ class RomeParams:
     ridge: float = 1e-4  # C + ridge * mean(diag C) * I, so C^-1 exists with dead units
     through_edit: bool = True  # optimise delta through the rank-one edit (delta * u.k at every position)
     essence: str = "relations"  # KL prompts: "possessive" ("{s} 's") or "relations" (+ the subject's other facts)
+    restarts: int = 4  # v* is a non-convex search: when it ends above restart_nll, retry from random starts
+    restart_nll: float = 0.5  # mean NLL of the new object that counts as not reached (top-1 needs ~< 0.69)
+    restart_scale: float = 1.0  # norm of a random start, in units of ||h_l||
     seed: int = 0
 
     def validate(self) -> None:
@@ -83,6 +93,8 @@ class RomeParams:
             raise SpecError("rome: lr_factor and clamp_factor must be > 0; kl_weight, weight_decay >= 0")
         if self.ridge < 0:
             raise SpecError("rome: ridge must be >= 0")
+        if self.restarts < 0 or self.restart_nll < 0 or self.restart_scale <= 0:
+            raise SpecError("rome: restarts >= 0, restart_nll >= 0, restart_scale > 0")
         if self.essence not in ("possessive", "relations"):
             raise SpecError(f"rome: essence must be 'possessive' or 'relations', got {self.essence!r}")
 
@@ -113,10 +125,19 @@ def _one(bundle, req: EditRequest, layer: int, p: RomeParams, C_inv: torch.Tenso
     if p.through_edit:
         c_k = C_inv @ k_star
         u = (c_k / (k_star @ c_k)).unsqueeze(0)  # [1, d_mlp]
-    delta, info = optimize_targets(
-        model, batch, essence, layer, 1, clamp=torch.tensor([p.clamp_factor * h_norm]),
-        lr=p.lr_factor * h_norm / math.sqrt(model.config.hidden_size), steps=p.steps, kl_weight=p.kl_weight,
-        weight_decay=p.weight_decay, ref_norm=torch.tensor([h_norm]), stop_loss=p.stop_loss, rank_one_u=u)
+    opts = dict(clamp=torch.tensor([p.clamp_factor * h_norm]),
+                lr=p.lr_factor * h_norm / math.sqrt(model.config.hidden_size), steps=p.steps,
+                weight_decay=p.weight_decay, ref_norm=torch.tensor([h_norm]), stop_loss=p.stop_loss, rank_one_u=u)
+    delta, info = optimize_targets(model, batch, essence, layer, 1, kl_weight=p.kl_weight, **opts)
+    gen = torch.Generator().manual_seed(p.seed)
+    for r in range(p.restarts):
+        if info["nll_last"] < p.restart_nll:
+            break
+        init = torch.randn(1, delta.shape[1], generator=gen, dtype=torch.float64)
+        init *= p.restart_scale * h_norm / init.norm()
+        d2, i2 = optimize_targets(model, batch, essence, layer, 1, kl_weight=p.kl_weight, init=init, **opts)
+        if i2["nll_last"] < info["nll_last"]:
+            delta, info = d2, {**i2, "restart": r + 1}
     v_star = W.double() @ k_star + delta[0]
     dW = rank_one_update(W, k_star, v_star, C_inv)
     info.update(h_norm=h_norm, delta_norm=float(delta[0].norm()), clamp=p.clamp_factor * h_norm)
