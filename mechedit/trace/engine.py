@@ -123,7 +123,7 @@ class EngineOutput:
     p_restored: dict[str, np.ndarray]  # kind -> [F, L, T, S] (NaN beyond a fact's tokens)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def clean_run(bridge, facts: list[PreparedFact], pad_id: int, sites: tuple[str, ...], n_layers: int):
     """Clean probabilities, top-1 ids and caches {site: [F, L, T, d]} for all facts in one batch."""
     ids = _pad_ids(facts, pad_id)
@@ -199,7 +199,7 @@ class _Captured(Exception):
 
 # rows restoring different tokens share a forward over the tokens from the smallest of them on
 # (tokens between it and a row's own token just recompute corrupted values) once a chunk has this many
-SUFFIX_MIN_ROWS = 256
+SUFFIX_MIN_ROWS = 512
 
 
 class _KV:
@@ -241,7 +241,7 @@ def _forward_from(bridge, x: torch.Tensor, start: int, n_layers: int, kw: dict, 
     return bridge.unembed(x)[:, 0]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def run_batched(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], noise_scale: float, samples: int,
                 window: int, seed: int, n_layers: int, d_model: int, pad_id: int, batch_size: int = 4096,
                 progress: Callable[[int, int], None] | None = None) -> EngineOutput:
@@ -297,26 +297,25 @@ def run_batched(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], no
             return x
         return fn
 
-    def store_pre(j):
-        def fn(x, hook):
-            pre[j] = x.detach().clone()
-            return x
-        return fn
-
+    # one pass over the blocks: the stream entering each block, the mlp / attn outputs and the
+    # corrupted run's keys and values at every block ({j: [F, S, heads, T, d_head] x 2})
+    kw_memo: dict = {}
+    kw_T = _block_kwargs(bridge, T, kw_memo)
+    rec = _KV()
     hooks = [(EMBED_HOOK, add_noise)] + [(hook_name(s, l), store(s, l)) for s in kept_sites for l in range(L)]
-    hooks += [(f"blocks.{j}.hook_resid_pre", store_pre(j)) for j in range(L)]
-    hooks += [(f"blocks.{L - 1}.hook_resid_post", store_pre(L))]
     with bridge.hooks(fwd_hooks=hooks):
-        logits = bridge(ids_all[fr])
-    p_corrupt = _answer_probs(logits, last_all[fr], ans_all[fr]).reshape(F, S).numpy().astype(np.float64)
+        x = bridge.embed(ids_all[fr])
+        for j in range(L):
+            pre[j] = x
+            x = bridge.blocks[j](x, **dict(kw_T, layer_past=rec))
+            if isinstance(x, tuple):
+                x = x[0]
+        pre[L] = x
+        rows_fs = torch.arange(F * S)
+        logits = bridge.unembed(bridge.ln_final(x[rows_fs, last_all[fr]][:, None]))[:, 0]  # [F*S, V]
+    p_corrupt = torch.softmax(logits.float(), -1)[rows_fs, ans_all[fr]].reshape(F, S).numpy().astype(np.float64)
     corrupt_c = {s: torch.stack(corrupt[s], dim=1).reshape(F, S, L, T, d_model) for s in kept_sites}
     resid_in = torch.stack(pre, dim=1).reshape(F, S, L + 1, T, d_model)  # [F, S, L+1, T, d]
-    # the corrupted run's keys and values at every block ({j: [F, S, heads, T, d_head] x 2})
-    kw_memo: dict = {}
-    rec = _KV()
-    kw_T = _block_kwargs(bridge, T, kw_memo)
-    for j in range(L):
-        bridge.blocks[j](resid_in[:, :, j].reshape(F * S, T, d_model), **dict(kw_T, layer_past=rec))
     past_kv = {j: tuple(z.reshape(F, S, *z.shape[1:]) for z in rec.kept[j]) for j in range(L)}
 
     out = {k: np.full((F, L, T, S), np.nan) for k in kinds}
@@ -376,21 +375,33 @@ def run_batched(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], no
                 x[rows, zero[rows]] = mlp + attn + resid_in[fr_, sr_, j, tr_]  # HF's order: mlp + attn + input
             rsite = torch.from_numpy(kind_restore[chunk[:, 1]])
             ssite = torch.from_numpy(kind_sever[chunk[:, 1]])
-            hooks = []
+            # the last block's MLP runs at the last position only (LN and MLP act per position and
+            # nothing after that block reads another position); its hook_mlp_out is then [B, 1, d]
+            last_only = start_block < L and _LAST_MLP_ONLY
+            hooks = [(f"blocks.{L - 1}.ln2.hook_in", _last_position)] if last_only else []
+
+            def where(site, j, sel):  # rows and positions of a setter at block j's `site` output
+                if last_only and site == "mlp" and j == L - 1:  # other tokens cannot reach the answer
+                    sel = sel & (t_ == Tc - 1)
+                    rows = torch.nonzero(sel).flatten()
+                    return rows, torch.zeros_like(rows)
+                rows = torch.nonzero(sel).flatten()
+                return rows, zero[rows]
+
             for si, site in enumerate(restore_sites):
                 if site == "resid":
                     continue
                 for j in range(start_block, L):
-                    rows = torch.nonzero((rsite == si) & (lo <= j) & (j < hi)).flatten()
+                    rows, pos = where(site, j, (rsite == si) & (lo <= j) & (j < hi))
                     if len(rows):
                         src = clean[site][f_[rows], j, t_[rows]]  # [r, d]
-                        hooks.append((hook_name(site, j), _setter(rows, zero[rows], src)))
+                        hooks.append((hook_name(site, j), _setter(rows, pos, src)))
             for si, site in enumerate(sever_sites):
                 for j in range(start_block, L):
-                    rows = torch.nonzero((ssite == si) & (l_ < j)).flatten()
+                    rows, pos = where(site, j, (ssite == si) & (l_ < j))
                     if len(rows):
                         src = corrupt_c[site][f_[rows], s_[rows], j, t_[rows]]  # [r, d]
-                        hooks.append((hook_name(site, j), _setter(rows, zero[rows], src)))
+                        hooks.append((hook_name(site, j), _setter(rows, pos, src)))
             with bridge.hooks(fwd_hooks=hooks):
                 past = {j: (k[f_, s_, :, :t0], v[f_, s_, :, :t0]) for j, (k, v) in past_kv.items() if j >= start_block}
                 logits = _forward_from(bridge, x, start_block, L, _suffix_kw(kw, t0, _KV(past)), Tc - 1 - t0)  # [B, V]
@@ -404,6 +415,16 @@ def run_batched(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], no
     return EngineOutput(p_clean, top1, p_corrupt, out)
 
 
+_LAST_MLP_ONLY = True  # module switch, so a benchmark can time the engine without it
+
+
+def _last_position(x, hook):
+    """Keep only the last position of the last block's MLP input; the block's residual sum then
+    broadcasts, so its output is exact at the last position (the only one unembedded) and
+    meaningless elsewhere."""
+    return x[:, -1:]
+
+
 def _setter(rows: torch.Tensor, pos: torch.Tensor, src: torch.Tensor):
     """A hook that sets x[rows[i], pos[i]] = src[i] (several hooks on one name compose in order)."""
     def fn(x, hook):  # x [B, T, d]; in place: the activation is this forward's own tensor
@@ -412,7 +433,7 @@ def _setter(rows: torch.Tensor, pos: torch.Tensor, src: torch.Tensor):
     return fn
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def run_reference(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], noise_scale: float, samples: int,
                   window: int, seed: int, n_layers: int, d_model: int, pad_id: int, **_) -> EngineOutput:
     """The plain loop: one forward of `samples` rows per (fact, kind, layer, token), as ROME's code does."""
