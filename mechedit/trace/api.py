@@ -140,7 +140,8 @@ def trace(bundle, facts: Iterable[str | int | Fact] | None = None, config: Trace
     bridge = bridge if bridge is not None else bundle.bridge()
 
     # keep facts the model knows (clean top-1 = the object's first token)
-    p_clean, top1, _ = E.clean_run(bridge, prepared, tok.pad_token_id, ("resid",), n_layers)
+    restored = tuple(dict.fromkeys(E.kind_site(k)[0] for k in config.kinds))
+    p_clean, top1, cache = E.clean_run(bridge, prepared, tok.pad_token_id, restored, n_layers)
     known = [i for i, p in enumerate(prepared) if int(top1[i]) == p.answer_id]
     skipped = [{"index": chosen[i].index, "subject": world.subject_of(chosen[i]).name,
                 "relation": chosen[i].relation, "object": chosen[i].object,
@@ -152,10 +153,13 @@ def trace(bundle, facts: Iterable[str | int | Fact] | None = None, config: Trace
                            {k: np.zeros((0, n_layers, 0)) for k in config.kinds}, skipped)
     prepared = [prepared[i] for i in known]
     batch = config.batch_size or E.auto_batch_size(model.config, max(p.n_tokens for p in prepared), config.memory_mb)
-    run = E.run_batched if config.engine == "batched" else E.run_reference
-    out = run(bridge, prepared, kinds=config.kinds, noise_scale=nu, samples=config.samples, window=window,
-              seed=config.seed, n_layers=n_layers, d_model=d_model, pad_id=tok.pad_token_id,
-              batch_size=batch, progress=progress)
+    kw = dict(kinds=config.kinds, noise_scale=nu, samples=config.samples, window=window, seed=config.seed,
+              n_layers=n_layers, d_model=d_model, pad_id=tok.pad_token_id, batch_size=batch, progress=progress)
+    if config.engine == "batched":  # the clean run above serves the engine too (padding does not reach earlier tokens)
+        clean = (p_clean[known], top1[known], {s: c[known] for s, c in cache.items()})
+        out = E.run_batched(bridge, prepared, clean=clean, **kw)
+    else:
+        out = E.run_reference(bridge, prepared, **kw)
     labels = []
     for p in prepared:
         f = world.facts[p.index]

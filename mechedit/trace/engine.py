@@ -157,8 +157,8 @@ def _row_plan(facts: list[PreparedFact], kinds: tuple[str, ...], n_layers: int, 
         k, l, t, s = np.meshgrid(np.arange(len(kinds)), np.arange(n_layers), np.arange(f.n_tokens),
                                  np.arange(samples), indexing="ij")
         rows = np.stack([np.full(k.size, fi), k.ravel(), l.ravel(), t.ravel(), s.ravel()], axis=1)
-        lo = np.array([window_bounds(int(x), window, n_layers)[0] if kind_site(kinds[int(ki)])[0] != "resid"
-                       else int(x) for ki, x in zip(rows[:, 1], rows[:, 2])])
+        resid = np.array([kind_site(k)[0] == "resid" for k in kinds])[rows[:, 1]]
+        lo = np.where(resid, rows[:, 2], np.maximum(0, rows[:, 2] - window // 2))  # = window_bounds(...)[0]
         trivial = (rows[:, 3] < f.subject[0]) | ((lo == n_layers - 1) & (rows[:, 3] < f.n_tokens - 1))
         run.append(rows[~trivial])
         same.append(rows[trivial])
@@ -244,7 +244,7 @@ def _forward_from(bridge, x: torch.Tensor, start: int, n_layers: int, kw: dict, 
 @torch.inference_mode()
 def run_batched(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], noise_scale: float, samples: int,
                 window: int, seed: int, n_layers: int, d_model: int, pad_id: int, batch_size: int = 4096,
-                progress: Callable[[int, int], None] | None = None) -> EngineOutput:
+                progress: Callable[[int, int], None] | None = None, clean: tuple | None = None) -> EngineOutput:
     """All restorations of all `facts` in batches of `batch_size` rows (see the module docstring).
 
     Prefix sharing: every block below the first one a restoration touches computes exactly what the
@@ -260,7 +260,8 @@ def run_batched(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], no
     so a chunk of rows runs only tokens t0.. (t0 its smallest restored token), attending to the
     corrupted run's cached keys and values of tokens < t0 (passed as the blocks' KV cache).
 
-    Rows are grouped by (start block,
+    `clean`: the output of `clean_run` on these facts with the restored sites, when the caller
+    already has it. Rows are grouped by (start block,
     prompt length), so batches need no padding, and only the last position is unembedded.
     """
     F, S, L = len(facts), samples, n_layers
@@ -271,7 +272,9 @@ def run_batched(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], no
     parallel = bool(getattr(bridge.cfg, "parallel_attn_mlp", False))
     compose = parallel and any(s != "resid" for s in restore_sites)
     kept_sites = tuple(dict.fromkeys(sever_sites + (SEVERABLE if compose else ())))
-    p_clean, top1, clean = clean_run(bridge, facts, pad_id, restore_sites, L)
+    if clean is None or not set(restore_sites) <= set(clean[2]):  # `clean`: clean_run's output for `facts`
+        clean = clean_run(bridge, facts, pad_id, restore_sites, L)
+    p_clean, top1, clean = clean
     T = max(f.n_tokens for f in facts)
     ids_all = _pad_ids(facts, pad_id)  # [F, T]
     noise = torch.zeros(F, S, T, d_model)  # [F, S, T, d], zero outside the subject
