@@ -20,7 +20,7 @@ Where we differ: the window defaults to round(10/48 x n_layers) (>= 1) rather th
 ROME's window of 10 of GPT-2 XL's 48 layers would cover a whole small model.
 
 `run_batched` puts every (kind, layer, token, sample) row of many facts into batches of at most
-`batch_size` rows of equal prompt length, with hooks that index the batch dimension, and runs each
+`batch_size` rows (prompts of different lengths right-padded), with hooks that index the batch dimension, and runs each
 row only from its first affected block and token (see its docstring). `run_reference` is the plain
 one-cell-at-a-time loop (one forward of `samples` rows per fact, kind, layer and token) that the
 tests compare against.
@@ -229,15 +229,15 @@ def _suffix_kw(kw: dict, t: int, cache: _KV) -> dict:
     return out
 
 
-def _forward_from(bridge, x: torch.Tensor, start: int, n_layers: int, kw: dict, last: int) -> torch.Tensor:
+def _forward_from(bridge, x: torch.Tensor, start: int, n_layers: int, kw: dict, last: torch.Tensor) -> torch.Tensor:
     """Run blocks start..L-1 of the bridge on the residual stream `x` [B, T, d] entering block
     `start` (their hook points fire as in a full forward), then the final norm and unembedding at
-    position `last` only: logits [B, V]."""
+    each row's position `last` [B] only: logits [B, V]."""
     for j in range(start, n_layers):
         x = bridge.blocks[j](x, **kw)
         if isinstance(x, tuple):
             x = x[0]
-    x = bridge.ln_final(x[:, last : last + 1])
+    x = bridge.ln_final(x[torch.arange(x.shape[0]), last][:, None])
     return bridge.unembed(x)[:, 0]
 
 
@@ -261,8 +261,9 @@ def run_batched(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], no
     corrupted run's cached keys and values of tokens < t0 (passed as the blocks' KV cache).
 
     `clean`: the output of `clean_run` on these facts with the restored sites, when the caller
-    already has it. Rows are grouped by (start block,
-    prompt length), so batches need no padding, and only the last position is unembedded.
+    already has it. Rows are grouped by start block; prompts of different lengths share a batch
+    (the shorter ones right-padded, which no earlier token can see), and only each row's answer
+    position is unembedded.
     """
     F, S, L = len(facts), samples, n_layers
     restore_sites = tuple(dict.fromkeys(kind_site(k)[0] for k in kinds))
@@ -336,9 +337,9 @@ def run_batched(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], no
     lo_all = np.where(is_resid, plan[:, 2] + 1, lo_w + 1 if compose else lo_w)
     hi_all = np.where(is_resid, plan[:, 2] + 1, hi_w)
     n_tok = np.array([f.n_tokens for f in facts])[plan[:, 0]]
-    order = np.lexsort((np.arange(len(plan)), plan[:, 3], n_tok, lo_all))
+    order = np.lexsort((np.arange(len(plan)), plan[:, 3], lo_all))
     plan, is_resid, lo_all, hi_all, n_tok = plan[order], is_resid[order], lo_all[order], hi_all[order], n_tok[order]
-    groups = np.flatnonzero(np.diff(lo_all) | np.diff(n_tok)) + 1
+    groups = np.flatnonzero(np.diff(lo_all)) + 1
     bounds = [0, *groups.tolist(), len(plan)]
     chunks = []  # (group start, chunk start, chunk end): within a group, rows sorted by token
     for g0, g1 in zip(bounds[:-1], bounds[1:]):
@@ -353,7 +354,7 @@ def run_batched(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], no
                     c0 = b
     done = 0
     for g0, c0, c1 in chunks:
-        start_block, Tc, t0 = int(lo_all[g0]), int(n_tok[g0]), int(plan[c0, 3])
+        start_block, Tc, t0 = int(lo_all[g0]), int(n_tok[c0:c1].max()), int(plan[c0, 3])
         kw = _block_kwargs(bridge, Tc, kw_memo)
         if True:
             chunk = plan[c0:c1]
@@ -362,6 +363,7 @@ def run_batched(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], no
             hi = torch.from_numpy(hi_all[c0:c1])
             x = resid_in[f_, s_, start_block, t0:Tc].clone()  # [B, Tc - t0, d]: tokens t0..
             zero = t_ - t0  # token t of a row is position t - t0 of the suffix
+            last = torch.from_numpy(n_tok[c0:c1]) - 1 - t0  # each row's answer position (shorter prompts: padded)
             res = torch.from_numpy(is_resid[c0:c1])
             if bool(res.any()):  # resid at l = the input of block l+1, set at token t
                 rows = torch.nonzero(res).flatten()
@@ -381,11 +383,11 @@ def run_batched(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], no
             # the last block's MLP runs at the last position only (LN and MLP act per position and
             # nothing after that block reads another position); its hook_mlp_out is then [B, 1, d]
             last_only = start_block < L and _LAST_MLP_ONLY
-            hooks = [(f"blocks.{L - 1}.ln2.hook_in", _last_position)] if last_only else []
+            hooks = [(f"blocks.{L - 1}.ln2.hook_in", _at_positions(last))] if last_only else []
 
             def where(site, j, sel):  # rows and positions of a setter at block j's `site` output
                 if last_only and site == "mlp" and j == L - 1:  # other tokens cannot reach the answer
-                    sel = sel & (t_ == Tc - 1)
+                    sel = sel & (zero == last)
                     rows = torch.nonzero(sel).flatten()
                     return rows, torch.zeros_like(rows)
                 rows = torch.nonzero(sel).flatten()
@@ -407,7 +409,7 @@ def run_batched(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], no
                         hooks.append((hook_name(site, j), _setter(rows, pos, src)))
             with bridge.hooks(fwd_hooks=hooks):
                 past = {j: (k[f_, s_, :, :t0], v[f_, s_, :, :t0]) for j, (k, v) in past_kv.items() if j >= start_block}
-                logits = _forward_from(bridge, x, start_block, L, _suffix_kw(kw, t0, _KV(past)), Tc - 1 - t0)  # [B, V]
+                logits = _forward_from(bridge, x, start_block, L, _suffix_kw(kw, t0, _KV(past)), last)  # [B, V]
             p = torch.softmax(logits.float(), dim=-1)[torch.arange(len(chunk)), ans_all[f_]].numpy()
             for ki, k in enumerate(kinds):
                 m = chunk[:, 1] == ki
@@ -421,11 +423,15 @@ def run_batched(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], no
 _LAST_MLP_ONLY = True  # module switch, so a benchmark can time the engine without it
 
 
-def _last_position(x, hook):
-    """Keep only the last position of the last block's MLP input; the block's residual sum then
-    broadcasts, so its output is exact at the last position (the only one unembedded) and
-    meaningless elsewhere."""
-    return x[:, -1:]
+def _at_positions(pos: torch.Tensor):
+    """A hook keeping only position pos[i] of row i of the last block's MLP input ([B, 1, d]); the
+    block's residual sum then broadcasts, so its output is exact at each row's answer position (the
+    only one unembedded) and meaningless elsewhere."""
+    rows = torch.arange(len(pos))
+
+    def fn(x, hook):
+        return x[rows, pos][:, None]
+    return fn
 
 
 def _setter(rows: torch.Tensor, pos: torch.Tensor, src: torch.Tensor):
