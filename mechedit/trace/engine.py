@@ -20,8 +20,8 @@ Where we differ: the window defaults to round(10/48 x n_layers) (>= 1) rather th
 ROME's window of 10 of GPT-2 XL's 48 layers would cover a whole small model.
 
 `run_batched` puts every (kind, layer, token, sample) row of many facts into batches of at most
-`batch_size` rows (prompts of different lengths right-padded), with hooks that index the batch dimension, and runs each
-row only from its first affected block and token (see its docstring). `run_reference` is the plain
+`batch_size` rows (prompts of different lengths right-padded), with hooks that index the batch
+dimension, and runs each row only from its first affected block and token (see its docstring). `run_reference` is the plain
 one-cell-at-a-time loop (one forward of `samples` rows per fact, kind, layer and token) that the
 tests compare against.
 """
