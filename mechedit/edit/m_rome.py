@@ -127,15 +127,16 @@ def _one(bundle, req: EditRequest, layer: int, p: RomeParams, C_inv: torch.Tenso
         u = (c_k / (k_star @ c_k)).unsqueeze(0)  # [1, d_mlp]
     opts = dict(clamp=torch.tensor([p.clamp_factor * h_norm]),
                 lr=p.lr_factor * h_norm / math.sqrt(model.config.hidden_size), steps=p.steps,
-                weight_decay=p.weight_decay, ref_norm=torch.tensor([h_norm]), stop_loss=p.stop_loss, rank_one_u=u)
-    delta, info = optimize_targets(model, batch, essence, layer, 1, kl_weight=p.kl_weight, **opts)
+                kl_weight=p.kl_weight, weight_decay=p.weight_decay, ref_norm=torch.tensor([h_norm]),
+                stop_loss=p.stop_loss, rank_one_u=u)
+    delta, info = optimize_targets(model, batch, essence, layer, 1, **opts)
     gen = torch.Generator().manual_seed(p.seed)
     for r in range(p.restarts):
         if info["nll_last"] < p.restart_nll:
             break
         init = torch.randn(1, delta.shape[1], generator=gen, dtype=torch.float64)
         init *= p.restart_scale * h_norm / init.norm()
-        d2, i2 = optimize_targets(model, batch, essence, layer, 1, kl_weight=p.kl_weight, init=init, **opts)
+        d2, i2 = optimize_targets(model, batch, essence, layer, 1, init=init, **opts)
         if i2["nll_last"] < info["nll_last"]:
             delta, info = d2, {**i2, "restart": r + 1}
     v_star = W.double() @ k_star + delta[0]

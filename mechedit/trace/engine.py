@@ -21,9 +21,9 @@ ROME's window of 10 of GPT-2 XL's 48 layers would cover a whole small model.
 
 `run_batched` puts every (kind, layer, token, sample) row of many facts into batches of at most
 `batch_size` rows (prompts of different lengths right-padded), with hooks that index the batch
-dimension, and runs each row only from its first affected block and token (see its docstring). `run_reference` is the plain
-one-cell-at-a-time loop (one forward of `samples` rows per fact, kind, layer and token) that the
-tests compare against.
+dimension, and runs each row only from its first affected block and token (see its docstring).
+`run_reference` is the plain one-cell-at-a-time loop (one forward of `samples` rows per fact, kind,
+layer and token) that the tests compare against.
 """
 from __future__ import annotations
 
@@ -109,10 +109,9 @@ def _pad_ids(facts: list[PreparedFact], pad_id: int) -> torch.Tensor:
     return ids  # [F, T]
 
 
-def _answer_probs(logits: torch.Tensor, last: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
-    """p(answer) at position `last` of each row. logits [B, T, V]; last, answer [B] -> [B]."""
-    rows = torch.arange(logits.shape[0])
-    return torch.softmax(logits[rows, last].float(), dim=-1)[rows, answer]
+def _answer_probs(logits: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
+    """p(answer) of each row from its logits at the answer position: logits [B, V], answer [B] -> [B]."""
+    return torch.softmax(logits.float(), dim=-1)[torch.arange(logits.shape[0]), answer]
 
 
 @dataclass
@@ -140,8 +139,9 @@ def clean_run(bridge, facts: list[PreparedFact], pad_id: int, sites: tuple[str, 
         logits = bridge(ids)  # [F, T, V]
     last = torch.tensor([f.n_tokens - 1 for f in facts])
     ans = torch.tensor([f.answer_id for f in facts])
-    p = _answer_probs(logits, last, ans)
-    top1 = logits[torch.arange(len(facts)), last].argmax(-1)
+    at_last = logits[torch.arange(len(facts)), last]  # [F, V]
+    p = _answer_probs(at_last, ans)
+    top1 = at_last.argmax(-1)
     stacked = {s: torch.stack(cache[s], dim=1) for s in sites}  # [F, L, T, d]
     return p.numpy().astype(np.float64), top1.numpy(), stacked
 
@@ -237,8 +237,12 @@ def _forward_from(bridge, x: torch.Tensor, start: int, n_layers: int, kw: dict, 
         x = bridge.blocks[j](x, **kw)
         if isinstance(x, tuple):
             x = x[0]
-    x = bridge.ln_final(x[torch.arange(x.shape[0]), last][:, None])
-    return bridge.unembed(x)[:, 0]
+    return _unembed_at(bridge, x, last)
+
+
+def _unembed_at(bridge, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Final norm and unembedding of row i of `x` [B, T, d] at position pos[i] only: logits [B, V]."""
+    return bridge.unembed(bridge.ln_final(x[torch.arange(x.shape[0]), pos][:, None]))[:, 0]
 
 
 @torch.inference_mode()
@@ -315,9 +319,8 @@ def run_batched(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], no
             if isinstance(x, tuple):
                 x = x[0]
         pre[L] = x
-        rows_fs = torch.arange(F * S)
-        logits = bridge.unembed(bridge.ln_final(x[rows_fs, last_all[fr]][:, None]))[:, 0]  # [F*S, V]
-    p_corrupt = torch.softmax(logits.float(), -1)[rows_fs, ans_all[fr]].reshape(F, S).numpy().astype(np.float64)
+        logits = _unembed_at(bridge, x, last_all[fr])  # [F*S, V]
+    p_corrupt = _answer_probs(logits, ans_all[fr]).reshape(F, S).numpy().astype(np.float64)
     corrupt_c = {s: torch.stack(corrupt[s], dim=1).reshape(F, S, L, T, d_model) for s in kept_sites}
     resid_in = torch.stack(pre, dim=1).reshape(F, S, L + 1, T, d_model)  # [F, S, L+1, T, d]
     past_kv = {j: tuple(z.reshape(F, S, *z.shape[1:]) for z in rec.kept[j]) for j in range(L)}
@@ -356,71 +359,67 @@ def run_batched(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], no
     for g0, c0, c1 in chunks:
         start_block, Tc, t0 = int(lo_all[g0]), int(n_tok[c0:c1].max()), int(plan[c0, 3])
         kw = _block_kwargs(bridge, Tc, kw_memo)
-        if True:
-            chunk = plan[c0:c1]
-            f_, k_, l_, t_, s_ = (torch.from_numpy(chunk[:, i]) for i in range(5))
-            lo = torch.from_numpy(lo_all[c0:c1])
-            hi = torch.from_numpy(hi_all[c0:c1])
-            x = resid_in[f_, s_, start_block, t0:Tc].clone()  # [B, Tc - t0, d]: tokens t0..
-            zero = t_ - t0  # token t of a row is position t - t0 of the suffix
-            last = torch.from_numpy(n_tok[c0:c1]) - 1 - t0  # each row's answer position (shorter prompts: padded)
-            res = torch.from_numpy(is_resid[c0:c1])
-            if bool(res.any()):  # resid at l = the input of block l+1, set at token t
-                rows = torch.nonzero(res).flatten()
-                x[rows, zero[rows]] = clean["resid"][f_[rows], l_[rows], t_[rows]].to(x.dtype)
-            if compose and not bool(res.all()):  # output of block lo with its mlp or attn restored at t
-                rows = torch.nonzero(~res).flatten()
-                fr_, sr_, tr_, j = f_[rows], s_[rows], t_[rows], start_block - 1
-                site_r = [restore_sites[i] for i in kind_restore[chunk[rows.numpy(), 1]]]
-                is_mlp = torch.tensor([x_ == "mlp" for x_ in site_r])[:, None]
-                mlp = torch.where(is_mlp, clean["mlp"][fr_, j, tr_].to(x.dtype) if "mlp" in clean else 0,
-                                  corrupt_c["mlp"][fr_, sr_, j, tr_])
-                attn = torch.where(is_mlp, corrupt_c["attn"][fr_, sr_, j, tr_],
-                                   clean["attn"][fr_, j, tr_].to(x.dtype) if "attn" in clean else 0)
-                x[rows, zero[rows]] = mlp + attn + resid_in[fr_, sr_, j, tr_]  # HF's order: mlp + attn + input
-            rsite = torch.from_numpy(kind_restore[chunk[:, 1]])
-            ssite = torch.from_numpy(kind_sever[chunk[:, 1]])
-            # the last block's MLP runs at the last position only (LN and MLP act per position and
-            # nothing after that block reads another position); its hook_mlp_out is then [B, 1, d]
-            last_only = start_block < L and _LAST_MLP_ONLY
-            hooks = [(f"blocks.{L - 1}.ln2.hook_in", _at_positions(last))] if last_only else []
+        chunk = plan[c0:c1]
+        f_, k_, l_, t_, s_ = (torch.from_numpy(chunk[:, i]) for i in range(5))
+        lo = torch.from_numpy(lo_all[c0:c1])
+        hi = torch.from_numpy(hi_all[c0:c1])
+        x = resid_in[f_, s_, start_block, t0:Tc].clone()  # [B, Tc - t0, d]: tokens t0..
+        zero = t_ - t0  # token t of a row is position t - t0 of the suffix
+        last = torch.from_numpy(n_tok[c0:c1]) - 1 - t0  # each row's answer position (shorter prompts: padded)
+        res = torch.from_numpy(is_resid[c0:c1])
+        if bool(res.any()):  # resid at l = the input of block l+1, set at token t
+            rows = torch.nonzero(res).flatten()
+            x[rows, zero[rows]] = clean["resid"][f_[rows], l_[rows], t_[rows]].to(x.dtype)
+        if compose and not bool(res.all()):  # output of block lo with its mlp or attn restored at t
+            rows = torch.nonzero(~res).flatten()
+            fr_, sr_, tr_, j = f_[rows], s_[rows], t_[rows], start_block - 1
+            site_r = [restore_sites[i] for i in kind_restore[chunk[rows.numpy(), 1]]]
+            is_mlp = torch.tensor([x_ == "mlp" for x_ in site_r])[:, None]
+            mlp = torch.where(is_mlp, clean["mlp"][fr_, j, tr_].to(x.dtype) if "mlp" in clean else 0,
+                              corrupt_c["mlp"][fr_, sr_, j, tr_])
+            attn = torch.where(is_mlp, corrupt_c["attn"][fr_, sr_, j, tr_],
+                               clean["attn"][fr_, j, tr_].to(x.dtype) if "attn" in clean else 0)
+            x[rows, zero[rows]] = mlp + attn + resid_in[fr_, sr_, j, tr_]  # HF's order: mlp + attn + input
+        rsite = torch.from_numpy(kind_restore[chunk[:, 1]])
+        ssite = torch.from_numpy(kind_sever[chunk[:, 1]])
+        # the last block's MLP runs at the last position only (LN and MLP act per position and
+        # nothing after that block reads another position); its hook_mlp_out is then [B, 1, d]
+        last_only = start_block < L
+        hooks = [(f"blocks.{L - 1}.ln2.hook_in", _at_positions(last))] if last_only else []
 
-            def where(site, j, sel):  # rows and positions of a setter at block j's `site` output
-                if last_only and site == "mlp" and j == L - 1:  # other tokens cannot reach the answer
-                    sel = sel & (zero == last)
-                    rows = torch.nonzero(sel).flatten()
-                    return rows, torch.zeros_like(rows)
+        def where(site, j, sel):  # rows and positions of a setter at block j's `site` output
+            if last_only and site == "mlp" and j == L - 1:  # other tokens cannot reach the answer
+                sel = sel & (zero == last)
                 rows = torch.nonzero(sel).flatten()
-                return rows, zero[rows]
+                return rows, torch.zeros_like(rows)
+            rows = torch.nonzero(sel).flatten()
+            return rows, zero[rows]
 
-            for si, site in enumerate(restore_sites):
-                if site == "resid":
-                    continue
-                for j in range(start_block, L):
-                    rows, pos = where(site, j, (rsite == si) & (lo <= j) & (j < hi))
-                    if len(rows):
-                        src = clean[site][f_[rows], j, t_[rows]]  # [r, d]
-                        hooks.append((hook_name(site, j), _setter(rows, pos, src)))
-            for si, site in enumerate(sever_sites):
-                for j in range(start_block, L):
-                    rows, pos = where(site, j, (ssite == si) & (l_ < j))
-                    if len(rows):
-                        src = corrupt_c[site][f_[rows], s_[rows], j, t_[rows]]  # [r, d]
-                        hooks.append((hook_name(site, j), _setter(rows, pos, src)))
-            with bridge.hooks(fwd_hooks=hooks):
-                past = {j: (k[f_, s_, :, :t0], v[f_, s_, :, :t0]) for j, (k, v) in past_kv.items() if j >= start_block}
-                logits = _forward_from(bridge, x, start_block, L, _suffix_kw(kw, t0, _KV(past)), last)  # [B, V]
-            p = torch.softmax(logits.float(), dim=-1)[torch.arange(len(chunk)), ans_all[f_]].numpy()
-            for ki, k in enumerate(kinds):
-                m = chunk[:, 1] == ki
-                out[k][chunk[m, 0], chunk[m, 2], chunk[m, 3], chunk[m, 4]] = p[m]
-            done += len(chunk)
-            if progress:
-                progress(done, len(plan))
+        for si, site in enumerate(restore_sites):
+            if site == "resid":
+                continue
+            for j in range(start_block, L):
+                rows, pos = where(site, j, (rsite == si) & (lo <= j) & (j < hi))
+                if len(rows):
+                    src = clean[site][f_[rows], j, t_[rows]]  # [r, d]
+                    hooks.append((hook_name(site, j), _setter(rows, pos, src)))
+        for si, site in enumerate(sever_sites):
+            for j in range(start_block, L):
+                rows, pos = where(site, j, (ssite == si) & (l_ < j))
+                if len(rows):
+                    src = corrupt_c[site][f_[rows], s_[rows], j, t_[rows]]  # [r, d]
+                    hooks.append((hook_name(site, j), _setter(rows, pos, src)))
+        with bridge.hooks(fwd_hooks=hooks):
+            past = {j: (k[f_, s_, :, :t0], v[f_, s_, :, :t0]) for j, (k, v) in past_kv.items() if j >= start_block}
+            logits = _forward_from(bridge, x, start_block, L, _suffix_kw(kw, t0, _KV(past)), last)  # [B, V]
+        p = _answer_probs(logits, ans_all[f_]).numpy()
+        for ki, k in enumerate(kinds):
+            m = chunk[:, 1] == ki
+            out[k][chunk[m, 0], chunk[m, 2], chunk[m, 3], chunk[m, 4]] = p[m]
+        done += len(chunk)
+        if progress:
+            progress(done, len(plan))
     return EngineOutput(p_clean, top1, p_corrupt, out)
-
-
-_LAST_MLP_ONLY = True  # module switch, so a benchmark can time the engine without it
 
 
 def _at_positions(pos: torch.Tensor):
