@@ -226,8 +226,10 @@ class World:
 
         for w in L.FUNCTION_WORDS:
             add(w)
-        for w in self.function_words_b.values():
-            add(w)
+        # in FUNCTION_WORDS order, never the dict's: a world loaded from world.json (sorted keys)
+        # must give the same ids as the freshly generated one
+        for w in L.FUNCTION_WORDS:
+            add(self.function_words_b[w])
         for r in self.relations:
             add(r.name)
             add(r.word_b)
