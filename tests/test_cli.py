@@ -1,16 +1,13 @@
-"""The CLI as a user runs it: outputs, refusals to overwrite, one-line errors with exit code 2."""
+"""The CLI as a user runs it: outputs, refusals to overwrite, one-line errors with exit code 2.
+
+In-process (tests/clitools.py); tests/test_fuzz.py keeps the few checks that need a real process.
+"""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
-
-
-def run(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "mechedit.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd)
+from clitools import invoke as run
 
 
 def test_world_command_writes_and_refuses_to_overwrite(tmp_path):

@@ -2,12 +2,17 @@
 
 A checkpoint is an ordinary Hugging Face directory (`config.json`, `model.safetensors`, tokenizer
 files) plus `world.json` and `mechedit.json` (version, specs, training curve, final recall,
-training seconds). `AutoModelForCausalLM.from_pretrained(dir)` loads it; `load_checkpoint` returns
-a `Bundle` with the model, tokenizer and world together.
+training seconds, and `weights_sha256`: the SHA-256 of `model.safetensors`).
+`AutoModelForCausalLM.from_pretrained(dir)` loads it; `load_checkpoint` returns a `Bundle` with the
+model, tokenizer and world together, after checking `mechedit.json` has its required keys and the
+weights match their hash (a flipped byte is a `CheckpointError`). Checkpoints written before the
+hash existed still load: their weights are not verified, which `Bundle.meta["weights_verified"]`
+(False) and `mechedit info` say.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -25,6 +30,17 @@ from mechedit.world.world import World
 hf_logging.disable_progress_bar()  # no "Loading weights" bars in CLI output
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "world.json", "mechedit.json")
+REQUIRED_META = ("mechedit_version", "model_spec", "train_spec", "world_spec")
+HASH_KEY = "weights_sha256"
+VERIFIED_KEY = "weights_verified"  # set on load (never saved): whether the weights were checked against the hash
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 @dataclass
@@ -72,7 +88,9 @@ def save_checkpoint(directory: str | Path, model, tokenizer, world: World, meta:
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     world.save(directory)
-    write_json_atomic(directory / "mechedit.json", {**meta, "mechedit_version": __version__})
+    meta = {k: v for k, v in meta.items() if k != VERIFIED_KEY}
+    write_json_atomic(directory / "mechedit.json", {**meta, "mechedit_version": __version__,
+                                                    HASH_KEY: file_sha256(directory / "model.safetensors")})
     return directory
 
 
@@ -85,10 +103,20 @@ def load_checkpoint(directory: str | Path, *, dtype: torch.dtype = torch.float32
         raise CheckpointError(f"not a mechedit checkpoint: {directory} is missing {', '.join(missing)}")
     try:
         meta = read_json(directory / "mechedit.json", "mechedit.json")
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"corrupt checkpoint {directory}: mechedit.json is not a JSON object")
+        absent = [k for k in REQUIRED_META if k not in meta]
+        if absent:
+            raise CheckpointError(f"corrupt checkpoint {directory}: mechedit.json lacks {', '.join(absent)}")
+        recorded = meta.get(HASH_KEY)
+        if recorded is not None and recorded != file_sha256(directory / "model.safetensors"):
+            raise CheckpointError(f"corrupt checkpoint {directory}: model.safetensors does not match the "
+                                  f"{HASH_KEY} recorded in mechedit.json (the weights changed after saving)")
+        meta[VERIFIED_KEY] = recorded is not None
         world = World.load(directory)
     except CheckpointError:
         raise
-    except MecheditError as exc:
+    except (MecheditError, OSError) as exc:
         raise CheckpointError(f"corrupt checkpoint {directory}: {exc}") from None
     try:
         with warnings.catch_warnings():
