@@ -200,6 +200,11 @@ def check_output_dir(path: str | Path, force: bool = False) -> Path:
         raise MecheditError(f"cannot create output directory {path}: {anc} is not a directory")
     if not os.access(anc, os.W_OK | os.X_OK):
         raise MecheditError(f"cannot create output directory {path}: {anc} is not writable")
+    try:  # access() says yes to root everywhere (/proc too): create and remove a probe to be sure
+        os.rmdir(tempfile.mkdtemp(dir=anc, prefix=".mechedit-probe."))
+    except OSError as exc:
+        raise MecheditError(f"cannot create output directory {path}: {anc} is not writable "
+                            f"({exc.strerror or exc})") from None
     return path
 
 

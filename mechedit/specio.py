@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import tomllib
+import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,7 +119,7 @@ def _convert(tp: Any, value: Any, where: str, rng: Range | None = None) -> Any:
             check_fields(value, where)
             return value
         return from_dict(tp, value, where)
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin is typing.Union or origin is types.UnionType:
         if value is None and type(None) in args:
             return None
         errors: list[SpecError] = []
@@ -150,6 +151,10 @@ def _convert(tp: Any, value: Any, where: str, rng: Range | None = None) -> Any:
             raise _Mismatch(f"{where}: expected a table, got {_short(value)}")
         vt = args[1] if len(args) == 2 else Any
         return {str(k): _convert(vt, v, f"{where}.{k}") for k, v in value.items()}
+    if tp is dict and not isinstance(value, dict):
+        raise _Mismatch(f"{where}: expected a table, got {_short(value)}")
+    if tp is list and not isinstance(value, list):
+        raise _Mismatch(f"{where}: expected a list, got {_short(value)}")
     if tp is Any or tp is dict or tp is list:
         return check_finite(value, where)
     if tp is float:

@@ -44,10 +44,10 @@ def resolve_model(spec: AnalysisSpec):
         if not isinstance(n_layers, int):
             raise MecheditError(f"corrupt checkpoint {path}: config.json has no num_hidden_layers")
         return path, None, None, None, n_layers
+    m = spec.model.get("preset") or str(spec.base / spec.model["spec"])
+    mspec, tspec = model_spec(m)  # first: a bad model spec is found without generating the world
     w = spec.world
     world = resolve_world(None if w.get("spec") == "default" else spec.base / w.get("spec", w.get("dir")))
-    m = spec.model.get("preset") or str(spec.base / spec.model["spec"])
-    mspec, tspec = model_spec(m)
     return None, world, mspec, tspec, mspec.n_layers
 
 
@@ -92,11 +92,17 @@ def run_trace(spec: AnalysisSpec, checkpoint: Path, run_dir: Path) -> dict | Non
     return {site: ranked[0] for site, ranked in located.items() if ranked}
 
 
+LAYER_WORDS = ("traced", "all", "auto")  # the layer names methods take (each method says which of them it takes)
+
+
 def check_layers(spec: AnalysisSpec, n_layers: int) -> None:
     """Every layer a grid names must exist in the model (checked before the run folder is written)."""
     for c in spec.cases:
         layers = c.layer if isinstance(c.layer, list) else [c.layer]
         for layer in layers:
+            if isinstance(layer, str) and layer not in LAYER_WORDS:
+                raise SpecError(f"grid: layer {layer!r} of case {c.method} is not a layer number nor one of "
+                                f"{', '.join(LAYER_WORDS)}")
             if isinstance(layer, int) and not isinstance(layer, bool) and not 0 <= layer < n_layers:
                 raise SpecError(f"grid: layer {layer} of case {c.method} is out of range "
                                 f"(the model has layers 0..{n_layers - 1})")
