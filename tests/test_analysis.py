@@ -79,6 +79,19 @@ def test_killed_run_resumes_to_identical_case_files(tmp_path, tiny_checkpoint, r
     assert case_files(run_dir) == case_files(reference_run)
 
 
+def test_rerun_redoes_a_corrupt_case_file(tmp_path, reference_run):
+    """A half-written (or foreign) case file is not counted as done: the rerun redoes that case."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run, run_dir)
+    spec = Path(json.loads((run_dir / "spec.json").read_text())["spec_path"])
+    names = sorted(case_files(run_dir))
+    data = (run_dir / names[0]).read_bytes()
+    (run_dir / names[0]).write_bytes(data[: len(data) // 2])
+    res = run_analysis(spec, run_dir, workers=1)
+    assert res["ran"] == 1 and res["skipped"] == 2
+    assert case_files(run_dir) == case_files(reference_run)
+
+
 def test_local_pool_and_ray_give_the_same_results(tmp_path, tiny_checkpoint, reference_run):
     ray = pytest.importorskip("ray")
     spec = write_spec(tmp_path, tiny_checkpoint)
