@@ -69,16 +69,25 @@ def tagged_processes(tag: str) -> list[int]:
     return pids
 
 
-def killed(argv: list, crash_at: str, env: dict) -> None:
-    """Run `mechedit ARGV` until the fault point kills it; then no process of it may remain."""
+def killed(argv: list, crash_at: str, env: dict, logs: Path) -> None:
+    """Run `mechedit ARGV` until the fault point kills it; then no process of it may remain.
+
+    Output goes to files, not pipes: an orphaned worker would hold a pipe open and hide itself
+    behind a hanging read instead of being found below."""
     tag = uuid.uuid4().hex
-    r = subprocess.run([sys.executable, "-m", "mechedit.cli", *map(str, argv)], capture_output=True, text=True,
-                       timeout=600, env={**os.environ, **env, "MECHEDIT_CRASH_AT": crash_at, "MECHEDIT_TEST_TAG": tag})
-    assert r.returncode == -signal.SIGKILL, f"{crash_at} was not reached: {r.stderr[-2000:]}"
+    out = logs / f"{tag}.log"
+    with open(out, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "mechedit.cli", *map(str, argv)], stdout=fh, stderr=fh,
+                                env={**os.environ, **env, "MECHEDIT_CRASH_AT": crash_at, "MECHEDIT_TEST_TAG": tag})
+        rc = proc.wait(timeout=600)
+    assert rc == -signal.SIGKILL, f"{crash_at} was not reached: {out.read_text()[-2000:]}"
     deadline = time.monotonic() + 60  # a state to wait for, not a timing: workers die within a second
     while tagged_processes(tag) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not tagged_processes(tag), f"processes outlived the command killed at {crash_at}"
+    survivors = tagged_processes(tag)
+    for pid in survivors:  # do not leave them running; the assertion below reports them
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors, f"{len(survivors)} process(es) outlived the command killed at {crash_at}"
 
 
 def pick(log: list[str], names: tuple[str, ...], rng: random.Random) -> str:
@@ -100,13 +109,15 @@ def test_kill_anywhere_loses_nothing(tmp_path, monkeypatch):
     monkeypatch.delenv("MECHEDIT_CRASH_LOG")
 
     env = {"MECHEDIT_CACHE": str(tmp_path / "cache")}
+    logs = tmp_path / "logs"
+    logs.mkdir()
     run = ["run", spec, "-o", tmp_path / "run", "--workers", "1"]
     chosen = [pick(points, ("train.epoch", "train.state"), rng), pick(points, ("trace.batch", "figure"), rng),
               pick([p for p in points if p == "case.written"][:-1] + ["case.edit"], ("case.edit", "case.written"), rng)]
-    killed(run, chosen[0], env)  # during training
+    killed(run, chosen[0], env, logs)  # during training
     assert debris(tmp_path / "cache"), "a killed training leaves its resumable state"
-    killed(run, chosen[1], env)  # during tracing (the training resumed and finished first)
-    killed([*run[:-1], "2"], chosen[2], env)  # during a case, two workers busy
+    killed(run, chosen[1], env, logs)  # during tracing (the training resumed and finished first)
+    killed([*run[:-1], "2"], chosen[2], env, logs)  # during a case, two workers busy
     assert len(case_files(tmp_path / "run")) < 2
     res = run_analysis(spec, tmp_path / "run", workers=1, cache_dir=tmp_path / "cache")
     assert res["done"] == 2
@@ -123,7 +134,7 @@ def test_kill_anywhere_loses_nothing(tmp_path, monkeypatch):
     assert invoke("report", tmp_path / "ref", "-o", tmp_path / "reports" / "ref").returncode == 0
     monkeypatch.delenv("MECHEDIT_CRASH_LOG")
     point = pick(log.read_text().split(), ("figure", "write", "commit"), rng)
-    killed(["report", tmp_path / "run", "-o", tmp_path / "reports" / "run"], point, env)
+    killed(["report", tmp_path / "run", "-o", tmp_path / "reports" / "run"], point, env, logs)
     assert not (tmp_path / "reports" / "run").exists()
     assert invoke("report", tmp_path / "run", "-o", tmp_path / "reports" / "run").returncode == 0
     assert (tmp_path / "reports" / "run" / "index.html").is_file()
