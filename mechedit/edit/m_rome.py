@@ -84,9 +84,12 @@ class RomeParams:
     restarts: int = 4  # v* is a non-convex search: when it ends above restart_nll, retry from random starts
     restart_nll: float = 0.5  # mean NLL of the new object that counts as not reached (top-1 needs ~< 0.69)
     restart_scale: float = 1.0  # norm of a random start, in units of ||h_l||
+    engine: str = "fast"  # target search on FastNeoX ("fast") or through the HF modules ("hf": the reference)
     seed: int = 0
 
     def validate(self) -> None:
+        if self.engine not in ("fast", "hf"):
+            raise SpecError(f"rome: engine must be 'fast' or 'hf', got {self.engine!r}")
         if self.steps < 1 or self.n_prefixes < 0 or self.prefix_words < 1:
             raise SpecError("rome: steps >= 1, n_prefixes >= 0, prefix_words >= 1")
         if self.lr_factor <= 0 or self.clamp_factor <= 0 or self.kl_weight < 0 or self.weight_decay < 0:
@@ -128,17 +131,21 @@ def _one(bundle, req: EditRequest, layer: int, p: RomeParams, C_inv: torch.Tenso
     opts = dict(clamp=torch.tensor([p.clamp_factor * h_norm]),
                 lr=p.lr_factor * h_norm / math.sqrt(model.config.hidden_size), steps=p.steps,
                 kl_weight=p.kl_weight, weight_decay=p.weight_decay, ref_norm=torch.tensor([h_norm]),
-                stop_loss=p.stop_loss, rank_one_u=u)
+                stop_loss=p.stop_loss, rank_one_u=u, engine=p.engine)
     delta, info = optimize_targets(model, batch, essence, layer, 1, **opts)
-    gen = torch.Generator().manual_seed(p.seed)
-    for r in range(p.restarts):
-        if info["nll_last"] < p.restart_nll:
-            break
-        init = torch.randn(1, delta.shape[1], generator=gen, dtype=torch.float64)
-        init *= p.restart_scale * h_norm / init.norm()
-        d2, i2 = optimize_targets(model, batch, essence, layer, 1, init=init, **opts)
-        if i2["nll_last"] < info["nll_last"]:
-            delta, info = d2, {**i2, "restart": r + 1}
+    if info["nll_last"] >= p.restart_nll and p.restarts > 0:
+        # every restart's search at once (independent trajectories, see optimize_targets); the
+        # choice is the sequential one: take restart r if it beats the best so far, stop once the
+        # best is below restart_nll
+        gen = torch.Generator().manual_seed(p.seed)
+        inits = torch.randn(p.restarts, 1, delta.shape[1], generator=gen, dtype=torch.float64)
+        inits *= p.restart_scale * h_norm / inits.norm(dim=-1, keepdim=True)
+        d_all, i_all = optimize_targets(model, batch, essence, layer, 1, init=inits, **opts)
+        for r in range(p.restarts):
+            if info["nll_last"] < p.restart_nll:
+                break
+            if i_all[r]["nll_last"] < info["nll_last"]:
+                delta, info = d_all[r], {**i_all[r], "restart": r + 1}
     v_star = W.double() @ k_star + delta[0]
     dW = rank_one_update(W, k_star, v_star, C_inv)
     info.update(h_norm=h_norm, delta_norm=float(delta[0].norm()), clamp=p.clamp_factor * h_norm)
