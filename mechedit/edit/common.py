@@ -212,7 +212,8 @@ def optimize_targets(model, batch: Batch, essence: Batch | None, layer: int, n_r
                      ref_norm: torch.Tensor, stop_loss: float = 0.05,
                      rank_one_u: torch.Tensor | None = None,
                      joint_u: torch.Tensor | None = None,
-                     init: torch.Tensor | None = None, engine: str = "fast") -> tuple[torch.Tensor, dict]:
+                     init: torch.Tensor | None = None, engine: str = "fast",
+                     precision: str = "float32", first_wins: bool = False) -> tuple[torch.Tensor, dict]:
     """delta [n_requests, d_model] added at the subject token of `layer` so the new objects are predicted.
 
     Loss (ROME/MEMIT compute_v): mean NLL(new object) over prefixes + kl_weight * KL(p_orig || p_edit)
@@ -227,13 +228,19 @@ def optimize_targets(model, batch: Batch, essence: Batch | None, layer: int, n_r
     `init` [n_requests, d] starts the search there; [starts, n_requests, d] runs several independent
     searches at once (ROME's random restarts) and returns deltas [starts, n_requests, d] and one
     info per start. Each start's trajectory is the one it would have alone (its loss terms are
-    separate, Adam is per coordinate, and a start that reaches `stop_loss` is frozen there).
+    separate, Adam is per coordinate, and a start that reaches `stop_loss` is frozen there);
+    `first_wins` ends the whole search as soon as one start reaches `stop_loss` (the others'
+    infos then say how far they got).
 
     Runs on `FastNeoX` (no module hooks): the residual stream entering `layer` is computed once,
     and every step runs blocks layer.. with the MLP output and the unembedding at the answer
     position only, edit and essence prompts in one batch. `engine="hf"` makes the same calls
     through the HF model with a forward hook (the reference of tests and benchmarks).
+    `precision="bfloat16"` runs the forward and backward passes of the search under bf16 autocast
+    (AMX on the CPU, tensor cores on a GPU); delta, Adam and the loss stay in fp32 / fp64.
     """
+    if precision not in ("float32", "bfloat16"):
+        raise MecheditError(f"unknown precision {precision!r} (float32, bfloat16)")
     if engine not in ("fast", "hf"):
         raise MecheditError(f"unknown engine {engine!r} (fast, hf)")
     many = init is not None and init.dim() == 3
@@ -244,7 +251,8 @@ def optimize_targets(model, batch: Batch, essence: Batch | None, layer: int, n_r
             model, batch, essence, layer, n_requests, starts, kl_weight=kl_weight, steps=steps, lr=lr,
             clamp=clamp, weight_decay=weight_decay, ref_norm=ref_norm, stop_loss=stop_loss,
             rank_one_u=rank_one_u, joint_u=joint_u,
-            init=None if init is None else init.reshape(starts, n_requests, -1), engine=engine)
+            init=None if init is None else init.reshape(starts, n_requests, -1), engine=engine,
+            precision=precision, first_wins=first_wins)
     return (deltas, infos) if many else (deltas[0], infos[0])
 
 
@@ -310,10 +318,13 @@ class _HFPath:
 
 
 def _optimise_delta(model, batch, essence, layer, n_requests, starts, *, kl_weight, steps, lr, clamp,
-                    weight_decay, ref_norm, stop_loss, rank_one_u, joint_u, init, engine="fast"):
+                    weight_decay, ref_norm, stop_loss, rank_one_u, joint_u, init, engine="fast", precision="float32",
+                    first_wins=False):
     from mechedit.model.fast import FastNeoX
 
     fx = FastNeoX(model) if engine == "fast" else _HFPath(model)
+    autocast = (torch.autocast(model.device.type, dtype=torch.bfloat16) if precision == "bfloat16"
+                else contextlib.nullcontext())
     exact = rank_one_u is not None or joint_u is not None
     dtype = torch.float64 if exact else torch.float32
     d_model = model.config.hidden_size
@@ -328,7 +339,8 @@ def _optimise_delta(model, batch, essence, layer, n_requests, starts, *, kl_weig
         x_in = fx.resid_at(ids, layer)  # the stream entering `layer`: no edit reaches it
         p_orig = None
         if use_kl:
-            lo = fx.logits_at(ids, pos, x=x_in, start_block=layer)
+            with autocast:  # the same arithmetic as the search, so the KL starts at 0
+                lo = fx.logits_at(ids, pos, x=x_in, start_block=layer)
             p_orig = torch.log_softmax(lo[~is_edit].float(), -1)
     delta = torch.zeros(R * n, d_model, dtype=dtype) if init is None else init.reshape(R * n, -1).to(dtype).clone()
     delta.requires_grad_(True)
@@ -349,7 +361,8 @@ def _optimise_delta(model, batch, essence, layer, n_requests, starts, *, kl_weig
     frozen = torch.zeros(R * n, d_model, dtype=dtype)
     history: list[list[float]] = [[] for _ in range(R)]
     for step in range(steps):
-        logits = fx.logits_at(ids, pos, x=x_in, start_block=layer, mlp_edit=make(delta))  # [rows, vocab]
+        with autocast:
+            logits = fx.logits_at(ids, pos, x=x_in, start_block=layer, mlp_edit=make(delta))  # [rows, vocab]
         logp = torch.log_softmax(logits.float(), -1)
         nll_rows = -logp[edit_rows, target]
         nll = _mean_by_owner(nll_rows.unsqueeze(1), edit_owner, R * n).squeeze(1).view(R, n)  # [starts, n]
@@ -368,7 +381,7 @@ def _optimise_delta(model, batch, essence, layer, n_requests, starts, *, kl_weig
             for s in torch.nonzero(newly).flatten().tolist():
                 frozen[s * n : (s + 1) * n] = delta.detach()[s * n : (s + 1) * n]
             done |= newly
-        if bool(done.all()):
+        if bool(done.all()) or (first_wins and bool(done.any())):
             break
         opt.zero_grad()
         loss[~done].sum().backward()
@@ -380,5 +393,6 @@ def _optimise_delta(model, batch, essence, layer, n_requests, starts, *, kl_weig
                 keep = done.repeat_interleave(n)
                 delta[keep] = frozen[keep]
     out = delta.detach().double().view(R, n, d_model)
-    infos = [{"steps": len(h), "nll_first": h[0], "nll_last": h[-1]} for h in history]
+    infos = [{"steps": len(h), "nll_first": h[0], "nll_last": h[-1], "reached": bool(done[s])}
+             for s, h in enumerate(history)]
     return out, infos

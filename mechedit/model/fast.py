@@ -57,6 +57,10 @@ class FastNeoX:
         self.scale = self.d_head ** -0.5
         self._rope: dict = {}
 
+    @property
+    def device(self) -> torch.device:
+        return self.model.gpt_neox.embed_in.weight.device
+
     # ---- pieces --------------------------------------------------------------------------
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings [B, T, d] (`hook_embed`)."""
@@ -129,11 +133,14 @@ class FastNeoX:
 
     def block(self, j: int, x: torch.Tensor, *, start: int = 0, past: tuple | None = None, keep: dict | None = None,
               mlp_edit: MlpEdit | None = None, set_attn: Setter | None = None, set_mlp: Setter | None = None,
-              only: torch.Tensor | None = None) -> torch.Tensor:
+              only: torch.Tensor | None = None, record: dict | None = None) -> torch.Tensor:
         """Block j on the residual stream x [B, T, d] of positions start..start+T-1.
 
-        `only` [B] (a position of each row): the block's output at that position alone, [B, 1, d]
-        (for the last block: nothing after it reads another position)."""
+        `past`: keys and values [B, heads, start, d_head] of the earlier positions; `keep[j]` receives
+        this call's; `record` receives the attention and MLP outputs ("attn", "mlp": `hook_attn_out`,
+        `hook_mlp_out`). `only` [B] (a position of each row, within this call's tokens): the block's
+        output at that position alone, [B, 1, d] (for the last block: nothing after it reads
+        another position); setters then address position 0."""
         lyr = self.layers[j]
         a = self.attention(j, self._ln(x, lyr.input_layernorm), start, past, keep, only)
         if only is not None:
@@ -144,18 +151,19 @@ class FastNeoX:
         if set_attn is not None:
             a = a.clone()
             a[set_attn.rows, set_attn.pos] = set_attn.values.to(a.dtype)
+        if record is not None:
+            record["attn"] = a
         if self.parallel:
             m = self.mlp(j, self._ln(x, lyr.post_attention_layernorm), mlp_edit, pos)
-            if set_mlp is not None:
-                m = m.clone()
-                m[set_mlp.rows, set_mlp.pos] = set_mlp.values.to(m.dtype)
-            return m + a + x
-        a = a + x
-        m = self.mlp(j, self._ln(a, lyr.post_attention_layernorm), mlp_edit, pos)
+        else:
+            a = a + x
+            m = self.mlp(j, self._ln(a, lyr.post_attention_layernorm), mlp_edit, pos)
         if set_mlp is not None:
             m = m.clone()
             m[set_mlp.rows, set_mlp.pos] = set_mlp.values.to(m.dtype)
-        return m + a
+        if record is not None:
+            record["mlp"] = m
+        return m + a + x if self.parallel else m + a
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
         """Final layer norm and unembedding of x [..., d] -> logits [..., vocab]."""
