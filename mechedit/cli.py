@@ -31,10 +31,10 @@ class OneLineErrors(TyperGroup):
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except typer.TyperException as exc:  # click's usage errors (typer vendors click)
-            ctx = getattr(exc, "ctx", None)
-            if ctx is not None and exc.format_message() == ctx.get_help():  # `mechedit` alone: the help
-                typer.echo(ctx.get_help(), err=True)
+            if not (sys.argv[1:] if args is None else args):  # `mechedit` alone: the help, as click shows it
+                exc.show()
             else:
+                ctx = getattr(exc, "ctx", None)
                 hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
                 typer.echo(f"error: {one_line(exc.format_message())}{hint}", err=True)
             sys.exit(getattr(exc, "exit_code", 2))
