@@ -94,6 +94,19 @@ def test_world_then_train_gives_the_model_run_trains(tmp_path):
     assert (tmp_path / "M" / "model.safetensors").read_bytes() == (cached / "model.safetensors").read_bytes()
     for tok in (tmp_path / "M", cached):
         assert (tok / "tokenizer.json").read_bytes() == (tmp_path / "W" / "tokenizer.json").read_bytes()
+    # a cached model of another world for the same spec (another mechedit version) is not reused
+    from mechedit.analysis.runner import resolve_checkpoint
+    from mechedit.analysis.spec import load_analysis
+
+    world = json.loads((cached / "world.json").read_text())
+    world["facts"][0]["object"] = world["facts"][1]["object"] if world["facts"][1]["object"] != world["facts"][0]["object"] \
+        else world["facts"][2]["object"]
+    (cached / "world.json").write_text(json.dumps(world))
+    said = []
+    assert resolve_checkpoint(load_analysis(tmp_path / "a.json"), tmp_path / "cache", said.append) == cached
+    assert "another world" in said[0]
+    assert (tmp_path / "M" / "world.json").read_bytes() == (cached / "world.json").read_bytes()
+    assert (tmp_path / "M" / "model.safetensors").read_bytes() == (cached / "model.safetensors").read_bytes()
 
 
 def test_outputs_get_the_users_umask(tmp_path):

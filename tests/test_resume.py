@@ -28,7 +28,7 @@ from mechedit.model.train import train_model
 from mechedit.world import tiny_world_spec
 from mechedit.world.tokenizer import build_tokenizer
 
-SEED = 16  # chooses the kill points
+SEED = int(os.environ.get("MECHEDIT_KILL_SEED", 16))  # chooses the kill points (set it to explore others)
 
 
 def analysis_spec(root: Path) -> Path:

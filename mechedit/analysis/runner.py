@@ -57,6 +57,16 @@ def cached_checkpoint_path(world, mspec, tspec, cache_dir: Path) -> Path:
     return (cache_dir / "models" / hashlib.sha256(key.encode()).hexdigest()[:16]).resolve()
 
 
+def same_world(checkpoint: Path, world) -> bool:
+    """Whether `checkpoint` was trained on exactly `world` (its world.json holds the same content)."""
+    try:
+        cached = read_json(checkpoint / "world.json", "world.json")
+    except MecheditError:
+        return False
+    ours = world.to_dict()
+    return isinstance(cached, dict) and all(cached.get(k) == v for k, v in ours.items() if k != "mechedit_version")
+
+
 def resolve_checkpoint(spec: AnalysisSpec, cache_dir: Path, progress: Callable[[str], None] | None = None,
                        resolved: tuple | None = None) -> Path:
     """The checkpoint of the analysis: given, or trained once and cached by a hash of the specs
@@ -69,8 +79,11 @@ def resolve_checkpoint(spec: AnalysisSpec, cache_dir: Path, progress: Callable[[
         return checkpoint
     path = cached_checkpoint_path(world, mspec, tspec, cache_dir)
     if (path / "mechedit.json").is_file():
-        return path
-    if progress:
+        if same_world(path, world):
+            return path
+        if progress:  # the key is the spec: another mechedit version may generate another world from it
+            progress(f"the cached model in {path} was trained on another world for this spec; training again")
+    elif progress:
         progress(f"training the model (cached afterwards in {path})")
     train_checkpoint(world, mspec, tspec, path, force=True)
     return path
