@@ -104,7 +104,7 @@ def test_world_then_train_gives_the_model_run_trains(tmp_path):
     (cached / "world.json").write_text(json.dumps(world))
     said = []
     assert resolve_checkpoint(load_analysis(tmp_path / "a.json"), tmp_path / "cache", said.append) == cached
-    assert "another world" in said[0]
+    assert any("another world" in m for m in said)
     assert (tmp_path / "M" / "world.json").read_bytes() == (cached / "world.json").read_bytes()
     assert (tmp_path / "M" / "model.safetensors").read_bytes() == (cached / "model.safetensors").read_bytes()
 
