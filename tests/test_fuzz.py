@@ -242,6 +242,11 @@ def check_all(cases: list[tuple[str, list]], outs: Path, min_cases: int = 100) -
         if problems:
             failures.append(f"{name}: {', '.join(problems)}: {r.stderr.strip()[-300:]}")
     assert not failures, f"{len(failures)}/{len(cases)} bad inputs mishandled:\n" + "\n".join(failures[:40])
+    print(f"{argv_command(cases)}: {len(cases)} bad inputs, all exit 2 with one line, no traceback, output untouched")
+
+
+def argv_command(cases: list[tuple[str, list]]) -> str:
+    return str(cases[0][1][0]) if cases else "?"
 
 
 @pytest.fixture(scope="module")
