@@ -237,10 +237,13 @@ def optimize_targets(model, batch: Batch, essence: Batch | None, layer: int, n_r
     position only, edit and essence prompts in one batch. `engine="hf"` makes the same calls
     through the HF model with a forward hook (the reference of tests and benchmarks).
     `precision="bfloat16"` runs the forward and backward passes of the search under bf16 autocast
-    (AMX on the CPU, tensor cores on a GPU); delta, Adam and the loss stay in fp32 / fp64.
+    (AMX / AVX-512 bf16 on the CPU, tensor cores on a GPU); delta, Adam and the loss stay in fp32 /
+    fp64; "auto" is bf16 where it is native (`mechedit.device.fast_bf16`), else fp32. The info of
+    each start records the precision used.
     """
-    if precision not in ("float32", "bfloat16"):
-        raise MecheditError(f"unknown precision {precision!r} (float32, bfloat16)")
+    from mechedit.device import resolve_precision
+
+    precision = resolve_precision(precision, model.device)
     if engine not in ("fast", "hf"):
         raise MecheditError(f"unknown engine {engine!r} (fast, hf)")
     many = init is not None and init.dim() == 3
@@ -393,6 +396,6 @@ def _optimise_delta(model, batch, essence, layer, n_requests, starts, *, kl_weig
                 keep = done.repeat_interleave(n)
                 delta[keep] = frozen[keep]
     out = delta.detach().double().view(R, n, d_model)
-    infos = [{"steps": len(h), "nll_first": h[0], "nll_last": h[-1], "reached": bool(done[s])}
+    infos = [{"steps": len(h), "nll_first": h[0], "nll_last": h[-1], "reached": bool(done[s]), "precision": precision}
              for s, h in enumerate(history)]
     return out, infos
