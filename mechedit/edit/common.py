@@ -180,8 +180,8 @@ def rank_one_edit(layer: int, delta: torch.Tensor, u: torch.Tensor, owner: torch
     def fn(j, k, out, pos):
         if j != layer:
             return out
-        coef = torch.einsum("bpd,bd->bp", k.double(), uo)  # [b, pos]
-        return out + (coef.unsqueeze(-1) * delta[owner].unsqueeze(1)).to(out.dtype)
+        coef = torch.einsum("bpd,bd->bp", k, uo.to(k.dtype))  # [b, pos], in the arithmetic of the forward
+        return out + (coef.unsqueeze(-1) * delta[owner].unsqueeze(1).to(coef.dtype)).to(out.dtype)
     return fn
 
 
@@ -199,11 +199,11 @@ def linear_edit(layer: int, delta: torch.Tensor, U: torch.Tensor, owner: torch.T
     def fn(j, k, out, pos):
         if j != layer:
             return out
-        coef = torch.einsum("bpd,nd->bpn", k.double(), U)  # [b, pos, n_requests]
-        if owner is None:
-            return out + (coef @ delta).to(out.dtype)
+        if owner is None:  # k (delta^T U)^T: the weight change first (tiny), then one matmul
+            return out + (k @ (U.T @ delta).to(k.dtype)).to(out.dtype)
+        coef = torch.einsum("bpd,nd->bpn", k, U.to(k.dtype))  # [b, pos, n_requests]
         d = delta.view(-1, n, delta.shape[-1])[owner // n]  # [b, n, d_model]
-        return out + torch.einsum("bpn,bnd->bpd", coef, d).to(out.dtype)
+        return out + torch.einsum("bpn,bnd->bpd", coef, d.to(coef.dtype)).to(out.dtype)
     return fn
 
 
