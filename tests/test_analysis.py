@@ -92,13 +92,27 @@ def test_rerun_redoes_a_corrupt_case_file(tmp_path, reference_run):
     assert case_files(run_dir) == case_files(reference_run)
 
 
+def _worker_progress(stderr: str, run_dir: Path) -> dict[str, list[str]]:
+    """The progress lines each case's worker sent back (`[time elapsed] case ID > ...`), by case id."""
+    ids = [c["id"] for c in json.loads((run_dir / "spec.json").read_text())["cases"]]
+    return {i: [line for line in stderr.splitlines() if f"] case {i} > " in line] for i in ids}
+
+
 def test_local_pool_and_ray_give_the_same_results(tmp_path, tiny_checkpoint, reference_run):
-    ray = pytest.importorskip("ray")
+    """Same case files from one worker, a pool and Ray; through the command line, whose progress
+    comes back from the pool's and Ray's workers tagged with the case id (and stays out of the files)."""
     spec = write_spec(tmp_path, tiny_checkpoint)
-    run_analysis(spec, tmp_path / "pool", workers=2)
+    r = cli("run", spec, "-o", tmp_path / "pool", "--workers", "2")
+    assert r.returncode == 0, r.stderr
     assert case_files(tmp_path / "pool") == case_files(reference_run)
-    run_analysis(spec, tmp_path / "ray", executor_name="ray", workers=2)
+    seen = _worker_progress(r.stderr, tmp_path / "pool")
+    assert all(seen.values()), seen  # every case reported from its worker (at least its start)
+    assert all(f"case {i} done" in r.stderr for i in seen)
+    ray = pytest.importorskip("ray")
+    r = cli("run", spec, "-o", tmp_path / "ray", "--executor", "ray", "--workers", "2")
+    assert r.returncode == 0, r.stderr
     assert case_files(tmp_path / "ray") == case_files(reference_run)
+    assert all(_worker_progress(r.stderr, tmp_path / "ray").values())
     assert not ray.is_initialized()
 
 
@@ -149,15 +163,55 @@ var _ce = console.error; console.error = function () { window.__errors.push(Arra
 window.addEventListener('load', function () {
   var imgs = Array.from(document.images);
   var bad = imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); }).length;
-  document.title = 'RESULT ' + JSON.stringify({errors: window.__errors, images: imgs.length, broken: bad});
+  document.querySelectorAll('details').forEach(function (d) { d.open = true; });
+  var shrunk = imgs.filter(function (i) { return i.getBoundingClientRect().width < i.naturalWidth - 1; })
+                   .map(function (i) { return i.alt + ' ' + i.naturalWidth; });
+  document.title = 'RESULT ' + JSON.stringify({errors: window.__errors, images: imgs.length, broken: bad, shrunk: shrunk});
 });
 </script>"""
     test_page = tmp_path / "report" / "probe.html"
     test_page.write_text(html.replace("<head>", "<head>" + probe, 1))
     out = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
-                          "--dump-dom", test_page.as_uri()], capture_output=True, text=True, timeout=120)
+                          "--window-size=1400,2000", "--dump-dom", test_page.as_uri()],
+                         capture_output=True, text=True, timeout=120)
     start = out.stdout.find("<title>RESULT ")
     assert start >= 0, out.stderr[-2000:]
     result = json.loads(out.stdout[start + 14 : out.stdout.find("</title>", start)].replace("&quot;", '"'))
     assert result["errors"] == []
     assert result["images"] >= 3 and result["broken"] == 0
+    # every figure is shown at its own size in a 1400 px window (100% zoom): none is scaled down
+    assert result["shrunk"] == []
+
+
+def _visible_text(html: str) -> str:
+    """The report's text as a reader sees it: tags, scripts, styles and the JSON blocks (<pre>: the
+    spec and method info, shown as JSON on purpose) removed, entities decoded."""
+    import html as html_lib
+    import re
+
+    html = re.sub(r"<(script|style|pre)\b.*?</\1>", " ", html, flags=re.S)
+    html = re.sub(r'src="data:[^"]*"', "", html)
+    text = re.sub(r"<[^>]+>", " ", html)
+    alts = " ".join(re.findall(r'alt="([^"]*)"', html))
+    return html_lib.unescape(text + " " + alts)
+
+
+def test_report_is_legible_text(tmp_path, reference_run):
+    """No Python reprs anywhere a reader looks, one average trace figure for one relation, and the
+    early and late site of every traced kind with its interval."""
+    import re
+
+    r = cli("report", reference_run, "-o", tmp_path / "report")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1].endswith("index.html") and "efficacy" in r.stdout  # headline, then the path
+    html = (tmp_path / "report" / "index.html").read_text()
+    text = _visible_text(html)
+    for pattern in (r"\{'", r"\['", r"': ", r"\bNone\b", r"\bTrue\b", r"\bFalse\b", r"\{\"", r"array\(", r"<class"):
+        m = re.search(pattern, text)
+        assert m is None, f"{pattern!r}: ...{text[max(0, m.start() - 80) : m.end() + 80]}..."
+    assert html.count('alt="Mean indirect effect by token category and layer') == 1  # one relation: one average
+    assert "early site: last subject token" in text and "late site: last token" in text
+    sites = re.findall(r"<tr><td>(resid|mlp|attn)</td>(.*?)</tr>", html)
+    assert [k for k, _ in sites] == ["mlp"]  # the tiny grid traces mlp only
+    cells = re.findall(r'<td class="num">([^<]*)</td>', sites[0][1])
+    assert len(cells) == 4 and all("±" in c for c in cells[1::2]), cells

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mechedit import progress
 from mechedit.diagnose.strict import strict_json
 from mechedit.faults import crash_point
 
@@ -111,6 +112,7 @@ def run_case(case: dict, ctx: dict) -> dict:
 
     from threadpoolctl import threadpool_limits
 
+    t_case = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     limits = threadpool_limits(limits=1)  # BLAS/OpenMP pools of numpy, scipy and scikit-learn too
@@ -125,15 +127,19 @@ def run_case(case: dict, ctx: dict) -> dict:
         suites = ctx["forget_suites"] if rset["kind"] == "forget" else ctx["suites"]
         groups = [[r] for r in reqs] if rset["mode"] == "each" else [reqs]
         per_edit, timings = [], {"edit_s": 0.0, "diagnose_s": 0.0}
-        for g in groups:
+        for i, g in enumerate(groups):
             crash_point("case.edit")
             torch.manual_seed(0)
-            t0 = time.perf_counter()
-            result = run_method(bundle, g, case["method"], **params)
-            t1 = time.perf_counter()
-            after = edited_bundle(bundle, result)
-            cards = diagnose(bundle, after, g, suites, **ctx.get("suite_options", {}))
-            t2 = time.perf_counter()
+            what = f"request {i + 1}/{len(groups)}" if len(groups) > 1 else f"{len(g)} request(s) in one call"
+            with progress.step(what, quiet=True):
+                progress.status(f"{case['method']} edit")
+                t0 = time.perf_counter()
+                result = run_method(bundle, g, case["method"], **params)
+                t1 = time.perf_counter()
+                after = edited_bundle(bundle, result)
+                progress.status(f"diagnose ({', '.join(suites)})")
+                cards = diagnose(bundle, after, g, suites, **ctx.get("suite_options", {}))
+                t2 = time.perf_counter()
             timings["edit_s"] += t1 - t0
             timings["diagnose_s"] += t2 - t1
             per_edit.append({
@@ -154,6 +160,7 @@ def run_case(case: dict, ctx: dict) -> dict:
             "per_edit": per_edit,
         }
         json.dumps(record, allow_nan=False)  # fail here, not half-way through writing, if something is not JSON
+        timings["case_s"] = time.perf_counter() - t_case
         return {"record": record, "timings": timings}
     finally:
         limits.restore_original_limits()

@@ -1,13 +1,16 @@
 """Executors that run analysis cases: local (a process pool sized to the cores) and Ray.
 
 Both yield (case, outcome) as cases finish, so the runner writes each case file as soon as it exists;
-killing the run loses only the cases in flight. Pool workers die with the command that started them:
+killing the run loses only the cases in flight. While cases run, their progress (which case, which
+step, elapsed; `mechedit.progress`) comes back through a queue -- a multiprocessing queue handed to
+the pool's workers when they start, a Ray queue for Ray -- and is forwarded to the command's sink. Pool workers die with the command that started them:
 on Linux the kernel sends them SIGKILL when it exits (`PR_SET_PDEATHSIG`), and a watch thread in
 each worker exits it when its parent is gone (other systems, or a parent that died before the
 worker had set the signal). A local Ray started here is shut down when the run ends or fails.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import multiprocessing as mp
@@ -19,6 +22,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Iterator
 
+from mechedit import progress
 from mechedit.analysis.cases import run_case
 from mechedit.errors import MecheditError
 
@@ -45,31 +49,80 @@ def die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="mechedit-parent-watch", daemon=True).start()
 
 
-def _init_worker(parent: int) -> None:
+_CHANNEL = None  # in a worker: the queue its cases report progress through
+POLL_S = 0.5  # how often the parent forwards the workers' progress while it waits for cases
+
+
+def case_label(case: dict) -> str:
+    """What a case is, in words: "rome at layer traced on 'single'"."""
+    layer = case.get("layer")
+    where = f" at layer {layer}" if layer is not None else ""
+    return f"{case['method']}{where} on '{case['requests']}'"
+
+
+def run_case_reporting(case: dict, ctx: dict, channel=None) -> dict:
+    """`run_case` with its progress sent through `channel` (default: the worker's queue), tagged
+    with the case id; in the command's own process (no channel) it goes to the command's sink.
+    The case's end is announced by the runner when it has written the case file."""
+    channel = channel if channel is not None else _CHANNEL
+    sink = progress.ChannelSink(channel, case["id"]) if channel is not None else None
+    with contextlib.ExitStack() as stack:
+        if sink is not None:
+            stack.enter_context(progress.activate(sink))
+            stack.enter_context(progress.step(case_label(case), end_line=False))
+        else:
+            stack.enter_context(progress.step(f"case {case['id']}: {case_label(case)}", end_line=False))
+        return run_case(case, ctx)
+
+
+def _init_worker(parent: int, channel=None) -> None:
     import torch
 
+    global _CHANNEL
     die_with_parent(parent)
     os.environ["MECHEDIT_CRASH_PID"] = str(parent)  # a fault-injection kill "during a case" hits the command
+    _CHANNEL = channel
     torch.set_num_threads(1)
+
+
+def _drain(get_many) -> None:
+    """Forward the events waiting in a queue (`get_many()`: a list of them, or it raises when empty)."""
+    while True:
+        try:
+            events = get_many()
+        except Exception:  # queue.Empty, or a queue torn down under us
+            return
+        if not events:
+            return
+        for event in events:
+            progress.forward(event)
 
 
 def run_local(cases: list[dict], ctx: dict, workers: int | None = None) -> Iterator[tuple[dict, dict]]:
     workers = max(1, workers or os.cpu_count() or 1)
     if workers == 1 or len(cases) <= 1:
         for c in cases:
-            yield c, run_case(c, ctx)
+            yield c, run_case_reporting(c, ctx)
         return
-    pool = ProcessPoolExecutor(max_workers=min(workers, len(cases)), mp_context=mp.get_context("spawn"),
-                               initializer=_init_worker, initargs=(os.getpid(),))
+    mpc = mp.get_context("spawn")
+    channel = mpc.Queue() if progress.active() else None
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(cases)), mp_context=mpc,
+                               initializer=_init_worker, initargs=(os.getpid(), channel))
     try:
-        pending = {pool.submit(run_case, c, ctx): c for c in cases}
+        pending = {pool.submit(run_case_reporting, c, ctx): c for c in cases}
         while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            done, _ = wait(pending, timeout=POLL_S, return_when=FIRST_COMPLETED)
+            if channel is not None:
+                _drain(lambda: [channel.get_nowait()])
             for fut in done:
                 c = pending.pop(fut)
                 yield c, fut.result()
     finally:  # an error (or Ctrl-C) in one case: cancel the queued ones instead of running them all
         pool.shutdown(wait=True, cancel_futures=True)
+        if channel is not None:
+            _drain(lambda: [channel.get(timeout=0.2)])  # what the workers sent last
+            channel.close()
+            channel.join_thread()
 
 
 def run_ray(cases: list[dict], ctx: dict, workers: int | None = None, address: str | None = None
@@ -88,10 +141,17 @@ def run_ray(cases: list[dict], ctx: dict, workers: int | None = None, address: s
                                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
         started = True
     try:
-        remote = ray.remote(num_cpus=1)(run_case)
-        futures = {remote.remote(c, ctx): c for c in cases}
+        channel = None
+        if progress.active():
+            from ray.util.queue import Queue
+
+            channel = Queue(actor_options={"num_cpus": 0})
+        remote = ray.remote(num_cpus=1)(run_case_reporting)
+        futures = {remote.remote(c, ctx, channel): c for c in cases}
         while futures:
-            done, _ = ray.wait(list(futures), num_returns=1)
+            done, _ = ray.wait(list(futures), num_returns=1, timeout=POLL_S)
+            if channel is not None:
+                _drain(lambda: channel.get_nowait_batch(channel.qsize()))
             for ref in done:
                 c = futures.pop(ref)
                 yield c, ray.get(ref)

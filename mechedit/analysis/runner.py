@@ -17,10 +17,12 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+from mechedit import progress as P
 from mechedit.analysis.executors import executor
 from mechedit.analysis.folder import read_case
 from mechedit.analysis.requests import build_request_set
 from mechedit.analysis.spec import AnalysisSpec, load_analysis, trace_config
+from mechedit.diagnose.headline import headline_text
 from mechedit.errors import MecheditError, SpecError
 from mechedit.faults import crash_point
 from mechedit.fileio import check_output_dir, read_json, remove_stale_debris, write_json_atomic
@@ -177,11 +179,16 @@ def run_analysis(spec_path: str | Path, run_dir: str | Path, *, executor_name: s
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(spec_file, record)
     remove_stale_debris(run_dir)
-    say = progress or (lambda msg: None)
+
+    def say(msg: str) -> None:
+        P.note(msg)
+        if progress:
+            progress(msg)
+
+    say(f"run folder {run_dir}: " + ("resuming it" if resume else "new"))
     checkpoint = resolve_checkpoint(spec, Path(cache_dir) if cache_dir else default_cache_dir(), say, resolved)
+    say(f"model: {checkpoint}")
     bundle = mechedit.load(checkpoint)
-    if spec.trace is not None and not (run_dir / "trace" / "locations.json").is_file():
-        say("tracing")
     located = run_trace(spec, checkpoint, run_dir)
     traced_layer = int(located["mlp"]["layer"]) if located and "mlp" in located else None
     if any(c.layer == "traced" for c in spec.cases) and traced_layer is None:
@@ -217,6 +224,8 @@ def run_analysis(spec_path: str | Path, run_dir: str | Path, *, executor_name: s
         crash_point("case.written")
         write_json_atomic(run_dir / f"case_{case['id']}.timing.json", outcome["timings"])
         ran += 1
-        say(f"case {case['id']} done ({ran}/{len(todo)})")
+        took = outcome["timings"].get("case_s")
+        say(f"case {case['id']} done" + (f" in {took:.0f} s" if took is not None else "")
+            + f" ({ran}/{len(todo)}): {headline_text(outcome['record']['summary'])}")
     done = sum(case_done(run_dir, c, spec.hash()) for c in cases)
     return {"run_dir": run_dir, "done": done, "ran": ran, "skipped": skipped, "total": len(cases)}

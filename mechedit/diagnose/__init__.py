@@ -93,10 +93,13 @@ def diagnose(before, after, requests, suites: tuple[str, ...] | list[str] = ("ed
     """Run each named suite; `"all"` runs every registered suite. Each suite gets the options it takes."""
     names = suite_names() if list(suites) == ["all"] else list(suites)
     chosen = [get_suite(n) for n in names]
+    from mechedit import progress
+
     out = {}
     for s in chosen:
         named, rest = suite_options(s)
-        out[s.name] = s.fn(before, after, requests, **{k: v for k, v in options.items() if rest or k in named})
+        with progress.step(f"suite {s.name}", quiet=True):
+            out[s.name] = s.fn(before, after, requests, **{k: v for k, v in options.items() if rest or k in named})
     return out
 
 

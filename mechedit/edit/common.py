@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mechedit import progress as P
 from mechedit.edit.api import EditRequest
 from mechedit.edit.stats import capture_keys
 from mechedit.errors import MecheditError
@@ -376,6 +377,9 @@ def _optimise_delta(model, batch, essence, layer, n_requests, starts, *, kl_weig
         wd = (delta.norm(dim=1) ** 2 / ref_r ** 2).view(R, n).mean(1)
         loss = loss + weight_decay * wd
         nll_d = nll.detach()
+        if P.active():
+            P.status(f"target search (layer {layer}) step {step + 1}/{steps}: NLL of the new object "
+                     f"{float(nll_d.min(0).values.mean()):.3f} (stops below {stop_loss:g})")
         for s in range(R):
             if not done[s]:
                 history[s].append(float(nll_d[s].mean()))

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from mechedit import progress as P
 from mechedit.model.evaluate import pad
 
 # wall-clock seconds spent computing (not loading) statistics in this process; benchmarks read it
@@ -76,6 +77,7 @@ def compute_second_moment(model, tokenizer, texts: list[str], layers: list[int],
     was_training = model.training
     model.eval()
     for start in range(0, len(ids), batch_size):
+        P.status(f"second-moment statistics of layer(s) {', '.join(map(str, layers))}: {start}/{len(ids)} sentences")
         x, m = pad(ids[start : start + batch_size], tokenizer.pad_token_id)
         with capture_keys(model, layers) as store:
             model(input_ids=x, attention_mask=m)

@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+from mechedit import progress as P
 from mechedit.errors import SpecError
 from mechedit.fileio import check_output_dir, output_dir
 from mechedit.model.checkpoint import HASH_KEY, VERIFIED_KEY, Bundle, load_checkpoint, save_checkpoint
@@ -54,10 +55,13 @@ def train_checkpoint(world: World, mspec: ModelSpec, tspec: TrainSpec, out: str 
     key = training_key(world, tokenizer, mspec, tspec, exclude_facts)
     with output_dir(out, force, adopt=lambda p: state_key(p / STATE_DIR) == key,
                     keep_on=(KeyboardInterrupt,)) as tmp:
-        res = train_model(world, tokenizer, mspec, tspec, log_path=tmp / "train_log.jsonl", progress=progress,
-                          exclude_facts=exclude_facts, state_dir=tmp / STATE_DIR)
-        final = {"trained": evaluate_recall(res.model, tokenizer, world),
-                 "heldout_subjects": evaluate_recall(res.model, tokenizer, world, trained=False)}
+        what = f"training ({mspec.name} model, {len(world.train_facts)} facts)"
+        with P.step(what):
+            res = train_model(world, tokenizer, mspec, tspec, log_path=tmp / "train_log.jsonl", progress=progress,
+                              exclude_facts=exclude_facts, state_dir=tmp / STATE_DIR)
+            P.status("recall on every probe set")
+            final = {"trained": evaluate_recall(res.model, tokenizer, world),
+                     "heldout_subjects": evaluate_recall(res.model, tokenizer, world, trained=False)}
         meta = {
             "world_spec": world.spec.to_dict(), "model_spec": mspec.__dict__, "train_spec": tspec.__dict__,
             "curve": res.curve, "final_recall": final, "train_seconds": round(res.seconds, 3),
@@ -69,7 +73,28 @@ def train_checkpoint(world: World, mspec: ModelSpec, tspec: TrainSpec, out: str 
     return load_checkpoint(out)
 
 
-def info(directory: str | Path) -> dict:
+NAME_SAMPLE = 8  # names `mechedit info` shows of each kind without --names
+
+
+def world_names(world: World, all_names: bool = False) -> dict:
+    """The world's names a user types: trained subjects (and held-out ones), relations with their
+    objects, and facts as "SUBJECT|RELATION -> OBJECT"; the first few of each unless `all_names`."""
+    cut = (lambda xs: list(xs)) if all_names else (lambda xs: list(xs)[:NAME_SAMPLE])  # noqa: E731
+    main = [s for s in world.subjects if s.kind == "subject"]
+    facts = [f"{world.subject_of(f).name}|{f.relation} -> {f.object}" for f in world.train_facts]
+    out = {
+        "subjects": cut(s.name for s in main if not s.heldout),
+        "heldout_subjects": cut(s.name for s in main if s.heldout),
+        "relations": {r.name: cut(r.objects) for r in world.relations},
+        "facts": cut(facts),
+    }
+    if not all_names:
+        out["note"] = (f"the first {NAME_SAMPLE} of each ({sum(not s.heldout for s in main)} trained subjects, "
+                       f"{len(facts)} trained facts); --names lists them all")
+    return out
+
+
+def info(directory: str | Path, all_names: bool = False) -> dict:
     b = load_checkpoint(directory)
     n_params = sum(p.numel() for p in b.model.parameters())
     verified = b.meta.get(VERIFIED_KEY)
@@ -80,5 +105,5 @@ def info(directory: str | Path) -> dict:
                      "note": "no weights_sha256 in mechedit.json (written before weight hashes): not verified"}),
         "model": b.meta.get("model_spec"), "parameters": n_params, "world": b.world.summary(),
         "train_seconds": b.meta.get("train_seconds"), "epochs": b.meta.get("epochs"),
-        "final_recall": b.meta.get("final_recall"),
+        "final_recall": b.meta.get("final_recall"), "names": world_names(b.world, all_names),
     }

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from transformers import GPTNeoXForCausalLM
 
+from mechedit import progress as P
 from mechedit.errors import SpecError
 from mechedit.faults import crash_point
 from mechedit.fileio import atomic_path, dumps_json, read_json, write_text_atomic
@@ -168,13 +169,19 @@ def train_model(world: World, tokenizer, mspec: ModelSpec, tspec: TrainSpec, *,
         for row in result.curve:
             log.write(json.dumps(row) + "\n")
     t0 = time.perf_counter() - seconds0
+    if state is not None:
+        P.note(f"resuming the training after epoch {state['epoch']} (its saved state)")
     try:
         for epoch in range(start, tspec.max_epochs + 1):
             if finished:
                 break
             model.train()
             losses = []
-            for idx in _length_bucketed_batches(lengths, tspec.batch_size, gen):
+            batches = _length_bucketed_batches(lengths, tspec.batch_size, gen)
+            for bi, idx in enumerate(batches):
+                if bi % 10 == 0 and P.active():
+                    P.status(f"epoch {epoch}/{tspec.max_epochs}: batch {bi}/{len(batches)}"
+                             + (f", loss {losses[-1]:.3f}" if losses else ""))
                 width = int(mask[idx].sum(1).max())
                 x, m, y = ids[idx, :width], mask[idx, :width], labels[idx, :width]
                 for g in opt.param_groups:
@@ -190,7 +197,10 @@ def train_model(world: World, tokenizer, mspec: ModelSpec, tspec: TrainSpec, *,
                 result.tokens += int(m.sum())
                 step += 1
             result.epochs = epoch
+            line = (f"epoch {epoch}/{tspec.max_epochs}: loss {sum(losses) / len(losses):.3f} "
+                    f"({time.perf_counter() - t0:.0f} s)")
             if epoch % tspec.eval_every == 0 or epoch == tspec.max_epochs:
+                P.status(f"epoch {epoch}/{tspec.max_epochs}: measuring recall")
                 rec = evaluate_recall(model, tokenizer, world, kinds=("cloze", "paraphrase"))
                 row = {"epoch": epoch, "step": step, "loss": sum(losses) / len(losses),
                        "seconds": round(time.perf_counter() - t0, 3),
@@ -204,9 +214,15 @@ def train_model(world: World, tokenizer, mspec: ModelSpec, tspec: TrainSpec, *,
                     log.flush()
                 if progress:
                     progress(row)
+                line += (f"; recall cloze {row['cloze']:.3f}, held-out paraphrase {row['paraphrase']:.3f} "
+                         f"(targets {tspec.target_recall:g} / {tspec.target_paraphrase:g})")
                 if row["cloze"] >= tspec.target_recall and row["paraphrase"] >= tspec.target_paraphrase:
                     result.stopped_early = epoch < tspec.max_epochs
                     finished = True
+                    line += ": reached"
+                P.note(line)  # recall as it is measured
+            else:
+                P.status(line)
             crash_point("train.epoch")
             if state_dir is not None and (epoch % state_every == 0 or finished):
                 _save_state(Path(state_dir), key, model, opt, gen, result, epoch, step, finished,

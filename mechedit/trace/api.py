@@ -11,6 +11,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
+from mechedit import progress as P
 from mechedit.errors import MecheditError
 from mechedit.model.fast import FastNeoX
 from mechedit.specio import check_fields, to_dict
@@ -166,8 +167,16 @@ def trace(bundle, facts: Iterable[str | int | Fact] | None = None, config: Trace
                            {k: np.zeros((0, n_layers, 0)) for k in config.kinds}, skipped)
     prepared = [prepared[i] for i in known]
     batch = config.batch_size or E.auto_batch_size(model.config, max(p.n_tokens for p in prepared), config.memory_mb)
+    unit = "restored runs" if config.engine == "batched" else "facts"
+
+    def tick(done: int, total: int) -> None:
+        P.status(f"causal trace of {len(prepared)} facts: {done}/{total} {unit}")
+        if progress:
+            progress(done, total)
+
+    P.status(f"causal trace of {len(prepared)} facts: clean and corrupted runs")
     kw = dict(kinds=config.kinds, noise_scale=nu, samples=config.samples, window=window, seed=config.seed,
-              n_layers=n_layers, d_model=d_model, pad_id=tok.pad_token_id, batch_size=batch, progress=progress)
+              n_layers=n_layers, d_model=d_model, pad_id=tok.pad_token_id, batch_size=batch, progress=tick)
     if config.engine == "batched":  # the clean run above serves the engine too (padding does not reach earlier tokens)
         clean = (p_clean[known], top1[known], {s: c[known] for s, c in cache.items()})
         out = E.run_batched(fx, prepared, clean=clean, precision=config.precision, **kw)

@@ -359,8 +359,10 @@ def run_batched(fx, facts: list[PreparedFact], *, kinds: tuple[str, ...], noise_
 
 @torch.inference_mode()
 def run_reference(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], noise_scale: float, samples: int,
-                  window: int, seed: int, n_layers: int, d_model: int, pad_id: int, **_) -> EngineOutput:
-    """The plain loop: one forward of `samples` rows per (fact, kind, layer, token), as ROME's code does."""
+                  window: int, seed: int, n_layers: int, d_model: int, pad_id: int,
+                  progress: Callable[[int, int], None] | None = None, **_) -> EngineOutput:
+    """The plain loop: one forward of `samples` rows per (fact, kind, layer, token), as ROME's code does.
+    `progress(facts done, facts)` after each fact."""
     F, S, L = len(facts), samples, n_layers
     T = max(f.n_tokens for f in facts)
     out = {k: np.full((F, L, T, S), np.nan) for k in kinds}
@@ -410,6 +412,8 @@ def run_reference(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], 
                     with bridge.hooks(fwd_hooks=hooks):
                         logits = bridge(x)
                     out[kind][fi, layer, t] = torch.softmax(logits[:, -1].float(), -1)[:, f.answer_id].numpy()
+        if progress:
+            progress(fi + 1, F)
     return EngineOutput(p_clean, top1, p_corrupt, out)
 
 

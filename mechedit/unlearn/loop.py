@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from mechedit import progress as P
 from mechedit.edit.api import EditRequest, EditResult
 from mechedit.errors import MecheditError
 from mechedit.model.evaluate import encode_pairs, pad, score_answers
@@ -259,6 +260,8 @@ def run_unlearning(bundle, requests: list[EditRequest], p: UnlearnParams, loss_f
         if step % p.eval_every == 0 or step == p.steps:
             recall = float(score_answers(work, tok, cloze_prompts, cloze_answers).correct.mean())
             history.append({"step": step, "loss": float(loss.detach()), "forget_cloze_recall": recall})
+            P.status(f"{method} step {step}/{p.steps}: loss {history[-1]['loss']:.3f}, forget cloze recall "
+                     f"{recall:.3f} (stops at <= {p.stop_recall:g})")
             if recall <= p.stop_recall:
                 stopped_at = step
                 break
