@@ -148,9 +148,21 @@ def test_cli_unlearn_then_diagnose(tiny_checkpoint, tmp_path):
     assert card["after"]["forget"]["cloze"]["agg_value"] < card["before"]["forget"]["cloze"]["agg_value"]
     assert card["forget"]["cloze"]["after"] == card["after"]["forget"]["cloze"]["agg_value"]
     assert "NaN" not in (out / "scorecard.json").read_text()
-    assert (out / "deltas.safetensors").is_file() and (out / "model.safetensors").is_file()
+    # the layout of `mechedit edit`: the checkpoint at the top, the change in edit/
+    assert (out / "edit" / "deltas.safetensors").is_file() and (out / "edit" / "edit.json").is_file()
+    assert (out / "model.safetensors").is_file() and not (out / "deltas.safetensors").exists()
+    assert "forget recall (cloze)" in r.stdout.splitlines()[-2]  # the headline numbers, then the path
     r = runner.invoke(app, ["diagnose", str(tiny_checkpoint), str(out), "-s", "forget", "-o", str(tmp_path / "d")])
     assert r.exit_code == 0, r.output
     d = json.loads((tmp_path / "d" / "scorecard.json").read_text())
     assert d["forget"]["n_forget_facts"] == card["n_forget_facts"]
     assert np.isclose(d["forget"]["after"]["retain"]["cloze"]["agg_value"], card["after"]["retain"]["cloze"]["agg_value"])
+    assert f"forget recall (cloze) {d['forget']['forget']['cloze']['after']:.3f}" in r.stdout
+    # the older layout (unlearn wrote edit.json and the deltas at the top) is still read
+    for name in ("edit.json", "deltas.safetensors"):
+        (out / "edit" / name).rename(out / name)
+    (out / "edit").rmdir()
+    r = runner.invoke(app, ["diagnose", str(tiny_checkpoint), str(out), "-s", "forget", "-o", str(tmp_path / "d2")])
+    assert r.exit_code == 0, r.output
+    d2 = json.loads((tmp_path / "d2" / "scorecard.json").read_text())
+    assert d2["forget"]["n_forget_facts"] == card["n_forget_facts"]

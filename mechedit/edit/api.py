@@ -89,7 +89,9 @@ class EditResult:
 
     @classmethod
     def load(cls, directory: str | Path) -> "EditResult":
-        directory = Path(directory)
+        """From a folder holding edit.json + deltas.safetensors, or from an edited / unlearned
+        checkpoint (its `edit/` folder; older unlearned checkpoints kept them at the top)."""
+        directory = find_edit_dir(directory) or Path(directory)
         meta = read_json(directory / "edit.json", "edit.json")
         try:
             deltas = load_file(str(directory / "deltas.safetensors"))
@@ -97,6 +99,21 @@ class EditResult:
             raise MecheditError(f"corrupt deltas in {directory}: {exc}") from None
         return cls(meta["method"], meta["params"], [EditRequest(**r) for r in meta["requests"]], deltas,
                    meta.get("timings", {}), meta.get("info", {}))
+
+
+# Output layout of `mechedit edit` and `mechedit unlearn` (one for both): OUT/ is the changed checkpoint,
+# OUT/EDIT_DIR/ holds the change (edit.json, deltas.safetensors), OUT/scorecard.json its scores.
+EDIT_DIR = "edit"
+
+
+def find_edit_dir(checkpoint: str | Path) -> Path | None:
+    """Where a changed checkpoint keeps its edit.json: OUT/edit/ (the layout), else OUT/ itself (what
+    `mechedit unlearn` wrote before the layout was one), else None."""
+    checkpoint = Path(checkpoint)
+    for d in (checkpoint / EDIT_DIR, checkpoint):
+        if (d / "edit.json").is_file():
+            return d
+    return None
 
 
 @dataclass(frozen=True)

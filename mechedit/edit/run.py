@@ -7,7 +7,8 @@ import json
 import tempfile
 from pathlib import Path
 
-from mechedit.edit.api import EditRequest, EditResult, get_method, make_params, run_method, validate_requests
+from mechedit.edit.api import (EDIT_DIR, EditRequest, EditResult, get_method, make_params, run_method,
+                               validate_requests)
 from mechedit.errors import MecheditError
 
 
@@ -84,7 +85,8 @@ def read_requests(path: str | Path) -> list[EditRequest]:
 
 def edit_checkpoint(checkpoint: str | Path, requests: list[EditRequest], method: str, params: dict,
                     out: str | Path, *, force: bool = False) -> dict:
-    """Edit a checkpoint and write OUT/ (edited checkpoint), OUT/edit/ (deltas) and OUT/scorecard.json."""
+    """Edit a checkpoint and write OUT/ (edited checkpoint), OUT/edit/ (edit.json + deltas) and
+    OUT/scorecard.json (the layout of `EDIT_DIR`, shared with unlearning)."""
     from mechedit.diagnose import get_suite
     from mechedit.fileio import check_output_dir, output_dir, write_json_atomic
     from mechedit.model.checkpoint import load_checkpoint
@@ -95,12 +97,16 @@ def edit_checkpoint(checkpoint: str | Path, requests: list[EditRequest], method:
     bundle = load_checkpoint(checkpoint)
     validate_requests(bundle, requests)
     before = frozen_copy(bundle)
+    from mechedit import progress
+
     with output_dir(out, force) as tmp:
-        result = run_method(bundle, requests, method, **params)
+        with progress.step(f"{method} on {len(requests)} request(s)"):
+            result = run_method(bundle, requests, method, **params)
         result.apply(bundle.model)
-        card = get_suite("edit").fn(before, bundle, requests)
+        with progress.step("scoring the edit (suite edit)"):
+            card = get_suite("edit").fn(before, bundle, requests)
         bundle.save(tmp, {"edit": result.to_json()})
-        result.save(Path(tmp) / "edit")
+        result.save(Path(tmp) / EDIT_DIR)
         card["_meta"] = stamp(command="edit", checkpoint=str(checkpoint), method=method, params=params,
                               requests=[r.__dict__ for r in requests])
         write_json_atomic(Path(tmp) / "scorecard.json", card)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mechedit.edit.api import EditRequest, get_method, make_params, parse_params, run_method
+from mechedit import progress
+from mechedit.edit.api import EDIT_DIR, EditRequest, find_edit_dir, get_method, make_params, parse_params, run_method
 from mechedit.errors import MecheditError
 from mechedit.fileio import check_output_dir, output_dir, read_json, write_json_atomic
 from mechedit.provenance import stamp
@@ -13,7 +14,8 @@ from mechedit.unlearn.targets import parse_forget
 
 def unlearn_checkpoint(checkpoint: str | Path, method: str, forget: list[str], params: dict, out: str | Path,
                        force: bool = False) -> dict:
-    """Unlearn `forget` from a checkpoint; write the unlearned checkpoint, deltas, edit.json, scorecard.json."""
+    """Unlearn `forget` from a checkpoint; write OUT/ (the unlearned checkpoint), OUT/edit/ (edit.json +
+    deltas) and OUT/scorecard.json -- the layout of `mechedit edit`."""
     from mechedit.diagnose import diagnose
 
     check_output_dir(out, force)
@@ -21,21 +23,26 @@ def unlearn_checkpoint(checkpoint: str | Path, method: str, forget: list[str], p
     before = load_checkpoint(checkpoint)
     target = parse_forget(before.world, forget)
     with output_dir(out, force) as tmp:
-        result = run_method(before, target.requests(), method, **params)
+        with progress.step(f"{method} unlearning {len(target.forget)} fact(s)"):
+            result = run_method(before, target.requests(), method, **params)
         after = load_checkpoint(checkpoint)
         result.apply(after.model)
-        after.save(tmp, {"unlearned": {"method": method, "forget": list(forget), "source": str(checkpoint)}})
-        result.save(tmp)
-        card = diagnose(before, after, target.requests(), ("forget",))
+        after.save(tmp, {"edit": result.to_json(),
+                         "unlearned": {"method": method, "forget": list(forget), "source": str(checkpoint)}})
+        result.save(tmp / EDIT_DIR)
+        with progress.step("scoring (suite forget)"):
+            card = diagnose(before, after, target.requests(), ("forget",))
         card["_meta"] = stamp(command="unlearn", checkpoint=str(checkpoint), method=method, forget=list(forget))
         write_json_atomic(tmp / "scorecard.json", card)
     return card
 
 
 def read_requests(after_dir: str | Path) -> list[EditRequest] | None:
-    p = Path(after_dir) / "edit.json"
-    if not p.is_file():
+    """The requests of a changed checkpoint (its edit/edit.json, or edit.json of the older unlearn layout)."""
+    d = find_edit_dir(after_dir)
+    if d is None:
         return None
+    p = d / "edit.json"
     try:
         return [EditRequest.from_dict(r) for r in read_json(p, "edit.json")["requests"]]
     except (KeyError, TypeError, AttributeError) as exc:
@@ -60,9 +67,14 @@ def diagnose_checkpoints(before_dir: str | Path, after_dir: str | Path, suites: 
     if forget:
         requests = parse_forget(before.world, forget).requests()
     if not requests:
-        raise MecheditError(f"no requests: {after_dir} has no edit.json; pass --forget")
+        raise MecheditError(f"no requests: {after_dir} has no edit/edit.json (it is not an edited or unlearned "
+                            "checkpoint); pass --forget")
+    names = suite_names() if suites == ["all"] else list(suites)
     with output_dir(out, force) as tmp:
-        card = diagnose(before, after, requests, suites, **options)
+        card = {}
+        for name in names:
+            with progress.step(f"suite {name}"):
+                card.update(diagnose(before, after, requests, [name], **options))
         card["_meta"] = stamp(command="diagnose", before=str(before_dir), after=str(after_dir), suites=list(suites),
                               requests=[r.__dict__ for r in requests])
         write_json_atomic(tmp / "scorecard.json", card)
