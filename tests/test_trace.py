@@ -205,9 +205,16 @@ def test_cli_trace(tiny_checkpoint, bundle, tmp_path):
     out = tmp_path / "run"
     res = runner.invoke(app, ["trace", str(tiny_checkpoint), "--fact", fact, "--samples", "2", "-o", str(out)])
     assert res.exit_code == 0, res.output
-    assert "located mlp: layer" in res.output and "figures" in res.output
-    for name in ("trace.json", "trace.npz", "summary.json", "locations.json", "spec.json", "figures/average.png"):
+    assert "figures" in res.output
+    lines = res.output.splitlines()
+    head = next(i for i, line in enumerate(lines) if "early site (last subject token)" in line)
+    assert "late site (last token)" in lines[head]
+    for k, line in zip(("resid", "mlp", "attn"), lines[head + 1 : head + 4]):
+        assert line.split()[0] == k and line.count("layer") + line.count("none") >= 2, line
+    for name in ("trace.json", "trace.npz", "summary.json", "locations.json", "sites.json", "spec.json",
+                 "figures/average.png"):
         assert (out / name).is_file(), name
+    assert not list((out / "figures").glob("average_*.png"))  # one relation: no second, identical average
     assert TraceResult.load(out).n_facts == 1
     again = runner.invoke(app, ["trace", str(tiny_checkpoint), "--fact", fact, "-o", str(out)])
     assert again.exit_code == 2 and "--force" in again.output

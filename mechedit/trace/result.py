@@ -28,12 +28,23 @@ RESULT_FORMAT = 1
 
 @dataclass(frozen=True)
 class Location:
-    """Where a fact is stored according to a trace: mean indirect effect of `site` at `layer`."""
+    """Where a fact is stored according to a trace: mean indirect effect of `site` at `layer`.
+
+    `ci95` is the 95% half-interval of that mean over the `n` traced facts: the noise floor. A
+    location whose interval includes 0 (`score - ci95 <= 0`; with one fact, `score <= 0`) is not a
+    location (`above_noise` False): reports and the CLI say "none" there.
+    """
 
     site: str
     layer: int
     score: float
     token_category: str
+    ci95: float = 0.0
+    n: int = 0
+
+    @property
+    def above_noise(self) -> bool:
+        return self.score - self.ci95 > 0
 
 
 def category_positions(n_tokens: int, subject: tuple[int, int]) -> dict[str, list[int]]:
@@ -201,11 +212,56 @@ def rank_locations(result: TraceResult, site: str = "mlp", *, token_category: st
         raise MecheditError("the trace result has no traced facts (all were skipped?)")
     rows = result.rows(fact=fact, relation=relation)
     ce = result.category_effects(site)[rows, CATEGORIES.index(token_category)]  # [n, L]
-    mean, _, n = mean_ci(ce)
-    locs = [Location(site, int(l), float(mean[l]), token_category) for l in range(result.n_layers) if n[l] > 0]
+    mean, ci, n = mean_ci(ce)
+    locs = _ranked(site, token_category, mean, ci, n)
     if not locs:
         raise MecheditError(f"no traced fact has a {CATEGORY_LABELS[token_category]}")
+    return locs
+
+
+def _ranked(site: str, token_category: str, mean, ci, n) -> list[Location]:
+    """Locations from per-layer mean, interval and n (layers with n = 0 left out), best first."""
+    locs = [Location(site, int(l), float(mean[l]), token_category, float(ci[l]), int(n[l]))
+            for l in range(len(mean)) if n[l] is not None and n[l] > 0 and mean[l] is not None]
     return sorted(locs, key=lambda x: (-x.score, x.layer))
+
+
+# ROME's two sites (Meng et al. 2022, Figs. 1-2): the early site at the subject's last token, where
+# MLPs recall the fact, and the late site at the last token, where attention carries it to the output
+SITE_TOKENS = {"early": "last_subject", "late": "last"}
+
+
+def locate_sites(result: TraceResult, *, relation: str | None = None) -> dict[str, dict[str, Location]]:
+    """For every traced kind (resid, mlp, attn, ...), the best layer at the early site (last subject
+    token) and at the late site (last token), each with its interval; `above_noise` says whether it
+    is a location at all."""
+    return {k: {where: locate(result, k, token_category=cat, relation=relation) for where, cat in SITE_TOKENS.items()}
+            for k in result.kinds}
+
+
+def sites_from_summary(block: dict) -> dict[str, dict[str, Location]]:
+    """`locate_sites` read back from one block of `TraceResult.summary()` (summary.json's "overall"
+    or a relation's block), for readers that have the summary and not the arrays (the report)."""
+    out: dict[str, dict[str, Location]] = {}
+    for kind, cats in block.items():
+        if not isinstance(cats, dict) or not all(c in cats for c in SITE_TOKENS.values()):
+            continue  # total_effect, p_clean, p_corrupt
+        out[kind] = {}
+        for where, cat in SITE_TOKENS.items():
+            d = cats[cat]
+            ci = [c if c is not None else float("nan") for c in d.get("ci95", [])]
+            ranked = _ranked(kind, cat, d.get("mean", []), ci, d.get("n", []))
+            if ranked:
+                out[kind][where] = ranked[0]
+    return out
+
+
+def describe_location(loc: Location | None) -> str:
+    """"layer 1, IE 0.491 +- 0.040" or "none (best: layer 0, IE 0.044 +- 0.061)"."""
+    if loc is None:
+        return "none (no token of that category)"
+    text = f"layer {loc.layer}, IE {loc.score:.3f} ± {loc.ci95:.3f}"
+    return text if loc.above_noise else f"none (best: {text}, within the noise)"
 
 
 def locate(result: TraceResult, site: str = "mlp", *, token_category: str = "last_subject",

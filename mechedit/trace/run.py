@@ -1,15 +1,22 @@
-"""A trace run folder: spec.json, trace.json + trace.npz, summary.json, locations.json, figures/."""
+"""A trace run folder: spec.json, trace.json + trace.npz, summary.json, locations.json, sites.json, figures/.
+
+`locations.json`: per traced kind, the layers ranked by mean IE at the last subject token (what
+`--layer traced` edits). `sites.json`: per kind, ROME's early site (last subject token) and late
+site (last token), each the best layer with its mean IE, 95% interval, n and whether it is above
+the noise floor (`located`).
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
+from mechedit import progress as P
 from mechedit.errors import MecheditError
 from mechedit.faults import crash_point
 from mechedit.provenance import git_hash
 from mechedit.fileio import check_output_dir, output_dir, write_json_atomic
 from mechedit.specio import to_dict
 from mechedit.trace.api import TraceConfig, select_facts, trace
-from mechedit.trace.result import TraceResult, rank_locations
+from mechedit.trace.result import TraceResult, locate_sites, rank_locations
 
 
 def trace_run(checkpoint: str | Path, out: str | Path, *, facts: list[str] | None = None,
@@ -39,7 +46,7 @@ def trace_run(checkpoint: str | Path, out: str | Path, *, facts: list[str] | Non
         if progress:
             progress(done, total)
 
-    with output_dir(out, force) as tmp:
+    with output_dir(out, force) as tmp, P.step(f"tracing {len(chosen)} facts ({', '.join(config.kinds)})"):
         written = _write_run(tmp, bundle, chosen, checkpoint, facts, relation, n, all_facts, include_heldout,
                              config, max_fact_figures, step)
     return {**written, "out": Path(out), "notes": notes,
@@ -56,19 +63,25 @@ def _write_run(tmp: Path, bundle, chosen, checkpoint, facts, relation, n, all_fa
     result.save(tmp)
     summary = result.summary()
     write_json_atomic(tmp / "summary.json", summary)
-    located = {}
+    located, sites = {}, {}
     if result.n_facts:
         for k in result.kinds:
             ranked = rank_locations(result, k)
             located[k] = [to_dict(loc) for loc in ranked]
+        sites = {k: {where: {**to_dict(loc), "located": loc.above_noise} for where, loc in by.items()}
+                 for k, by in locate_sites(result).items()}
     write_json_atomic(tmp / "locations.json", located)
+    write_json_atomic(tmp / "sites.json", sites)
     figs = tmp / "figures"
     figs.mkdir()
     written = []
     if result.n_facts:
-        written.append(plot_average(result, figs / "average.png"))
-        for rel in sorted({d["relation"] for d in result.facts}):
-            written.append(plot_average(result, figs / f"average_{rel}.png", result.rows(relation=rel), rel))
+        P.status("figures")
+        rels = sorted({d["relation"] for d in result.facts})
+        written.append(plot_average(result, figs / "average.png", title=f"'{rels[0]}'" if len(rels) == 1 else ""))
+        if len(rels) > 1:  # with one relation its average is the average above
+            for rel in rels:
+                written.append(plot_average(result, figs / f"average_{rel}.png", result.rows(relation=rel), f"'{rel}'"))
         for i in range(min(max_fact_figures, result.n_facts)):
             d = result.facts[i]
             written.append(plot_fact(result, i, figs / f"fact_{d['index']}.png"))
@@ -77,7 +90,7 @@ def _write_run(tmp: Path, bundle, chosen, checkpoint, facts, relation, n, all_fa
         "facts": facts, "relation": relation, "n": n, "all": all_facts, "include_heldout": include_heldout,
         "mechedit_version": mechedit.__version__, "git": git_hash()})
     return {"result": result, "summary": summary, "located": {k: v[0] for k, v in located.items()},
-            "figures": written}
+            "sites": locate_sites(result) if result.n_facts else {}, "figures": written}
 
 
 def load_run(directory: str | Path) -> TraceResult:
