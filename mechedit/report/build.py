@@ -1,7 +1,7 @@
 """`build_report`: a self-contained HTML report of a run folder (figures embedded as data URIs).
 
 Sections: the spec; the world and model with the training curve; causal-trace heatmaps (average,
-per relation, per fact) with the located layers; per method family a sortable table of scorecard
+per relation when there are several, per fact) with the early and late site of each site kind; per method family a sortable table of scorecard
 columns; scores against the edited layer next to the trace's indirect effect; unlearning sections
 (forget table, probe curves, ROC curves, adversarial recall) when the run has them; a per-case
 drill-down with prompts and top predictions before and after. Figures are also written as PNG files
@@ -80,6 +80,23 @@ def _columns(cases: list[dict]) -> list[tuple[str, str]]:
     return cols
 
 
+def _text(v) -> str:
+    """A value as report text, never a Python repr: numbers formatted, a list as "a, b", a mapping
+    as "k v, k v", text as is."""
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {_text(x)}" for k, x in v.items())
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_text(x) for x in v)
+    if isinstance(v, bool) or v is None:
+        return {True: "yes", False: "no", None: "–"}[v]
+    return _fmt(v)
+
+
+def _params_text(params: dict) -> str:
+    """Method parameters as "k=v, ..." ("default parameters" when none)."""
+    return ", ".join(f"{k}={_text(v)}" for k, v in sorted(params.items())) or "default parameters"
+
+
 def _layer_label(c: dict) -> str:
     if c["layer"] == "traced":
         return f"traced ({c.get('layer_used')})"
@@ -95,7 +112,7 @@ def _family_tables(cases: list[dict]) -> list[dict]:
         cols = _columns(cs)
         rows = []
         for c in sorted(cs, key=lambda c: (c["requests"], json.dumps(c["params"], sort_keys=True), str(c.get("layer_used")))):
-            params = ", ".join(f"{k}={v}" for k, v in sorted(c["params"].items())) or "defaults"
+            params = _params_text(c["params"])
             cells = [c["id"], _layer_label(c), params, f"{c['requests']} ({c['mode']}, {c['n_requests']})"]
             nums = [c["summary"].get(k) for k, _ in cols]
             edit_s = c.get("timings", {}).get("edit_s")
@@ -135,7 +152,8 @@ def _layer_sweeps(cases: list[dict], ie: list[float] | None, figdir: Path) -> li
             y = np.array(series["efficacy"], dtype=float)
             if np.std(x) > 0 and np.std(y) > 0:
                 corr = float(np.corrcoef(x, y)[0, 1])
-        out.append({"title": f"{method} — {req} — {params}", "img": _img(figdir / name), "corr": _fmt(corr)})
+        out.append({"title": f"{method} — {req} — {_params_text(json.loads(params))}", "img": _img(figdir / name),
+                    "corr": _fmt(corr)})
     return out
 
 
@@ -147,8 +165,9 @@ def _drilldowns(cases: list[dict]) -> list[dict]:
             for d in e.get("drilldown", []):
                 rows.append({**d, "before_s": ", ".join(f"{w} {p:.2f}" for w, p in d.get("before", [])),
                              "after_s": ", ".join(f"{w} {p:.2f}" for w, p in d.get("after", []))})
-        metrics = [(k, _fmt(v)) for k, v in sorted(c["summary"].items())]
-        out.append({"id": c["id"], "method": c["method"], "layer": _layer_label(c), "params": c["params"],
+        metrics = [(k, _fmt(int(v)) if k.rsplit(".", 1)[-1] in ("n", "n_requests") else _fmt(v))
+                   for k, v in sorted(c["summary"].items())]
+        out.append({"id": c["id"], "method": c["method"], "layer": _layer_label(c), "params": _params_text(c["params"]),
                     "requests": c["requests"], "rows": rows, "metrics": metrics,
                     "info": json.dumps(c["per_edit"][0].get("info", {}) if c["per_edit"] else {}, indent=1)[:3000]})
     return out
@@ -195,14 +214,59 @@ def _unlearning(cases: list[dict], figdir: Path) -> dict | None:
     return out
 
 
+def _trace_figures(tdir: Path, summary: dict, figdir: Path) -> list[tuple[str, str | None]]:
+    """The trace run's figures with captions: the average (per relation only when there are several:
+    with one relation its average is the overall one), then the single facts."""
+    rels = sorted(summary.get("by_relation") or {})
+    out = []
+    for p in sorted((tdir / "figures").glob("*.png"), key=lambda p: (not p.stem.startswith("average"), p.stem)):
+        if p.stem.startswith("average_") and len(rels) < 2:
+            continue  # a run written before trace_run stopped drawing the duplicate
+        shutil.copy(p, figdir / f"trace_{p.name}")
+        if p.stem == "average":
+            caption = ("Mean indirect effect by token category and layer" + (f" ('{rels[0]}' facts)" if len(rels) == 1
+                                                                             else " (all traced facts)"))
+        elif p.stem.startswith("average_"):
+            caption = f"Mean indirect effect by token category and layer, '{p.stem[len('average_'):]}' facts"
+        else:
+            caption = f"Fact {p.stem.removeprefix('fact_')}: restored probability of the answer, by token and layer"
+        out.append((caption, _img(p)))
+    return out
+
+
+def _site_rows(overall: dict) -> list[dict]:
+    """Per traced kind: the early site (last subject token) and the late site (last token), each the
+    best layer with its mean IE and 95% interval, or "none" when the interval includes 0."""
+    from mechedit.trace.result import SITE_TOKENS, sites_from_summary
+
+    rows = []
+    found = sites_from_summary(overall)
+    order = ("resid", "mlp", "attn")  # the panels' order, then severed paths
+    for kind, by in sorted(found.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else 3, kv[0])):
+        cells = []
+        for where in SITE_TOKENS:
+            loc = by.get(where)
+            if loc is None:
+                cells.append({"layer": "–", "ie": "no such token", "none": True})
+            else:
+                cells.append({"layer": str(loc.layer) if loc.above_noise else "none",
+                              "ie": f"{loc.score:.3f} ± {loc.ci95:.3f} (n {loc.n})" + (
+                                  "" if loc.above_noise else f" at best layer {loc.layer}"),
+                              "none": not loc.above_noise})
+        rows.append({"kind": kind.replace("_", " "), "cells": cells})
+    return rows
+
+
 def build_report(run_dir: str | Path, out: str | Path, *, force: bool = False) -> Path:
     """Write `out/index.html` (+ figures/) for run folder `run_dir`; returns the index path."""
     import mechedit
 
     run_dir = Path(run_dir)
     check_output_dir(out, force)
+    from mechedit import progress
+
     spec, cases = load_run(run_dir)
-    with output_dir(out, force) as tmp:
+    with output_dir(out, force) as tmp, progress.step(f"report of {len(cases)} cases"):
         _write_report(tmp, run_dir, spec, cases)
     return Path(out) / "index.html"
 
@@ -219,7 +283,8 @@ def _write_report(tmp: Path, run_dir: Path, spec: dict, cases: list[dict]) -> No
     if (ckpt / "world.json").is_file():
         from mechedit.world.world import World
 
-        world = World.load(ckpt).summary()
+        world = {k.replace("_", " "): _text(v) for k, v in World.load(ckpt).summary().items()}
+    model = {k.replace("_", " "): _text(v) for k, v in (meta.get("model_spec") or {}).items()} or None
     curve_img = _img(F.training_curve(meta.get("curve", []), figdir / "training_curve.png"))
     # trace
     trace = None
@@ -227,15 +292,13 @@ def _write_report(tmp: Path, run_dir: Path, spec: dict, cases: list[dict]) -> No
     tdir = run_dir / "trace"
     if (tdir / "summary.json").is_file():
         summary = read_json(tdir / "summary.json", "trace summary")
-        figs = []
-        for p in sorted((tdir / "figures").glob("*.png")):
-            shutil.copy(p, figdir / f"trace_{p.name}")
-            figs.append((p.stem.replace("_", " "), _img(p)))
+        figs = _trace_figures(tdir, summary, figdir)
         overall = summary.get("overall", {})
         mlp_last = (overall.get("mlp") or {}).get("last_subject", {}).get("mean")
         ie = [v if v is not None else 0.0 for v in mlp_last] if mlp_last else None
         te = overall.get("total_effect", {})
-        trace = {"figures": figs, "located": spec.get("located") or {}, "n_facts": summary.get("n_facts"),
+        trace = {"averages": [f for f in figs if not f[0].startswith("Fact ")],
+                 "facts": [f for f in figs if f[0].startswith("Fact ")], "sites": _site_rows(overall), "n_facts": summary.get("n_facts"),
                  "n_skipped": summary.get("n_skipped"), "noise_scale": _fmt(summary.get("noise_scale")),
                  "total_effect": _fmt(te.get("mean")), "te_ci": _fmt(te.get("ci95")),
                  "p_clean": _fmt(overall.get("p_clean")), "p_corrupt": _fmt(overall.get("p_corrupt"))}
@@ -248,9 +311,9 @@ def _write_report(tmp: Path, run_dir: Path, spec: dict, cases: list[dict]) -> No
     html = env.get_template("report.html").render(
         name=spec.get("name", run_dir.name), description=(spec.get("spec") or {}).get("description", ""),
         version=spec.get("mechedit_version"), git=spec.get("git"), report_version=mechedit.__version__,
-        spec_json=json.dumps(spec.get("spec"), indent=2), world=world, model=meta.get("model_spec"),
+        spec_json=json.dumps(spec.get("spec"), indent=2), world=world, model=model,
         train={"seconds": meta.get("train_seconds"), "epochs": meta.get("epochs")}, recall_rows=recall_rows,
-        curve_img=curve_img, trace=trace, families=_family_tables(cases),
+        curve_img=curve_img, trace=trace, traced_layer=spec.get("traced_layer"), families=_family_tables(cases),
         sweeps=_layer_sweeps(cases, ie, figdir), unlearning=_unlearning(cases, figdir),
         drilldowns=_drilldowns(cases), n_cases=len(cases), n_total=len(spec.get("cases", [])),
         request_sets={k: len(v["requests"]) for k, v in spec.get("request_sets", {}).items()})

@@ -8,6 +8,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from mechedit.plotting import save_figure  # noqa: E402
 
@@ -20,6 +21,7 @@ def training_curve(curve: list[dict], path: Path) -> Path | None:
     ax.plot(ep, [r["cloze"] for r in curve], marker="o", label="cloze recall (trained templates)")
     ax.plot(ep, [r["paraphrase"] for r in curve], marker="s", label="held-out paraphrase recall")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("recall")
     ax.set_ylim(0, 1.02)
     ax2 = ax.twinx()
