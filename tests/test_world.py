@@ -167,6 +167,8 @@ def test_shipped_default_world_file_matches_the_embedded_default():
 
     path = Path(__file__).parent.parent / "analyses" / "worlds" / "default.toml"
     assert WorldSpec.from_file(path) == default_world_spec()
+    tiny = Path(__file__).parent.parent / "analyses" / "worlds" / "tiny.toml"
+    assert WorldSpec.from_file(tiny) == tiny_world_spec()
 
 
 def test_tokenizer_is_a_function_of_the_world_content(tmp_path):
