@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -45,7 +46,11 @@ def _request(world, k=0):
 def test_edit_changes_only_named_params_and_restores_exactly(tiny_bundle, method):
     model = tiny_bundle.model
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    res = run_method(tiny_bundle, [_request(tiny_bundle.world)], method, **FAST[method])
+    with warnings.catch_warnings(record=True) as caught:  # no library noise in a user's output
+        warnings.simplefilter("always")
+        res = run_method(tiny_bundle, [_request(tiny_bundle.world)], method, **FAST[method])
+    noise = [f"{w.category.__name__}: {w.message}" for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert not noise, noise
     for n, p in model.named_parameters():  # computing an edit leaves the model unchanged
         assert torch.equal(p, before[n]), n
         assert p.requires_grad, f"{method} left requires_grad off on {n}"  # e.g. a later relearning attack needs it
