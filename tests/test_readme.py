@@ -234,3 +234,14 @@ def test_help_examples_run_on_the_default_world(tmp_path, monkeypatch):
             continue
         r = invoke(*examples[name][1:])
         assert r.returncode == 0, f"{shlex.join(examples[name])}\n{r.stdout}\n{r.stderr}"
+
+
+def test_readme_inline_commands_parse():
+    """Every `mechedit COMMAND ARGS` the README's prose quotes is a command whose options exist."""
+    group = typer.main.get_command(__import__("mechedit.cli", fromlist=["app"]).app)
+    quoted = [shlex.split(" ".join(m.split())) for m in re.findall(r"`(mechedit [^`]+)`", README.read_text(encoding="utf-8"))]
+    assert quoted
+    for args in quoted:
+        assert args[1] in group.commands, args
+        if len(args) > 2:
+            group.commands[args[1]].make_context(args[1], args[2:])  # an unknown option raises here
