@@ -279,3 +279,37 @@ def test_engine_equals_reference_on_other_architectures(bundle, parallel):
         np.testing.assert_allclose(fast.p_restored[k], slow.p_restored[k], rtol=1e-4, atol=1e-9, equal_nan=True)
     spread = np.nanmax(fast.p_restored["resid"]) / np.nanmin(fast.p_restored["resid"])
     assert spread > 1.1  # restorations differ: not a comparison of constants
+
+
+def test_early_and_late_sites_on_constructed_result():
+    """The early site is read at the last subject token, the late one at the last token, each with its
+    interval; a layer whose interval includes 0 is no location; the summary gives the same sites."""
+    from mechedit.trace.result import describe_location, locate_sites, sites_from_summary
+
+    F, L, T = 4, 5, 4
+    p = np.full((F, L, T), 0.1)  # p_corrupt 0.1: restoring nothing has effect 0
+    p[:, 3, 1] = 0.9  # last subject token (position 1): layer 3 is the early site
+    p[:, 1, 3] = [0.6, 0.7, 0.8, 0.9]  # last token (position 3): layer 1, effect 0.5 to 0.8
+    attn = np.full((F, L, T), 0.1)
+    attn[:, 2, 1] = [0.4, 0.0, 0.3, 0.0]  # mean effect 0.075, its interval includes 0: within the noise
+    facts = [{"index": i, "subject": f"s{i}", "relation": "r", "object": "o", "template": 0, "prompt": "",
+              "tokens": ["<bos>", "s", "x", "is"], "subject_span": [1, 2]} for i in range(F)]
+    r = TraceResult({}, 1.0, L, facts, np.ones(F), np.full(F, 0.1), np.full((F, 2), 0.1), {"mlp": p, "attn": attn})
+    sites = locate_sites(r)
+    early, late = sites["mlp"]["early"], sites["mlp"]["late"]
+    assert (early.layer, early.token_category, early.n) == (3, "last_subject", F)
+    assert early.score == pytest.approx(0.8) and early.ci95 == pytest.approx(0.0) and early.above_noise
+    effects = np.array([0.5, 0.6, 0.7, 0.8])
+    assert (late.layer, late.token_category) == (1, "last")
+    assert late.score == pytest.approx(effects.mean())
+    assert late.ci95 == pytest.approx(1.96 * effects.std(ddof=1) / np.sqrt(F))
+    noise = sites["attn"]["early"]
+    assert (noise.layer, noise.score) == (2, pytest.approx(0.075)) and noise.ci95 > noise.score
+    assert not noise.above_noise and describe_location(noise).startswith("none (best: layer 2, IE 0.075")
+    assert describe_location(early).startswith("layer 3, IE 0.800")
+    back = sites_from_summary(r.summary()["overall"])
+    for kind in ("mlp", "attn"):
+        for where in ("early", "late"):
+            a, b = back[kind][where], sites[kind][where]
+            assert (a.layer, a.token_category, a.n, a.above_noise) == (b.layer, b.token_category, b.n, b.above_noise)
+            assert a.score == pytest.approx(b.score) and a.ci95 == pytest.approx(b.ci95)
