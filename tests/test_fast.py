@@ -11,14 +11,6 @@ from mechedit.model.fast import FastNeoX, Setter
 from mechedit.model.spec import ModelSpec
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _random_model(parallel: bool, rotary_pct: float, n_layers: int = 3):
     from transformers import GPTNeoXForCausalLM
 
