@@ -178,11 +178,11 @@ def train(
 
 @command()
 def info(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint directory."),
+    checkpoint: Path = typer.Argument(..., help="Checkpoint directory (or a world directory: its world and names)."),
     names: bool = typer.Option(False, "--names", help="List every subject, relation, object and fact."),
 ):
     """Summarise a checkpoint (JSON): model, world, training, recall per probe set, and the world's
-    names (a sample; --names lists them all).
+    names (a sample; --names lists them all). A world directory gives its world and names.
 
     Example: mechedit info runs/model --names
     """

@@ -48,8 +48,25 @@ def test_info_and_bad_checkpoints(tmp_path, tiny_checkpoint):
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["final_recall"]["trained"]["by_kind"]["cloze"] >= 0.99
+    assert info["names"]["subjects"] and "note" in info["names"]  # a sample of the names, and how to get all
     r = run("info", tmp_path / "missing")
     assert r.returncode == 2 and "checkpoint not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_info_lists_a_world_directorys_names(tmp_path):
+    """`mechedit world` says `mechedit info DIR --names` lists its names: it does, every one of them."""
+    from mechedit.world import World
+
+    spec = tmp_path / "w.toml"
+    spec.write_text('seed = 1\nn_subjects = 30\n[[relations]]\nname = "capital"\nn_objects = 12\n')
+    r = run("world", spec, "-o", tmp_path / "world")
+    assert r.returncode == 0 and f"mechedit info {tmp_path / 'world'} --names" in r.stdout
+    w = World.load(tmp_path / "world")
+    names = json.loads(run("info", tmp_path / "world", "--names").stdout)["names"]
+    assert names["subjects"] == [s.name for s in w.subjects if s.kind == "subject" and not s.heldout]
+    assert names["relations"]["capital"] == list(w.relation("capital").objects) and len(names["facts"]) == len(w.train_facts)
+    sample = json.loads(run("info", tmp_path / "world").stdout)["names"]
+    assert len(sample["subjects"]) < len(names["subjects"]) and set(sample["subjects"]) <= set(names["subjects"])
 
 
 def test_train_refuses_existing_output_and_keeps_it(tmp_path, tiny_checkpoint):

@@ -95,6 +95,13 @@ def world_names(world: World, all_names: bool = False) -> dict:
 
 
 def info(directory: str | Path, all_names: bool = False) -> dict:
+    """A checkpoint in brief (model, world, training, recall, names), or a world directory's world and
+    names (what `mechedit world` wrote: world.json and no checkpoint)."""
+    directory = Path(directory)
+    if (directory / "world.json").is_file() and not any((directory / f).exists()
+                                                         for f in ("mechedit.json", "config.json", "model.safetensors")):
+        w = World.load(directory)
+        return {"path": str(directory), "world": w.summary(), "names": world_names(w, all_names)}
     b = load_checkpoint(directory)
     n_params = sum(p.numel() for p in b.model.parameters())
     verified = b.meta.get(VERIFIED_KEY)
