@@ -218,14 +218,15 @@ def run_analysis(spec_path: str | Path, run_dir: str | Path, *, executor_name: s
     say(f"{len(cases)} cases: {skipped} already done, {len(todo)} to run ({executor_name} executor)")
     kwargs = {"address": address} if executor_name == "ray" else {}
     ran = 0
-    for case, outcome in run(todo, ctx, workers, **kwargs):
-        # the case file is the commit point: the timing sidecar follows it (a missing sidecar = no timing)
-        write_json_atomic(run_dir / f"case_{case['id']}.json", outcome["record"])
-        crash_point("case.written")
-        write_json_atomic(run_dir / f"case_{case['id']}.timing.json", outcome["timings"])
-        ran += 1
-        took = outcome["timings"].get("case_s")
-        say(f"case {case['id']} done" + (f" in {took:.0f} s" if took is not None else "")
-            + f" ({ran}/{len(todo)}): {headline_text(outcome['record']['summary'])}")
+    with P.step("cases", quiet=True):  # the heartbeat goes on while workers start and the pool shuts down
+        for case, outcome in run(todo, ctx, workers, **kwargs):
+            # the case file is the commit point: the timing sidecar follows it (a missing sidecar = no timing)
+            write_json_atomic(run_dir / f"case_{case['id']}.json", outcome["record"])
+            crash_point("case.written")
+            write_json_atomic(run_dir / f"case_{case['id']}.timing.json", outcome["timings"])
+            ran += 1
+            took = outcome["timings"].get("case_s")
+            say(f"case {case['id']} done" + (f" in {took:.0f} s" if took is not None else "")
+                + f" ({ran}/{len(todo)}): {headline_text(outcome['record']['summary'])}")
     done = sum(case_done(run_dir, c, spec.hash()) for c in cases)
     return {"run_dir": run_dir, "done": done, "ran": ran, "skipped": skipped, "total": len(cases)}

@@ -200,7 +200,8 @@ def _unlearning(cases: list[dict], figdir: Path) -> dict | None:
     if probe_series:
         n = max(len(v) for v in probe_series.values())
         F.line_plot(list(range(n)), {k: v for k, v in probe_series.items() if len(v) == n}, figdir / "probes.png",
-                    xlabel="layer", ylabel="probe accuracy on forgotten facts", title="Linear probes by layer")
+                    xlabel="layer", ylabel="probe accuracy on forgotten facts", title="Linear probes by layer",
+                    integer_x=True)
         out["figures"].append(("Linear probes: is the old object still decodable?", _img(figdir / "probes.png")))
     if roc_series:
         F.line_plot([], roc_series, figdir / "roc.png", xlabel="false positive rate", ylabel="true positive rate",

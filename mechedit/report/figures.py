@@ -29,7 +29,7 @@ def training_curve(curve: list[dict], path: Path) -> Path | None:
     ax2.set_ylabel("loss")
     lines = ax.get_legend_handles_labels()
     lines2 = ax2.get_legend_handles_labels()
-    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="center right", fontsize=8)
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="center right", fontsize=9)
     ax.set_title("Training curve")
     return save_figure(fig, path)
 
@@ -49,16 +49,18 @@ def scores_vs_layer(layers: list[int], series: dict[str, list[float]], ie: list[
         ax2.set_ylabel("indirect effect")
         h1, l1 = ax.get_legend_handles_labels()
         h2, l2 = ax2.get_legend_handles_labels()
-        ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="best")
+        ax.legend(h1 + h2, l1 + l2, fontsize=9, loc="best")
     else:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=9)
     ax.set_title(title)
     return save_figure(fig, path)
 
 
 def line_plot(x: list, series: dict[str, list[float]], path: Path, *, xlabel: str, ylabel: str, title: str,
-              diagonal: bool = False) -> Path:
+              diagonal: bool = False, integer_x: bool = False) -> Path:
     fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    if integer_x:  # layers: ticks at whole numbers only
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for name, ys in series.items():
         ax.plot(x if not isinstance(ys, tuple) else ys[0], ys if not isinstance(ys, tuple) else ys[1],
                 marker="." if not diagonal else None, label=name)
@@ -67,7 +69,7 @@ def line_plot(x: list, series: dict[str, list[float]], path: Path, *, xlabel: st
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=9)
     return save_figure(fig, path)
 
 
@@ -79,9 +81,9 @@ def bar_plot(labels: list[str], series: dict[str, list[float]], path: Path, *, y
     for i, (name, vals) in enumerate(series.items()):
         ax.bar(x + i * width - 0.4 + width / 2, vals, width, label=name)
     ax.set_xticks(x)
-    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=9)
     ax.set_ylabel(ylabel)
     ax.set_xlabel("adversarial family")
     ax.set_title(title)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=9)
     return save_figure(fig, path)
