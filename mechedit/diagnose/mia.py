@@ -57,7 +57,7 @@ def mia_scores(model, tokenizer, texts: list[str], k: float = 0.2, batch_size: i
     for start in range(0, len(texts), batch_size):
         chunk = texts[start : start + batch_size]
         seqs = [tokenizer(t)["input_ids"] for t in chunk]
-        ids, mask = pad(seqs, tokenizer.pad_token_id)
+        ids, mask = pad(seqs, tokenizer.pad_token_id, model.device)
         logits = model(input_ids=ids, attention_mask=mask).logits  # [b, pos, vocab]
         for b, (s, text) in enumerate(zip(seqs, chunk)):
             n = len(s)

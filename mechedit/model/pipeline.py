@@ -62,6 +62,7 @@ def train_checkpoint(world: World, mspec: ModelSpec, tspec: TrainSpec, out: str 
             "world_spec": world.spec.to_dict(), "model_spec": mspec.__dict__, "train_spec": tspec.__dict__,
             "curve": res.curve, "final_recall": final, "train_seconds": round(res.seconds, 3),
             "epochs": res.epochs, "tokens": res.tokens, "stopped_early": res.stopped_early,
+            "device": str(res.model.device),
             "excluded_facts": sorted(exclude_facts),
         }
         save_checkpoint(tmp, res.model, tokenizer, world, meta)
@@ -80,5 +81,6 @@ def info(directory: str | Path) -> dict:
                      "note": "no weights_sha256 in mechedit.json (written before weight hashes): not verified"}),
         "model": b.meta.get("model_spec"), "parameters": n_params, "world": b.world.summary(),
         "train_seconds": b.meta.get("train_seconds"), "epochs": b.meta.get("epochs"),
+        "trained_on": b.meta.get("device", "cpu"),
         "final_recall": b.meta.get("final_recall"),
     }

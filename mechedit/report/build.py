@@ -247,7 +247,7 @@ def _write_report(tmp: Path, run_dir: Path, spec: dict, cases: list[dict]) -> No
     env = Environment(loader=PackageLoader("mechedit.report", "templates"), autoescape=select_autoescape(["html"]))
     html = env.get_template("report.html").render(
         name=spec.get("name", run_dir.name), description=(spec.get("spec") or {}).get("description", ""),
-        version=spec.get("mechedit_version"), git=spec.get("git"), report_version=mechedit.__version__,
+        version=spec.get("mechedit_version"), git=spec.get("git"), device=spec.get("device"), report_version=mechedit.__version__,
         spec_json=json.dumps(spec.get("spec"), indent=2), world=world, model=meta.get("model_spec"),
         train={"seconds": meta.get("train_seconds"), "epochs": meta.get("epochs")}, recall_rows=recall_rows,
         curve_img=curve_img, trace=trace, families=_family_tables(cases),
