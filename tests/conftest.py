@@ -48,12 +48,12 @@ def tiny_forget(tiny_world):
 
 
 @pytest.fixture(scope="session")
-def tiny_retrained(tmp_path_factory, tiny_checkpoint, tiny_forget):
-    """The tiny model retrained without `tiny_forget` (the real rule: same schedule, same stop epoch)."""
+def tiny_retrained(tiny_checkpoint, tiny_forget):
+    """The tiny model retrained without `tiny_forget` (the real rule: same schedule, same stop epoch),
+    cached beside the tiny checkpoint where every suite and CLI command of the session finds it."""
     from mechedit.diagnose.reference import retrained_reference
 
-    return retrained_reference(load_checkpoint(tiny_checkpoint), tiny_forget,
-                               cache_dir=tmp_path_factory.mktemp("retrained"))
+    return retrained_reference(load_checkpoint(tiny_checkpoint), tiny_forget)
 
 
 def need(module: str):

@@ -117,7 +117,7 @@ def mia_section(models: dict, target: ForgetTarget, k: float = 0.2, roc_attack: 
                  "roc_attack": roc_attack, "roc": {}, "forget_scores": {}}
     scores = {}
     for tag, b in models.items():
-        scores[tag] = {g: memo("mia", b.model, (tuple(t.key for t in ts), k),
+        scores[tag] = {g: memo("mia", b.model, (tuple(t.text for t in ts), k),
                                lambda ts=ts, b=b: mia_scores(b.model, b.tokenizer, [t.prompt for t in ts],
                                                              [t.answer for t in ts], k))
                        for g, ts in groups.items()}
