@@ -157,11 +157,12 @@ def probe_model(model, tokenizer, world: World, forget: list[Fact], split: Probe
     cells = {p: {"validation": [float(np.mean(list(d.values()))) if d else float("nan") for d in val[p]],
                  "forget": [float(np.mean(list(d.values()))) if d else float("nan") for d in fgt[p]]}
              for p in POSITIONS}
-    chance = float(np.mean([1.0 / len(world.relation_by_name[f.relation].objects) for f in forget]))
+    scored = [f for f in forget if f.index in fgt["prompt_last"][0]] or forget  # relations with a probe
+    chance = float(np.mean([1.0 / len(world.relation_by_name[f.relation].objects) for f in scored]))
     options = [(cells[p]["validation"][l], p, l) for p in POSITIONS for l in range(n_layers)
                if np.isfinite(cells[p]["validation"][l]) and np.isfinite(cells[p]["forget"][l])]
     out = {"cells": cells, "chance": chance, "n_train_prompts": int(n_train),
-           "n_validation_facts": len(val["prompt_last"][0]), "n_forget_facts": len(forget)}
+           "n_validation_facts": len(val["prompt_last"][0]), "n_forget_facts": len(fgt["prompt_last"][0])}
     if not options:
         return {**out, "selected": None, "validation_accuracy": None, "accuracy": None, "by_fact": {}}
     best_val, pos, layer = max(options, key=lambda t: (t[0], t[1] == "prompt_last", -t[2]))
