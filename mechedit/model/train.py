@@ -79,11 +79,15 @@ def _lr_at(step: int, total: int, spec: TrainSpec) -> float:
 
 
 def training_key(world: World, tokenizer, mspec: ModelSpec, tspec: TrainSpec,
-                 exclude_facts: set[int] = frozenset()) -> str:
-    """A hash of everything that determines a training run: corpus, vocabulary, model and train specs."""
+                 exclude_facts: set[int] = frozenset(), stop_epoch: int | None = None) -> str:
+    """A hash of everything that determines a training run: corpus, vocabulary, model and train specs
+    (and the fixed stop epoch of a retrained reference, when there is one)."""
     h = hashlib.sha256()
-    h.update(json.dumps({"model": mspec.__dict__, "train": tspec.__dict__, "vocab": tokenizer.get_vocab(),
-                         "exclude": sorted(exclude_facts)}, sort_keys=True).encode())
+    what = {"model": mspec.__dict__, "train": tspec.__dict__, "vocab": tokenizer.get_vocab(),
+            "exclude": sorted(exclude_facts)}
+    if stop_epoch is not None:
+        what["stop_epoch"] = stop_epoch
+    h.update(json.dumps(what, sort_keys=True).encode())
     for sentence in world.corpus(exclude_facts):
         h.update(sentence.encode() + b"\n")
     return h.hexdigest()
@@ -125,11 +129,15 @@ def _load_state(state_dir: Path, key: str) -> dict | None:
 
 def train_model(world: World, tokenizer, mspec: ModelSpec, tspec: TrainSpec, *,
                 log_path: Path | None = None, progress: Callable[[dict], None] | None = None,
-                exclude_facts: set[int] = frozenset(), state_dir: Path | None = None,
-                state_every: int = 5, device: torch.device | str | None = None) -> TrainResult:
+                exclude_facts: set[int] = frozenset(), stop_epoch: int | None = None,
+                state_dir: Path | None = None, state_every: int = 5,
+                device: torch.device | str | None = None) -> TrainResult:
     """Train until cloze and paraphrase recall reach their targets or `max_epochs` run out.
 
-    `exclude_facts` trains without those facts (the retrained reference for forget quality).
+    `exclude_facts` trains without those facts (the retrained reference for forget quality); recall
+    is then evaluated on the remaining trained facts only. `stop_epoch` stops after exactly that
+    many epochs instead of at the recall targets, with the learning-rate schedule of `max_epochs`
+    unchanged (the retrained reference stops where the original stopped).
     `state_dir` makes the run resumable (module docstring); `state_every` epochs between states.
     `device` (default: the process's, `mechedit.device.current_device`) holds the model, the
     optimizer and the whole tokenized corpus; the batch order is drawn on the CPU from the seed, so
@@ -137,6 +145,8 @@ def train_model(world: World, tokenizer, mspec: ModelSpec, tspec: TrainSpec, *,
     """
     from mechedit.device import current_device, resolve_device
 
+    if stop_epoch is not None and not 1 <= stop_epoch <= tspec.max_epochs:
+        raise SpecError(f"stop_epoch must be in 1..max_epochs ({tspec.max_epochs}), got {stop_epoch}")
     dev = current_device() if device is None else resolve_device(device)
     mspec.check_size(len(tokenizer))
     model = build_model(mspec, tokenizer, tspec.seed).to(dev)
@@ -159,7 +169,7 @@ def train_model(world: World, tokenizer, mspec: ModelSpec, tspec: TrainSpec, *,
                              {"params": no_decay, "weight_decay": 0.0}], lr=tspec.lr, betas=(0.9, 0.98))
     gen = torch.Generator(device="cpu").manual_seed(tspec.seed)
     result = TrainResult(model)
-    key = training_key(world, tokenizer, mspec, tspec, exclude_facts) if state_dir is not None else ""
+    key = training_key(world, tokenizer, mspec, tspec, exclude_facts, stop_epoch) if state_dir is not None else ""
     state = _load_state(Path(state_dir), key) if state_dir is not None else None
     start, step, finished, seconds0 = 1, 0, False, 0.0
     if state is not None:
@@ -201,8 +211,10 @@ def train_model(world: World, tokenizer, mspec: ModelSpec, tspec: TrainSpec, *,
                 result.tokens += sum(widths[i] for i in rows)
                 step += 1
             result.epochs = epoch
-            if epoch % tspec.eval_every == 0 or epoch == tspec.max_epochs:
-                rec = evaluate_recall(model, tokenizer, world, kinds=("cloze", "paraphrase"))
+            last = epoch == (stop_epoch or tspec.max_epochs)
+            if epoch % tspec.eval_every == 0 or last:
+                rec = evaluate_recall(model, tokenizer, world, kinds=("cloze", "paraphrase"),
+                                      exclude_facts=exclude_facts)
                 row = {"epoch": epoch, "step": step, "loss": sum(torch.stack(losses).tolist()) / len(losses),
                        "seconds": round(time.perf_counter() - t0, 3),
                        "cloze": rec["by_kind"].get("cloze", 0.0),
@@ -215,7 +227,11 @@ def train_model(world: World, tokenizer, mspec: ModelSpec, tspec: TrainSpec, *,
                     log.flush()
                 if progress:
                     progress(row)
-                if row["cloze"] >= tspec.target_recall and row["paraphrase"] >= tspec.target_paraphrase:
+                if stop_epoch is not None:
+                    if last:
+                        result.stopped_early = epoch < tspec.max_epochs
+                        break
+                elif row["cloze"] >= tspec.target_recall and row["paraphrase"] >= tspec.target_paraphrase:
                     result.stopped_early = epoch < tspec.max_epochs
                     finished = True
             crash_point("train.epoch")
