@@ -56,6 +56,17 @@ app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True,
                        "trained on synthetic worlds.")
 
 
+def device_option():
+    return typer.Option(None, "--device", help="auto (CUDA when present; the default), cpu, cuda or cuda:N.")
+
+
+def use(device: str | None) -> None:
+    """Make `--device` the device of this command (a one-line error if it is not available)."""
+    from mechedit.device import use_device
+
+    use_device(device or "auto")
+
+
 def fail(message: str) -> None:
     typer.echo(f"error: {one_line(message)}", err=True)
     raise typer.Exit(2)
@@ -150,11 +161,13 @@ def train(
     seed: Optional[int] = typer.Option(None, "--seed", help="Training seed (overrides the spec)."),
     max_epochs: Optional[int] = typer.Option(None, "--max-epochs", help="Epoch limit (overrides the spec)."),
     bf16: Optional[bool] = typer.Option(None, "--bf16/--fp32", help="bf16 autocast (overrides the spec)."),
+    device: Optional[str] = device_option(),
 ):
     """Train a GPT-NeoX model on a world until it recalls its facts.
 
     Example: mechedit train --model default -o runs/model            (embedded default world and model)
     """
+    use(device)
     from mechedit.fileio import check_output_dir
     from mechedit.model.pipeline import resolve_world, train_checkpoint
     from mechedit.model.spec import model_spec, with_overrides
@@ -180,12 +193,14 @@ def train(
 def info(
     checkpoint: Path = typer.Argument(..., help="Checkpoint directory (or a world directory: its world and names)."),
     names: bool = typer.Option(False, "--names", help="List every subject, relation, object and fact."),
+    device: Optional[str] = device_option(),
 ):
     """Summarise a checkpoint (JSON): model, world, training, recall per probe set, and the world's
     names (a sample; --names lists them all). A world directory gives its world and names.
 
     Example: mechedit info runs/model --names
     """
+    use(device)
     from mechedit.model.pipeline import info as info_fn
 
     typer.echo(json.dumps(info_fn(checkpoint, all_names=names), indent=2, ensure_ascii=False))
@@ -209,6 +224,7 @@ def trace(
     include_heldout: bool = typer.Option(False, "--include-heldout", help="Also trace held-out subjects' facts."),
     out: Path = out_option("runs/trace"),
     force: bool = force_option(),
+    device: Optional[str] = device_option(),
 ):
     """Causal tracing (ROME): which layer, site and token carry a fact.
 
@@ -218,6 +234,7 @@ def trace(
 
     Example: mechedit trace runs/model --relation capital --n 50 --severed mlp -o runs/trace_capital
     """
+    use(device)
     from mechedit.trace.api import TraceConfig
     from mechedit.trace.result import CATEGORY_LABELS, SITE_TOKENS, describe_location
     from mechedit.trace.run import trace_run
@@ -271,12 +288,14 @@ def edit(
     param: list[str] = param_option(),
     out: Path = out_option("runs/edit"),
     force: bool = force_option(),
+    device: Optional[str] = device_option(),
 ):
     """Edit facts in a checkpoint: OUT/ is the edited checkpoint, OUT/edit/ the edit (edit.json,
     deltas.safetensors), OUT/scorecard.json its scores.
 
     Example: mechedit edit runs/model -m rome --fact "kafepe zipele|capital" --new livi --layer traced -o runs/edit
     """
+    use(device)
     from mechedit.diagnose.headline import card_headline
     from mechedit.edit.api import EditRequest, parse_params
     from mechedit.edit.run import edit_checkpoint, read_requests
@@ -306,12 +325,14 @@ def unlearn(
     param: list[str] = param_option(),
     out: Path = out_option("runs/unlearn"),
     force: bool = force_option(),
+    device: Optional[str] = device_option(),
 ):
     """Unlearn facts: OUT/ is the unlearned checkpoint, OUT/edit/ the change (edit.json,
     deltas.safetensors), OUT/scorecard.json the forget scores.
 
     Example: mechedit unlearn runs/model -m npo --forget "subject:kafepe zipele" -p steps=80 -o runs/unlearn
     """
+    use(device)
     from mechedit.diagnose.headline import card_headline
     from mechedit.edit.api import parse_params
     from mechedit.unlearn.run import unlearn_checkpoint
@@ -331,11 +352,13 @@ def diagnose(
     option: list[str] = typer.Option([], "--option", help="A suite option KEY=VALUE (repeatable), e.g. --option k=0.1."),
     out: Path = out_option("runs/diagnose"),
     force: bool = force_option(),
+    device: Optional[str] = device_option(),
 ):
     """Score AFTER against BEFORE with diagnostic suites (forget, leftover, relearn, forget_quality, edit...).
 
     Example: mechedit diagnose runs/model runs/unlearn --suite leftover -o runs/diagnose
     """
+    use(device)
     from mechedit.diagnose.headline import card_headline
     from mechedit.edit.api import parse_params
     from mechedit.unlearn.run import diagnose_checkpoints
@@ -362,6 +385,7 @@ def run(
     workers: Optional[int] = typer.Option(None, "--workers", help="Parallel cases (default: the number of cores)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: start a local Ray)."),
     force: bool = typer.Option(False, "--force", help="Start over if the folder holds a run of another spec."),
+    device: Optional[str] = device_option(),
 ):
     """Run an analysis: train or reuse the model, trace, run every case of the grid.
 
@@ -372,7 +396,7 @@ def run(
 
     if out is None:
         out = Path("runs") / load_analysis(spec).name
-    res = run_analysis(spec, out, executor_name=executor, workers=workers, address=address, force=force)
+    res = run_analysis(spec, out, executor_name=executor, workers=workers, address=address, force=force, device=device)
     typer.echo(f"{res['done']}/{res['total']} cases done ({res['ran']} run now, {res['skipped']} resumed) in {res['run_dir']}:")
     for line in _case_lines(res["run_dir"]):
         typer.echo(line)

@@ -313,3 +313,18 @@ def test_early_and_late_sites_on_constructed_result():
             a, b = back[kind][where], sites[kind][where]
             assert (a.layer, a.token_category, a.n, a.above_noise) == (b.layer, b.token_category, b.n, b.above_noise)
             assert a.score == pytest.approx(b.score) and a.ci95 == pytest.approx(b.ci95)
+def test_prepared_subject_span_covers_exactly_the_subject_tokens(bundle):
+    """The traced span (corrupted by noise, and the 'last subject token' of every summary) is the
+    subject's name and nothing else, in every template and for names of every length."""
+    w = bundle.world
+    lengths = set()
+    for f in w.train_facts[:60]:
+        name = w.subject_of(f).name.split()
+        for t in range(w.n_templates):
+            p = prepare_fact(w, bundle.tokenizer, f, template=t)
+            a, b = p.subject
+            assert list(p.tokens[a:b]) == name, (p.prompt, p.subject)
+            assert p.tokens[0] == "<bos>" and " ".join(p.tokens[1:]) == p.prompt
+        lengths.add(len(name))
+    assert len(lengths) >= 2  # one- and several-word names were both checked
+

@@ -55,21 +55,11 @@ class LoraParams:
             raise SpecError("lora: rank >= 1, alpha > 0, steps >= 1, lr > 0, n_retain >= 0")
 
 
-def peft_model(model, config):
-    """`peft.get_peft_model` without the FutureWarning transformers raises when peft reads its deprecated
-    `is_gradient_checkpointing` property (noise in every LoRA case's output, not ours to fix)."""
-    import warnings
-
-    from peft import get_peft_model
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(model, config)
-
-
 @register_method("lora", params=LoraParams)
 def lora(bundle, requests: list[EditRequest], p: LoraParams) -> EditResult:
     from peft import LoraConfig
+
+    from mechedit.edit.peft_quiet import peft_model
 
     layers = (list(range(bundle.n_layers)) if p.layer == "all"
               else resolve_layers(bundle, p.layer, requests, allow_list=True))
@@ -79,9 +69,9 @@ def lora(bundle, requests: list[EditRequest], p: LoraParams) -> EditResult:
     cfg = LoraConfig(r=p.rank, lora_alpha=p.alpha, lora_dropout=0.0, bias="none", target_modules=TARGETS[p.component],
                      layers_to_transform=layers, layers_pattern="layers", init_lora_weights=True)
     model = peft_model(base, cfg)
-    edit = _nll_batch(bundle.tokenizer, edit_pairs(bundle.world, requests))
+    edit = _nll_batch(bundle.tokenizer, edit_pairs(bundle.world, requests), bundle.model.device)
     retain = retain_pairs(bundle.world, requests, p.n_retain, p.seed)
-    retain_b = _nll_batch(bundle.tokenizer, retain) if retain else None
+    retain_b = _nll_batch(bundle.tokenizer, retain, bundle.model.device) if retain else None
     trainable = [t for t in model.parameters() if t.requires_grad]
     opt = torch.optim.Adam(trainable, lr=p.lr)
     model.eval()
