@@ -30,7 +30,7 @@ class Sink(Protocol):
     def emit(self, kind: str, text: str, key: str | None = None) -> None:
         """kind: "begin" / "begin_open" / "begin_quiet" (a step starts, text = its name; see
         `BEGIN_KINDS`: whether its start and its end are printed), "end" (the innermost step of
-        `key` ends), "status" (the current state), "note" (a line to keep)."""
+        `key` ends), "abort" (it ends by an exception: no end line), "status" (the current state), "note" (a line to keep)."""
 
 
 _SINK: Sink | None = None
@@ -68,8 +68,10 @@ def step(name: str, *, quiet: bool = False, end_line: bool = True) -> Iterator[N
     sink.emit("begin_quiet" if quiet else "begin" if end_line else "begin_open", name)
     try:
         yield
-    finally:
-        sink.emit("end", "")
+    except BaseException:
+        sink.emit("abort", "")  # no "done" line: the error says what happened
+        raise
+    sink.emit("end", "")
 
 
 @contextlib.contextmanager
@@ -122,21 +124,24 @@ class Reporter:
     """A command's sink: plain timestamped lines (a log) or a rich spinner (a terminal).
 
     Per source (`key`: None for the command itself, a case id for a worker) it keeps the stack of
-    steps in progress and the latest status. Plain mode prints each step's start and end with its
-    time, every note, a status when nothing was printed for `every` seconds, and, from a background
+    steps in progress and the latest status. Plain mode prints each step's start (once it has run
+    `delay` seconds or prints something inside: a step that fails at once leaves no line) and end
+    with its time, every note, a status when nothing was printed for `every` seconds, and, from a background
     thread, a heartbeat line (every step in progress, its status and elapsed time) when nothing was
     printed for `heartbeat` seconds.
     """
 
-    def __init__(self, stream=None, *, rich: bool | None = None, every: float = 10.0, heartbeat: float = 20.0):
+    def __init__(self, stream=None, *, rich: bool | None = None, every: float = 10.0, heartbeat: float = 20.0,
+                 delay: float = 3.0):
         self.stream = stream if stream is not None else sys.stderr
         isatty = getattr(self.stream, "isatty", lambda: False)
         self.rich = bool(isatty()) if rich is None else rich
-        self.every, self.heartbeat = every, heartbeat
+        self.every, self.heartbeat, self.delay = every, heartbeat, delay
         self.t0 = time.monotonic()
         self._lock = threading.RLock()
         self._steps: dict[str | None, list[tuple[str, float, bool]]] = {}  # key -> [(name, start, end line)]
         self._status: dict[str | None, str] = {}
+        self._pending: dict[str | None, int] = {}  # key -> index in its stack of a step whose start is not printed yet
         self._last_output = time.monotonic()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -166,25 +171,32 @@ class Reporter:
             stack = self._steps.setdefault(key, [])
             if kind in BEGIN_KINDS:
                 start_line, end_line = BEGIN_KINDS[kind]
+                self._flush_starts(key)
                 stack.append((text, now, end_line))
                 self._status.pop(key, None)
                 if start_line:
-                    self._line(self._where(key, stack[:-1]) + f"{text} ...")
-            elif kind == "end":
+                    self._pending[key] = len(stack) - 1  # printed once it lasts `delay` s or prints inside
+            elif kind in ("end", "abort"):
                 if stack:
+                    if kind == "end":
+                        self._flush_starts(key)
+                    elif self._pending.get(key) == len(stack) - 1:
+                        del self._pending[key]  # a step that failed at once (bad input): no lines at all
                     name, t, end_line = stack.pop()
                     self._status.pop(key, None)
-                    if end_line:
+                    if end_line and kind == "end":
                         self._line(self._where(key, stack) + f"{name}: done in {_fmt_seconds(now - t)}")
                 if not stack:
                     self._steps.pop(key, None)
             elif kind == "note":
+                self._flush_starts(key)
                 self._line(self._where(key, stack) + text)
             elif kind == "status":
                 self._status[key] = text
                 if self.rich:
                     self._refresh()
                 elif now - self._last_output >= self.every:
+                    self._flush_starts(key)
                     self._line(self._where(key, stack) + text)
             if self.rich:
                 self._show_spinner(any(self._steps.values()))
@@ -195,6 +207,19 @@ class Reporter:
         self.emit("note", text)
 
     # ---- output ------------------------------------------------------------------------------
+    def _flush_starts(self, key: str | None, older_than: float | None = None) -> None:
+        """Print the start line of `key`'s innermost step if it is still pending (a step's start is
+        held back `delay` seconds, so that a command failing at once on bad input prints only its error)."""
+        i = self._pending.get(key)
+        stack = self._steps.get(key) or []
+        if i is None or i >= len(stack):
+            self._pending.pop(key, None)
+            return
+        if older_than is not None and time.monotonic() - stack[i][1] < older_than:
+            return
+        del self._pending[key]
+        self._line(self._where(key, stack[:i]) + f"{stack[i][0]} ...")
+
     @staticmethod
     def _where(key: str | None, stack: list) -> str:
         names = ([f"case {key}"] if key is not None else []) + [s[0] for s in stack]
@@ -252,8 +277,10 @@ class Reporter:
             self._live.update(Spinner("dots", Text(self._summary() or "working")))
 
     def _beat(self) -> None:
-        while not self._stop.wait(1.0):
+        while not self._stop.wait(min(1.0, self.delay)):
             with self._lock:
+                for key in list(self._pending):
+                    self._flush_starts(key, older_than=self.delay)
                 if self.rich:
                     self._refresh()
                 elif time.monotonic() - self._last_output >= self.heartbeat:

@@ -71,7 +71,7 @@ def test_info_lists_a_world_directorys_names(tmp_path):
 
 def test_train_refuses_existing_output_and_keeps_it(tmp_path, tiny_checkpoint):
     before = (tiny_checkpoint / "model.safetensors").read_bytes()
-    r = run("train", tiny_checkpoint, "-m", "tiny", "-o", tiny_checkpoint)
+    r = run("train", tiny_checkpoint, "--model", "tiny", "-o", tiny_checkpoint)
     assert r.returncode == 2 and "--force" in r.stderr
     assert (tiny_checkpoint / "model.safetensors").read_bytes() == before
     r = run("train", tmp_path / "no-such-world.toml", "-o", tmp_path / "m")
@@ -84,6 +84,9 @@ def test_train_command_end_to_end(tmp_path):
     r = run("train", spec, "-m", "tiny", "--max-epochs", "2", "-o", tmp_path / "m")
     assert r.returncode == 0, r.stderr
     assert "checkpoint written" in r.stdout
+    assert "`train -m` is the old spelling of `--model`" in r.stderr  # still works, and says so
+    r = run("train", spec, "--model", "tiny", "-m", "default", "-o", tmp_path / "m2")
+    assert r.returncode == 2 and "give the model once" in r.stderr
     import mechedit
 
     b = mechedit.load(tmp_path / "m")
@@ -98,7 +101,7 @@ def test_world_then_train_gives_the_model_run_trains(tmp_path):
     (tmp_path / "w.json").write_text(json.dumps(tiny_world_spec(5).to_dict()))
     (tmp_path / "m.json").write_text(json.dumps({"preset": "tiny", "train": {"max_epochs": 3, "eval_every": 3}}))
     assert run("world", tmp_path / "w.json", "-o", tmp_path / "W").returncode == 0
-    r = run("train", tmp_path / "W", "-m", tmp_path / "m.json", "-o", tmp_path / "M")
+    r = run("train", tmp_path / "W", "--model", tmp_path / "m.json", "-o", tmp_path / "M")
     assert r.returncode == 0, r.stderr
     (tmp_path / "a.json").write_text(json.dumps({
         "name": "same", "world": {"spec": "w.json"}, "model": {"spec": "m.json"},

@@ -313,15 +313,15 @@ def test_fuzz_train(fuzz_dir):
     good.write_text(json.dumps(WORLD))
     worlds = write_specs(root, world_spec_cases(), "tw")
     models = write_specs(root, model_spec_cases(), "tm")
-    cases = [(n, ["train", p, "-m", "tiny", "--max-epochs", "1", "-o", outs / "m"]) for n, p in worlds]
-    cases += [(n, ["train", good, "-m", p, "-o", outs / "m"]) for n, p in models]
-    cases += [(n, ["train", p, "-m", "tiny", "-o", outs / "m"]) for n, p in file_cases(root)]
-    cases += [(n, ["train", good, "-m", "tiny", "-o", o]) for n, o in bad_outputs(outs)]
+    cases = [(n, ["train", p, "--model", "tiny", "--max-epochs", "1", "-o", outs / "m"]) for n, p in worlds]
+    cases += [(n, ["train", good, "--model", p, "-o", outs / "m"]) for n, p in models]
+    cases += [(n, ["train", p, "--model", "tiny", "-o", outs / "m"]) for n, p in file_cases(root)]
+    cases += [(n, ["train", good, "--model", "tiny", "-o", o]) for n, o in bad_outputs(outs)]
     for opt, values in (("--seed", ["-1", str(10**20), "abc", "1.5", ""]),
                         ("--max-epochs", ["0", "-3", "100000", "abc", "1e400"])):
-        cases += [(f"{opt} {v}", ["train", good, "-m", "tiny", opt, v, "-o", outs / "m"]) for v in values]
-    cases += [("model preset nope", ["train", good, "-m", "nope", "-o", outs / "m"]),
-              ("world folder corrupt", ["train", dict(fuzz_dir["ckpts"])["world.json invalid"], "-m", "tiny", "-o", outs / "m"])]
+        cases += [(f"{opt} {v}", ["train", good, "--model", "tiny", opt, v, "-o", outs / "m"]) for v in values]
+    cases += [("model preset nope", ["train", good, "--model", "nope", "-o", outs / "m"]),
+              ("world folder corrupt", ["train", dict(fuzz_dir["ckpts"])["world.json invalid"], "--model", "tiny", "-o", outs / "m"])]
     check_all(cases, outs)
 
 
@@ -603,7 +603,7 @@ def test_real_processes_print_one_line(tmp_path):
     latin.write_bytes("seed = 1\nname = 'caf\xe9'\n".encode("latin-1"))
     env = {**os.environ, "PYTHONWARNINGS": "default"}
     for argv, needle in ((["world", latin, "-o", tmp_path / "w"], "not UTF-8"),
-                         (["train", "-m", "tiny", "--seed", str(10**20), "-o", tmp_path / "m"], "seed")):
+                         (["train", "--model", "tiny", "--seed", str(10**20), "-o", tmp_path / "m"], "seed")):
         r = subprocess.run([sys.executable, "-m", "mechedit.cli", *map(str, argv)], capture_output=True, text=True,
                            env=env, timeout=300)
         assert r.returncode == 2, r.stderr

@@ -99,3 +99,24 @@ def test_terminal_mode_prints_lines_and_leaves_no_spinner_behind():
         assert rep._live is None  # no step left: the spinner is gone before results are printed
     out = buf.getvalue()
     assert "training ..." in out and "epoch 5: recall 0.5" in out
+
+
+def test_a_failing_step_prints_no_done_line():
+    buf = io.StringIO()
+    with progress.Reporter(buf, rich=False, every=3600, heartbeat=3600) as rep, progress.activate(rep):
+        try:
+            with progress.step("tracing"):
+                raise ValueError("bad window")
+        except ValueError:
+            pass
+        with progress.step("after"):
+            pass
+    bodies = [STAMP.sub("", line) for line in buf.getvalue().splitlines()]
+    assert bodies[:1] == ["after ..."] and not any("tracing" in b for b in bodies)  # failed at once: only its error
+
+
+def test_a_step_start_is_printed_after_the_delay():
+    buf = io.StringIO()
+    with progress.Reporter(buf, rich=False, every=3600, heartbeat=3600, delay=0.1) as rep, progress.activate(rep):
+        with progress.step("training"):
+            assert _wait_for(lambda: "training ..." in buf.getvalue())

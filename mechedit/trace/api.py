@@ -129,6 +129,15 @@ def subject_embedding_std(model, tokenizer, world: World) -> float:
     return float(emb[torch.tensor(ids, device=emb.device)].std())
 
 
+def check_config(world: World, n_layers: int, config: TraceConfig) -> None:
+    """What can be checked against the world and model before any work (a one-line error)."""
+    if config.template is not None and not 0 <= config.template < world.n_templates:
+        raise MecheditError(f"template {config.template} out of range (0..{world.n_templates - 1})")
+    if config.window is not None and config.window > 2 * n_layers:
+        raise MecheditError(f"window {config.window} is beyond the model: a window of 2 x n_layers = {2 * n_layers} "
+                            f"already covers every layer from any centre")
+
+
 def trace(bundle, facts: Iterable[str | int | Fact] | None = None, config: TraceConfig | None = None, *,
           bridge=None, include_heldout: bool = False, progress: Callable[[int, int], None] | None = None,
           **overrides) -> TraceResult:
@@ -143,11 +152,9 @@ def trace(bundle, facts: Iterable[str | int | Fact] | None = None, config: Trace
     chosen = select_facts(world, facts, include_heldout=include_heldout)
     if not chosen:
         raise MecheditError("no facts to trace")
-    prepared = [prepare_fact(world, tok, f, config.template) for f in chosen]
     n_layers, d_model = model.config.num_hidden_layers, model.config.hidden_size
-    if config.window is not None and config.window > 2 * n_layers:
-        raise MecheditError(f"window {config.window} is beyond the model: a window of 2 x n_layers = {2 * n_layers} "
-                            f"already covers every layer from any centre")
+    check_config(world, n_layers, config)
+    prepared = [prepare_fact(world, tok, f, config.template) for f in chosen]
     window = config.window or E.default_window(n_layers)
     std = subject_embedding_std(model, tok, world)
     nu = config.noise_scale if config.noise_scale is not None else config.noise * std

@@ -15,7 +15,7 @@ from mechedit.faults import crash_point
 from mechedit.provenance import git_hash
 from mechedit.fileio import check_output_dir, output_dir, write_json_atomic
 from mechedit.specio import to_dict
-from mechedit.trace.api import TraceConfig, select_facts, trace
+from mechedit.trace.api import TraceConfig, check_config, select_facts, trace
 from mechedit.trace.result import TraceResult, locate_sites, rank_locations
 
 
@@ -46,6 +46,7 @@ def trace_run(checkpoint: str | Path, out: str | Path, *, facts: list[str] | Non
         if progress:
             progress(done, total)
 
+    check_config(bundle.world, bundle.model.config.num_hidden_layers, config)  # bad options: an error, no progress lines
     with output_dir(out, force) as tmp, P.step(f"tracing {len(chosen)} facts ({', '.join(config.kinds)})"):
         written = _write_run(tmp, bundle, chosen, checkpoint, facts, relation, n, all_facts, include_heldout,
                              config, max_fact_figures, step)
