@@ -86,15 +86,19 @@ def test_report_labels(run_dir, tmp_path):
     assert {"mlp", "attn"} <= set(spec["located"])
 
 
-def test_located_says_none_below_the_noise_floor():
-    rows = B._located({"mlp": {"site": "mlp", "layer": 0, "score": 0.5, "token_category": "last_subject", "ci95": 0.1},
-                       "attn": {"site": "attn", "layer": 2, "score": 0.002, "token_category": "last_subject",
-                                "ci95": 0.004}}, {})
-    assert [r["layer"] for r in rows] == [0, "none"] and "noise floor" in rows[1]["note"]
-    # an older locations.json without ci95: the interval comes from the summary
-    summary = {"overall": {"attn": {"last_subject": {"mean": [0.0, 0.0, 0.002], "ci95": [0.0, 0.0, 0.001]}}}}
-    rows = B._located({"attn": {"site": "attn", "layer": 2, "score": 0.002, "token_category": "last_subject"}}, summary)
-    assert rows[0]["layer"] == 2
+def test_sites_say_none_below_the_noise_floor():
+    """The trace table: per kind the early (last subject token) and late (last token) site from the
+    summary; a best layer whose 95% interval includes 0 is "none"."""
+    def cat(mean, ci):
+        return {"mean": mean, "ci95": ci, "n": [40] * len(mean)}
+
+    overall = {"mlp": {"last_subject": cat([0.5, 0.1, 0.0], [0.1, 0.05, 0.0]), "last": cat([0.0, 0.01, 0.2], [0.0, 0.02, 0.05])},
+               "attn": {"last_subject": cat([0.0, 0.0, 0.002], [0.0, 0.0, 0.004]), "last": cat([0.1, 0.3, 0.2], [0.05, 0.05, 0.05])},
+               "total_effect": {"mean": 0.6, "ci95": 0.05, "n": 40}}
+    rows = {r["kind"]: r["cells"] for r in B._site_rows(overall)}
+    assert [c["layer"] for c in rows["mlp"]] == ["0", "2"]
+    assert [c["layer"] for c in rows["attn"]] == ["none", "1"]
+    assert rows["attn"][0]["none"] and "at best layer 2" in rows["attn"][0]["ie"] and "0.002 ± 0.004" in rows["attn"][0]["ie"]
 
 
 def test_params_label():

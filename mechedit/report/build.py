@@ -112,7 +112,18 @@ def _params_label(params: dict | str) -> str:
     """Parameters as "k=v, ..." ("default parameters" when none), never a Python/JSON repr."""
     if isinstance(params, str):
         params = json.loads(params)
-    return ", ".join(f"{k}={_text(v)}" for k, v in sorted(params.items())) or "default parameters"
+    return ", ".join(f"{k}={_param_value(v)}" for k, v in sorted(params.items())) or "default parameters"
+
+
+def _param_value(v) -> str:
+    """A parameter as it is typed after -p: 0.1, 40, [0, 1], text (never a repr)."""
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_param_value(x) for x in v) + "]"
+    if isinstance(v, (dict, bool)) or v is None:
+        return _text(v)
+    return str(v)
 
 
 def _layer_label(c: dict) -> str:
