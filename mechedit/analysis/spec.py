@@ -7,8 +7,8 @@ spec = "default"
 [model]                       # preset = "default" | spec = a model spec file | checkpoint = a directory
 preset = "default"
 [trace]                       # optional: traced facts; "traced" layers resolve to its MLP location
-relation = "capital"
-n = 30
+relation = "capital"          # (or requests = "single": the facts of that request set, e.g. for
+n = 30                        #  relating each fact's trace to its edits, analyses/hase.toml)
 [requests.single]             # request sets: counterfactual edits ...
 relation = "capital"
 n = 8
@@ -91,7 +91,7 @@ class AnalysisSpec:
 _TOP = {"name", "world", "model", "trace", "requests", "grid", "diagnostics", "description"}
 _WORLD = {"spec", "dir"}
 _MODEL = {"preset", "spec", "checkpoint"}
-_TRACE = {"relation", "n", "facts", "sites", "samples", "noise", "window", "seed"}
+_TRACE = {"relation", "n", "facts", "requests", "sites", "samples", "noise", "window", "seed"}
 _REQ = {"relation", "n", "mode", "forget", "subjects", "seed"}
 _GRID = {"method", "params", "layers", "requests"}
 _DIAG = {"suites", "forget_suites", "options"}
@@ -145,6 +145,13 @@ def parse_analysis(data: dict, base: Path) -> AnalysisSpec:
             raise SpecError(f"requests.{sname}.mode: must be 'each' or 'batch', got {mode!r}")
         sets[sname] = RequestSet(sname, kind, mode, int(t.get("n", 5)), t.get("relation"), t.get("forget"),
                                  t.get("subjects"), int(t.get("seed", 0)))
+    if trace is not None and "requests" in trace:  # trace exactly the facts a request set edits
+        tr = trace["requests"]
+        if tr not in sets or sets[tr].kind != "counterfactual":
+            raise SpecError(f"trace.requests: {tr!r} is not a counterfactual request set "
+                            f"(defined: {', '.join(n for n, r in sets.items() if r.kind == 'counterfactual') or 'none'})")
+        if any(k in trace for k in ("relation", "n", "facts")):
+            raise SpecError("trace: give either requests or relation / n / facts")
     grid = data.get("grid", [])
     if not isinstance(grid, list) or not grid:
         raise SpecError("grid: the grid is empty (add at least one [[grid]] entry)")

@@ -17,6 +17,7 @@ from mechedit.edit.api import EditRequest
 from mechedit.edit.stats import capture_keys
 from mechedit.errors import MecheditError
 from mechedit.model.evaluate import pad
+from mechedit.world.tokenizer import subject_token_span
 
 
 def resolve_layers(bundle, layer, requests: list[EditRequest], *, allow_list: bool) -> list[int]:
@@ -65,14 +66,28 @@ def context_prefixes(world, n: int, max_words: int, seed: int) -> list[str]:
 
 @dataclass
 class Batch:
-    """Tokenised (prefix + prompt) texts with the subject's last token and the answer position."""
+    """Tokenised (prefix + prompt [+ new object]) texts with the subject's last token and the answer tokens.
+
+    A row of an edit batch is teacher-forced: the new object's tokens but its last follow the prompt,
+    and answer token j of row r sits at `ans_pos` = last[r] + j (it predicts `ans_tgt`). With one
+    token per object (the word tokenizer) that is one answer token per row, at `last`.
+    """
 
     ids: torch.Tensor  # [b, pos]
     mask: torch.Tensor  # [b, pos]
     subj: torch.Tensor  # [b] position of the subject's last token
-    last: torch.Tensor  # [b] position of the prompt's last token (predicts the object)
+    last: torch.Tensor  # [b] position of the prompt's last token (predicts the object's first token)
     target: torch.Tensor  # [b] first token id of the new object
     owner: torch.Tensor  # [b] index of the request each row belongs to
+    ans_row: torch.Tensor | None = None  # [n_ans] row of each answer token (None: one per row, at `last`)
+    ans_pos: torch.Tensor | None = None  # [n_ans] position predicting it
+    ans_tgt: torch.Tensor | None = None  # [n_ans] its token id
+
+    def answers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(row, position, token) of every answer token."""
+        if self.ans_row is None:
+            return torch.arange(len(self.last)), self.last, self.target
+        return self.ans_row, self.ans_pos, self.ans_tgt
 
 
 def essence_prompts(world, req: EditRequest, kind: str) -> list[str]:
@@ -96,31 +111,39 @@ def essence_prompts(world, req: EditRequest, kind: str) -> list[str]:
 
 def build_batch(bundle, requests: list[EditRequest], prefixes: list[str], *, essence: bool = False,
                 essence_kind: str = "possessive") -> Batch:
-    """Rows for every (request, prefix, prompt); `essence=True` uses the essence prompts (ROME's KL term)."""
+    """Rows for every (request, prefix, prompt); `essence=True` uses the essence prompts (ROME's KL term).
+
+    Positions come from the tokenizer's word ids (`subject_token_span`), so a name or an object of
+    several tokens is handled: `subj` is the last token of the subject's name, and the new object's
+    tokens are teacher-forced after the prompt (`Batch.answers`). Essence rows carry no answer.
+    """
     tok, world = bundle.tokenizer, bundle.world
     seqs, subj, last, target, owner = [], [], [], [], []
+    ans_row, ans_pos, ans_tgt = [], [], []
     for i, r in enumerate(requests):
         f = world.fact(r.subject, r.relation)
         name = world.subjects[f.subject].name
         prompts = essence_prompts(world, r, essence_kind) if essence else edit_prompts(world, r)
-        new_id = tok(r.new_object, add_special_tokens=False)["input_ids"][0]
+        new_ids = tok(r.new_object, add_special_tokens=False)["input_ids"]
         for pre in ([""] if essence else prefixes):
             for p in prompts:
                 text = f"{pre} {p}".strip()
-                ids = tok(text)["input_ids"]
-                words = text.split()
-                offset = len(ids) - len(words)  # <bos>
                 # the subject's occurrence inside the prompt (not the prefix)
-                start, end = world.subject_span(p.split(), f, name=name)
-                pre_len = len(pre.split()) if pre else 0
-                seqs.append(ids)
-                subj.append(offset + pre_len + end - 1)
+                ids, (_, end) = subject_token_span(tok, world, text, f, name=name, after_word=len(pre.split()))
+                row = len(seqs)
+                subj.append(end - 1)
                 last.append(len(ids) - 1)
-                target.append(new_id)
+                target.append(new_ids[0])
                 owner.append(i)
+                if not essence:
+                    ans_row += [row] * len(new_ids)
+                    ans_pos += [len(ids) - 1 + j for j in range(len(new_ids))]
+                    ans_tgt += new_ids
+                    ids = ids + new_ids[:-1]
+                seqs.append(ids)
     ids, mask = pad(seqs, tok.pad_token_id)
     t = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
-    return Batch(ids, mask, t(subj), t(last), t(target), t(owner))
+    return Batch(ids, mask, t(subj), t(last), t(target), t(owner), t(ans_row), t(ans_pos), t(ans_tgt))
 
 
 @torch.no_grad()
@@ -225,7 +248,8 @@ def optimize_targets(model, batch: Batch, essence: Batch | None, layer: int, n_r
                      init: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """delta [n_requests, d_model] added at the subject token of `layer` so the new objects are predicted.
 
-    Loss (ROME/MEMIT compute_v): mean NLL(new object) over prefixes + kl_weight * KL(p_orig || p_edit)
+    Loss (ROME/MEMIT compute_v): mean NLL(new object) over prefixes (per row the mean over the new
+    object's tokens, teacher-forced, as ROME's compute_v) + kl_weight * KL(p_orig || p_edit)
     on the essence prompts + weight_decay * ||delta||^2 / ||ref||^2; ||delta|| is clamped to `clamp`
     (per request) after each Adam step. With `rank_one_u` ([n_requests, d_mlp], see `add_rank_one`)
     delta is applied the way the rank-one weight edit will apply it (scaled by u . k at every
@@ -266,7 +290,8 @@ def _optimise_delta(model, batch, n_requests, layer, add, essence, kl_weight, st
     delta = torch.zeros(n_requests, d_model, dtype=dtype) if init is None else init.detach().to(dtype).clone()
     delta.requires_grad_(True)
     opt = torch.optim.Adam([delta], lr=lr)
-    rows = torch.arange(len(batch.last))
+    a_row, a_pos, a_tgt = batch.answers()
+    a_len = torch.bincount(a_row, minlength=len(batch.last)).clamp_min(1).to(torch.float32)  # tokens per row
     p_orig = None
     if essence is not None and kl_weight > 0:
         with torch.no_grad():
@@ -276,8 +301,9 @@ def _optimise_delta(model, batch, n_requests, layer, add, essence, kl_weight, st
     for step in range(steps):
         with add(delta, batch):
             logits = model(input_ids=batch.ids, attention_mask=batch.mask).logits  # [b, pos, vocab]
-        logp = torch.log_softmax(logits[rows, batch.last].float(), -1)
-        nll_rows = -logp[rows, batch.target]
+        logp = torch.log_softmax(logits[a_row, a_pos].float(), -1)  # [n_ans, vocab]
+        nll_tok = -logp[torch.arange(len(a_tgt)), a_tgt]
+        nll_rows = torch.zeros(len(batch.last)).index_add(0, a_row, nll_tok) / a_len  # mean over answer tokens
         nll = _mean_by_owner(nll_rows.unsqueeze(1), batch.owner, n_requests).squeeze(1)  # [n_requests]
         loss = nll.mean()
         if p_orig is not None:
