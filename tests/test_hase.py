@@ -126,6 +126,22 @@ def test_hase_run_traces_the_edited_facts_and_reports(tmp_path, tiny_checkpoint)
     traced = {(d["subject"], d["relation"]) for d in TraceResult.load(tmp_path / "run" / "trace").facts}
     skipped = {(d["subject"], d["relation"]) for d in json.loads((tmp_path / "run" / "trace" / "trace.json").read_text())["skipped"]}
     assert traced | skipped == edited and traced
+    # the tracing effect of each (fact, layer) cell is the IE at that fact's last subject token
+    from mechedit.report.hase_section import hase_arrays, hase_groups
+
+    from mechedit.report.build import load_run
+
+    result = TraceResult.load(tmp_path / "run" / "trace")
+    (by_layer,) = hase_groups(load_run(tmp_path / "run")[1]).values()
+    te, s = hase_arrays(result, by_layer, "rewrite.rewrite_score", "resid")
+    rows = {(d["subject"], d["relation"]): i for i, d in enumerate(result.facts)}
+    facts = sorted(set(rows) & edited)
+    ie = result.indirect_effect("resid")
+    for fi, key in enumerate(facts):
+        i = rows[key]
+        end = result.facts[i]["subject_span"][1]
+        assert np.allclose(te[fi], ie[i, :, end - 1])
+    assert not np.isnan(s).any()
     html = build_report(tmp_path / "run", tmp_path / "report").read_text()
     assert "Does localization inform editing?" in html and "R² layer + TE" in html
 

@@ -57,9 +57,15 @@ def train_checkpoint(world: World, mspec: ModelSpec, tspec: TrainSpec, out: str 
 def info(directory: str | Path) -> dict:
     b = load_checkpoint(directory)
     n_params = sum(p.numel() for p in b.model.parameters())
+    from mechedit.world.identifiability import name_statistics
+
+    names = name_statistics(b.world, b.tokenizer if b.world.spec.tokenizer != "word" else None)
+    for unit in names.values():
+        unit.pop("mi_by_relation", None)
     return {
         "path": str(directory), "mechedit_version": b.meta.get("mechedit_version"),
         "model": b.meta.get("model_spec"), "parameters": n_params, "world": b.world.summary(),
+        "names": names,
         "train_seconds": b.meta.get("train_seconds"), "epochs": b.meta.get("epochs"),
         "final_recall": b.meta.get("final_recall"),
     }
