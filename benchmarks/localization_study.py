@@ -1,7 +1,7 @@
 """Where do models recall facts? The levers of subject-level recall, one world size, one table.
 
-For each setting (a world spec and a model spec; every setting has the same 300 subjects and
-relations, so rows compare):
+For each setting (a world spec and a model spec; every setting has the default world's 200 subjects,
+relations and structures, so rows compare):
   - training: seconds and epochs until cloze and held-out-paraphrase recall reach the targets;
   - names: share of subjects whose last word / last token alone identifies them, and the plug-in
     mutual information of a single (first / last) name word with each relation's object, as a
@@ -39,23 +39,23 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# every setting: the default world's relations and structures at 300 subjects
-BASE_WORLD = {"n_subjects": 300}
+# every setting: the embedded default world's size, relations and structures (200 subjects)
+BASE_WORLD = {"n_subjects": 200}
+FIRST_LAST = {"name_scheme": "first_last", "word_reuse": 14.0}
+BPE = {"tokenizer": "bpe", "bpe_vocab_size": 180}
 SETTINGS: dict[str, dict] = {
-    "baseline": {"lever": "none (default world design, 300 subjects; default model)", "world": {},
-                 "model": "default"},
-    "word_reuse5": {"lever": "name words shared (2-3 words from one pool, ~5 subjects per word)",
-                    "world": {"word_reuse": 5.0, "name_words": [0.0, 0.5, 0.5]}, "model": "default"},
-    "first_last": {"lever": "balanced first x last names (~15 subjects per word)",
-                   "world": {"name_scheme": "first_last", "word_reuse": 15.0}, "model": "default"},
-    "bpe": {"lever": "BPE tokenizer (vocab 350): names in pieces",
-            "world": {"tokenizer": "bpe", "bpe_vocab_size": 350}, "model": "default"},
-    "first_last_6l": {"lever": "first x last names + 6 layers",
-                      "world": {"name_scheme": "first_last", "word_reuse": 15.0},
+    "baseline": {"lever": "none: the embedded default world and model", "world": {}, "model": "default"},
+    "first_last": {"lever": "names: balanced first x last names (~14 subjects per word)",
+                   "world": FIRST_LAST, "model": "default"},
+    "bpe": {"lever": "tokenizer: BPE, 180 tokens (names in pieces)", "world": BPE, "model": "default"},
+    "first_last_6l": {"lever": "names + depth: 6 layers", "world": FIRST_LAST,
                       "model": {"preset": "default", "model": {"n_layers": 6}}},
-    "first_last_seq": {"lever": "first x last names + sequential (GPT-2) residual",
-                       "world": {"name_scheme": "first_last", "word_reuse": 15.0},
+    "first_last_seq": {"lever": "names + residual: sequential (GPT-2)", "world": FIRST_LAST,
                        "model": {"preset": "default", "model": {"parallel_residual": False}}},
+    "first_last_bpe_6l": {"lever": "names + BPE + 6 layers (parallel)", "world": {**FIRST_LAST, **BPE},
+                          "model": {"preset": "default", "model": {"n_layers": 6}}},
+    "first_last_bpe_6l_seq": {"lever": "names + BPE + 6 layers, sequential", "world": {**FIRST_LAST, **BPE},
+                              "model": {"preset": "default", "model": {"n_layers": 6, "parallel_residual": False}}},
     "subject_level": {"lever": "the shipped preset (analyses/worlds/subject_level.toml + "
                                "analyses/models/subject_level.toml)",
                       "world_file": "analyses/worlds/subject_level.toml",

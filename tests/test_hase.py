@@ -160,6 +160,6 @@ def test_trace_requests_must_name_a_counterfactual_set(tmp_path, tiny_checkpoint
 def test_shipped_hase_specs_parse():
     from mechedit.analysis import load_analysis
 
-    for name in ("hase.toml",):
+    for name in ("hase.toml", "hase_subject_level.toml", "subject_level.toml"):
         spec = load_analysis(HERE.parent / "analyses" / name)
-        assert spec.trace["requests"] in spec.request_sets
+        assert spec.trace.get("requests", "single") in spec.request_sets

@@ -243,3 +243,25 @@ def test_bad_name_and_tokenizer_options(bad, message):
     base = {"seed": 0, "n_subjects": 20, "relations": [{"name": "a", "n_objects": 5}]}
     with pytest.raises(SpecError, match=message):
         WorldSpec.from_dict({**base, **bad})
+
+
+def test_profile_sentences_list_every_object_of_a_subject_after_its_name():
+    from collections import Counter
+
+    w = generate_world(dataclasses.replace(tiny_world_spec(), profiles=3))
+    plain = generate_world(tiny_world_spec())
+    assert w.corpus()[: len(plain.corpus())] == plain.corpus()  # single-fact sentences unchanged
+    prof = w.profile_sentences()
+    main = [s for s in w.subjects if s.kind == "subject" and not s.heldout]
+    assert len(prof) == 3 * len(main) and w.corpus()[len(plain.corpus()):] == prof
+    for i, s in enumerate(main):  # in subject order, `profiles` per subject
+        mine = prof[3 * i: 3 * i + 3]
+        objs = Counter(f.object for f in w.facts_of(s.id))
+        n = len(s.name.split())
+        assert all(p.split()[:n] == s.name.split() and Counter(p.split()[n:]) == objs for p in mine)
+        assert len(set(mine)) > 1  # the orders differ
+    drop = w.facts_of(main[0].id)[0]
+    left = w.profile_sentences({drop.index})[:3]
+    kept = Counter(f.object for f in w.facts_of(main[0].id) if f.index != drop.index)
+    n = len(main[0].name.split())
+    assert all(Counter(p.split()[n:]) == kept for p in left)

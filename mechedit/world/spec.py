@@ -101,6 +101,11 @@ class WorldSpec:
     # the world's corpus with `bpe_vocab_size` tokens, so names split into several pieces
     tokenizer: str = "word"
     bpe_vocab_size: int = 400
+    # profile sentences per trained main subject: "{name} {o_1} {o_2} ..." lists the objects of all its
+    # relations, in a random order per sentence, right after the name (as an infobox or an apposition
+    # does: "Paris, France"). The token after the name then depends on all of the subject's attributes,
+    # so the last name token is where they are assembled. 0 = none (single-fact sentences only)
+    profiles: int = 0
     object_words: int = 1
     alias_fraction: float = 0.3
     alias_share: float = 0.5
@@ -154,6 +159,8 @@ class WorldSpec:
             raise SpecError(f"name_scheme 'first_last': word_reuse ({self.word_reuse}) must be at most "
                             f"sqrt(n_subjects) = {self.n_subjects ** 0.5:.1f} (the two name pools need "
                             f"pool_first x pool_last >= n_subjects combinations)")
+        if not 0 <= self.profiles <= 20:
+            raise SpecError(f"profiles must be in [0, 20], got {self.profiles}")
         if self.tokenizer not in TOKENIZERS:
             raise SpecError(f"tokenizer must be one of {', '.join(TOKENIZERS)}, got {self.tokenizer!r}")
         if self.tokenizer == "bpe" and not 64 <= self.bpe_vocab_size <= 100_000:
