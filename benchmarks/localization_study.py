@@ -1,6 +1,6 @@
 """Where do models recall facts? The levers of subject-level recall, one world size, one table.
 
-For each setting (a world spec and a model spec; every setting has the default world's 200 subjects,
+For each setting (a world spec and a model spec; every setting has the default world's 200 subjects (one: 300),
 relations and structures, so rows compare):
   - training: seconds and epochs until cloze and held-out-paraphrase recall reach the targets;
   - names: share of subjects whose last word / last token alone identifies them, and the plug-in
@@ -39,7 +39,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# every setting: the embedded default world's size, relations and structures (200 subjects)
+# every setting: the embedded default world's size, relations and structures (200 subjects; first_last_300
+# has 300, the size where a 15 x 20 grid of first and last names is balanced at ~15 subjects per word)
 BASE_WORLD = {"n_subjects": 200}
 FIRST_LAST = {"name_scheme": "first_last", "word_reuse": 14.0}
 BPE = {"tokenizer": "bpe", "bpe_vocab_size": 180}
@@ -54,6 +55,11 @@ SETTINGS: dict[str, dict] = {
                        "model": {"preset": "default", "model": {"parallel_residual": False}}},
     "first_last_bpe_6l": {"lever": "names + BPE + 6 layers (parallel)", "world": {**FIRST_LAST, **BPE},
                           "model": {"preset": "default", "model": {"n_layers": 6}}},
+    "first_last_300": {"lever": "names: balanced first x last names, 300 subjects (~15 per word)",
+                       "world": {**FIRST_LAST, "n_subjects": 300, "word_reuse": 15.0}, "model": "default"},
+    "first_last_bpe_prof_6l": {"lever": "names + BPE + 6 layers + 2 profile sentences per subject",
+                               "world": {**FIRST_LAST, **BPE, "profiles": 2},
+                               "model": {"preset": "default", "model": {"n_layers": 6}}},
     "first_last_bpe_6l_seq": {"lever": "names + BPE + 6 layers, sequential", "world": {**FIRST_LAST, **BPE},
                               "model": {"preset": "default", "model": {"n_layers": 6, "parallel_residual": False}}},
     "subject_level": {"lever": "the shipped preset (analyses/worlds/subject_level.toml + "
@@ -107,8 +113,9 @@ def known_facts(bundle) -> set[int]:
     return {f.index for f in bundle.world.train_facts} - wrong
 
 
-def trace_profile(bundle, n: int, seed: int) -> dict:
-    """Mean IE by token category and layer for resid / mlp / attn over `n` known main-subject facts."""
+def trace_profile(bundle, n: int, seed: int, out: Path | None = None) -> dict:
+    """Mean IE by token category and layer for resid / mlp / attn over `n` known main-subject facts
+    (with `out`: the trace result and its averaged heatmaps, ROME's Fig. 2, saved there)."""
     from mechedit.trace import trace
     from mechedit.trace.result import CATEGORIES, mean_ci, rank_locations
 
@@ -119,6 +126,11 @@ def trace_profile(bundle, n: int, seed: int) -> dict:
     facts = [pool[int(i)] for i in sorted(rng.choice(len(pool), size=min(n, len(pool)), replace=False))]
     t0 = time.perf_counter()
     res = trace(bundle, facts, sites=("resid", "mlp", "attn"), samples=10, seed=seed)
+    if out is not None:
+        from mechedit.trace.plot import plot_average
+
+        res.save(out)
+        plot_average(res, out / "average.png")
     out = {"n_facts": res.n_facts, "seconds": round(time.perf_counter() - t0, 1),
            "total_effect": float(np.mean(res.total_effect)), "p_clean": float(np.mean(res.p_clean)),
            "p_corrupt": float(np.mean(res.p_corrupt)), "profile": {}}
@@ -186,7 +198,9 @@ def rome_at(bundle, layer: int, n: int, seed: int, known: set[int]) -> dict:
     reqs = counterfactual_requests(bundle.world, n, None, seed, known)
     suite = get_suite("edit")
     rows, t0 = [], time.perf_counter()
-    for r in reqs:
+    for i, r in enumerate(reqs):
+        if i % 5 == 0:
+            print(f"  ROME edit {i + 1}/{len(reqs)} ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
         after = edited_bundle(bundle, run_method(bundle, [r], "rome", layer=layer))
         card = suite.fn(bundle, after, [r], n_unrelated=50, n_retain=50)
         flips = sibling_flips(bundle, after, r, known, 20, seed)
@@ -253,7 +267,7 @@ def run_setting(name: str, out: Path, args) -> dict:
                                                        "total_epochs": meta["epochs"], "final_recall": rec},
            "names": stats, "mechedit_version": mechedit.__version__, "threads": torch.get_num_threads()}
     print(f"[{name}] tracing {args.n_trace} facts", file=sys.stderr, flush=True)
-    res["trace"] = trace_profile(bundle, args.n_trace, args.seed)
+    res["trace"] = trace_profile(bundle, args.n_trace, args.seed, d / f"trace_t{args.n_trace}")
     known = known_facts(bundle)
     print(f"[{name}] ROME at layer {res['trace']['mlp_layer']}, {args.n_rome} single edits", file=sys.stderr, flush=True)
     res["rome"] = rome_at(bundle, res["trace"]["mlp_layer"], args.n_rome, args.seed, known)
@@ -270,7 +284,7 @@ def _fmt(x, nd=2):
 
 def table(results: list[dict]) -> str:
     """Markdown table: one row per setting."""
-    head = ("| setting | train s (epochs) to targets | last word / token unique | MI(word; object) / H | "
+    head = ("| setting | train s (epochs) to targets | last word / token unique | MI(first; obj) / MI(last; obj) in H (objects shuffled) | "
             "MLP IE at last subj tok by layer | attn IE at last tok by layer | located MLP | ROME eff / para | "
             "sibling flipped (others) |")
     lines = [head, "|" + "---|" * 9]
@@ -278,7 +292,9 @@ def table(results: list[dict]) -> str:
         tr, nm = r["train"], r["names"]
         unit = nm.get("tokens", nm["words"])
         mi = nm["words"]["mi_mean"]
-        mi_s = f"{mi['mi_first'] / mi['entropy_object']:.2f} / {mi['mi_last'] / mi['entropy_object']:.2f}"
+        h = mi["entropy_object"]
+        mi_s = (f"{mi['mi_first'] / h:.2f} / {mi['mi_last'] / h:.2f} "
+                f"({mi['mi_first_shuffled'] / h:.2f} / {mi['mi_last_shuffled'] / h:.2f})")
         prof = r["trace"]["profile"]
         mlp = " ".join(_fmt(x) for x in prof["mlp"]["last_subject"]["mean"])
         att = " ".join(_fmt(x) for x in prof["attn"]["last"]["mean"])
