@@ -301,7 +301,7 @@ class World:
                 nested_maps={k: dict(v) for k, v in d.get("nested_maps", {}).items()},
                 rings={k: tuple(v) for k, v in d.get("rings", {}).items()},
             )
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"corrupt world.json (missing or bad field {exc})") from None
 
     def save(self, directory: str | Path) -> Path:
