@@ -131,6 +131,9 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
 
 # ---- output directories -----------------------------------------------------------------------
 def _pid_alive(pid: int) -> bool:
+    """Whether process `pid` is running. A zombie is not: a killed writer whose parent died too stays
+    a zombie until something reaps it (in a container whose init does not, forever), and its partial
+    output must still be adopted or removed."""
     if pid == os.getpid():
         return True
     try:
@@ -139,7 +142,11 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:  # somebody else's live process
         return True
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):  # no /proc (not Linux): trust the signal check
+        return True
+    return state != "Z"
 
 
 def stale_debris(directory: str | Path, name: str | None = None, kind: str | None = None) -> list[Path]:

@@ -38,6 +38,32 @@ def tiny_bundle(tiny_checkpoint):
     return load_checkpoint(tiny_checkpoint)
 
 
+def tiny_bpe_world_spec():
+    """The tiny world with a BPE tokenizer small enough that names and objects split into pieces."""
+    import dataclasses
+
+    return dataclasses.replace(tiny_world_spec(), tokenizer="bpe", bpe_vocab_size=150)
+
+
+@pytest.fixture(scope="session")
+def tiny_bpe_world():
+    return generate_world(tiny_bpe_world_spec())
+
+
+@pytest.fixture(scope="session")
+def tiny_bpe_checkpoint(tmp_path_factory, tiny_bpe_world):
+    """Path of a checkpoint: the tiny model trained on the tiny BPE world (several tokens per name)."""
+    out = tmp_path_factory.mktemp("ckpt") / "tiny_bpe"
+    tspec = with_overrides(TRAIN_PRESETS["tiny"], max_epochs=200, target_recall=0.99)
+    train_checkpoint(tiny_bpe_world, PRESETS["tiny"], tspec, out)
+    return out
+
+
+@pytest.fixture()
+def tiny_bpe_bundle(tiny_bpe_checkpoint):
+    return load_checkpoint(tiny_bpe_checkpoint)
+
+
 @pytest.fixture(scope="session")
 def tiny_forget(tiny_world):
     """The forget target of the tests that need a retrained reference: every fact of the first trained subject."""

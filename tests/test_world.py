@@ -171,6 +171,104 @@ def test_shipped_default_world_file_matches_the_embedded_default():
     assert WorldSpec.from_file(tiny) == tiny_world_spec()
 
 
+def test_default_world_content_is_pinned():
+    """New world options must leave the embedded default world (and so the default model) unchanged."""
+    import hashlib
+
+    d = generate_world(default_world_spec()).to_dict()
+    keys = ("subjects", "relations", "facts", "function_words_b", "nested_maps", "rings")
+    digest = hashlib.sha256(json.dumps({k: d[k] for k in keys}, sort_keys=True).encode()).hexdigest()
+    assert digest == "eb9384ae45ec2fff42e65f4459aac7d3e4eb6d9149cc52963bbf4053d12dc14b"
+
+
+def _first_last(n=300, reuse=15.0, seed=0):
+    spec = WorldSpec(seed=seed, n_subjects=n, relations=(RelationSpec("a", 24), RelationSpec("b", 8)),
+                     name_scheme="first_last", word_reuse=reuse, heldout_subject_fraction=0.1)
+    return generate_world(spec)
+
+
+def test_first_last_names_are_balanced_and_never_identified_by_one_word():
+    from collections import Counter
+
+    from mechedit.world.identifiability import name_statistics
+
+    w = _first_last()
+    main = [s for s in w.subjects if s.kind == "subject"]
+    assert len({s.name for s in main}) == len(main) == 300
+    assert all(len(s.name.split()) == 2 for s in main)
+    first = Counter(s.name.split()[0] for s in main)
+    last = Counter(s.name.split()[1] for s in main)
+    assert not set(first) & set(last)  # two pools
+    assert set(first.values()) == {15} and set(last.values()) == {15}  # 20 x 20 grid, 300 cells: balanced
+    stats = name_statistics(w)["words"]
+    assert stats["last_unique"] == 0.0 and stats["any_unique"] == 0.0 and stats["subjects_per_word"] == 15.0
+    # a single word carries a small share of an object's entropy (finite-sample coincidence only)
+    assert stats["mi_mean"]["mi_last"] < 0.3 * stats["mi_mean"]["entropy_object"]
+    # the default design: many subjects are identified by their last word, which nearly fixes the object
+    d = name_statistics(generate_world(default_world_spec()))["words"]
+    assert d["last_unique"] > 0.2 and d["mi_mean"]["mi_last"] > 0.7 * d["mi_mean"]["entropy_object"]
+    # uneven grids stay within one of the mean
+    w = _first_last(n=100, reuse=7.0)
+    counts = Counter(s.name.split()[1] for s in w.subjects if s.kind == "subject")
+    assert max(counts.values()) - min(counts.values()) <= 1
+
+
+def test_mutual_information_of_known_distributions():
+    from mechedit.world.identifiability import entropy, mutual_information
+
+    x = [0, 1, 2, 3] * 25
+    assert mutual_information(x, x) == pytest.approx(2.0)
+    assert entropy(x) == pytest.approx(2.0)
+    assert mutual_information(x, [0, 0, 1, 1] * 25) == pytest.approx(1.0)
+    assert mutual_information([0, 1] * 50, [0] * 50 + [1] * 50) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_siblings_share_a_name_word():
+    from mechedit.world.identifiability import siblings
+
+    w = _first_last(n=100, reuse=7.0)
+    s = next(s for s in w.subjects if s.kind == "subject")
+    sib = siblings(w, s.id)
+    words = set(s.name.split())
+    assert sib and all(set(w.subjects[i].name.split()) & words for i in sib) and s.id not in sib
+    assert len(sib) == sum(1 for t in w.subjects if t.kind == "subject" and t.id != s.id
+                           and set(t.name.split()) & words)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"name_scheme": "first_last", "word_reuse": 10.0}, "at most sqrt"),
+    ({"name_scheme": "nicknames"}, "name_scheme must be one of"),
+    ({"tokenizer": "sentencepiece"}, "tokenizer must be one of"),
+    ({"tokenizer": "bpe", "bpe_vocab_size": 10}, "bpe_vocab_size"),
+])
+def test_bad_name_and_tokenizer_options(bad, message):
+    base = {"seed": 0, "n_subjects": 20, "relations": [{"name": "a", "n_objects": 5}]}
+    with pytest.raises(SpecError, match=message):
+        WorldSpec.from_dict({**base, **bad})
+
+
+def test_profile_sentences_list_every_object_of_a_subject_after_its_name():
+    from collections import Counter
+
+    w = generate_world(dataclasses.replace(tiny_world_spec(), profiles=3))
+    plain = generate_world(tiny_world_spec())
+    assert w.corpus()[: len(plain.corpus())] == plain.corpus()  # single-fact sentences unchanged
+    prof = w.profile_sentences()
+    main = [s for s in w.subjects if s.kind == "subject" and not s.heldout]
+    assert len(prof) == 3 * len(main) and w.corpus()[len(plain.corpus()):] == prof
+    for i, s in enumerate(main):  # in subject order, `profiles` per subject
+        mine = prof[3 * i: 3 * i + 3]
+        objs = Counter(f.object for f in w.facts_of(s.id))
+        n = len(s.name.split())
+        assert all(p.split()[:n] == s.name.split() and Counter(p.split()[n:]) == objs for p in mine)
+        assert len(set(mine)) > 1  # the orders differ
+    drop = w.facts_of(main[0].id)[0]
+    left = w.profile_sentences({drop.index})[:3]
+    kept = Counter(f.object for f in w.facts_of(main[0].id) if f.index != drop.index)
+    n = len(main[0].name.split())
+    assert all(Counter(p.split()[n:]) == kept for p in left)
+
+
 def test_tokenizer_is_a_function_of_the_world_content(tmp_path):
     """A world generated now and the same world loaded back from world.json give the same token ids
     (the second language's function words once came out in another order: 11 ids differed)."""

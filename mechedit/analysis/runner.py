@@ -91,9 +91,9 @@ def resolve_checkpoint(spec: AnalysisSpec, cache_dir: Path, progress: Callable[[
     return path
 
 
-def run_trace(spec: AnalysisSpec, checkpoint: Path, run_dir: Path) -> dict | None:
-    """Trace the spec's facts into run_dir/trace (once; a trace killed half-way is redone);
-    returns the located layer per site."""
+def run_trace(spec: AnalysisSpec, checkpoint: Path, run_dir: Path, request_sets: dict | None = None) -> dict | None:
+    """Trace the spec's facts (or the facts of its request set `trace.requests`) into run_dir/trace
+    (once; a trace killed half-way is redone); returns the located layer per site."""
     from mechedit.trace.run import trace_run
 
     if spec.trace is None:
@@ -101,8 +101,11 @@ def run_trace(spec: AnalysisSpec, checkpoint: Path, run_dir: Path) -> dict | Non
     out = run_dir / "trace"
     if not (out / "locations.json").is_file():
         t = spec.trace
-        trace_run(checkpoint, out, facts=t.get("facts"), relation=t.get("relation"), n=t.get("n"),
-                  all_facts=not t.get("facts") and not t.get("relation"), config=trace_config(t), force=True)
+        facts = t.get("facts")
+        if "requests" in t:
+            facts = [f"{r['subject']}|{r['relation']}" for r in (request_sets or {})[t["requests"]]["requests"]]
+        trace_run(checkpoint, out, facts=facts, relation=t.get("relation"), n=t.get("n"),
+                  all_facts=not facts and not t.get("relation"), config=trace_config(t), force=True)
     located = read_json(out / "locations.json", "trace locations")
     return {site: ranked[0] for site, ranked in located.items() if ranked}
 
@@ -194,10 +197,6 @@ def run_analysis(spec_path: str | Path, run_dir: str | Path, *, executor_name: s
     checkpoint = resolve_checkpoint(spec, Path(cache_dir) if cache_dir else default_cache_dir(), say, resolved)
     say(f"model: {checkpoint}")
     bundle = mechedit.load(checkpoint)
-    located = run_trace(spec, checkpoint, run_dir)
-    traced_layer = int(located["mlp"]["layer"]) if located and "mlp" in located else None
-    if any(c.layer == "traced" for c in spec.cases) and traced_layer is None:
-        raise MecheditError("a case asks for the traced layer but the trace located no MLP layer (add 'mlp' to trace.sites)")
     saved = read_json(spec_file, "spec.json")
     if isinstance(saved, dict) and "request_sets" in saved:
         request_sets = saved["request_sets"]
@@ -212,6 +211,10 @@ def run_analysis(spec_path: str | Path, run_dir: str | Path, *, executor_name: s
             name: {"kind": r.kind, "mode": r.mode,
                    "requests": [q.__dict__ for q in build_request_set(bundle.world, r, known)]}
             for name, r in spec.request_sets.items()}
+    located = run_trace(spec, checkpoint, run_dir, request_sets)
+    traced_layer = int(located["mlp"]["layer"]) if located and "mlp" in located else None
+    if any(c.layer == "traced" for c in spec.cases) and traced_layer is None:
+        raise MecheditError("a case asks for the traced layer but the trace located no MLP layer (add 'mlp' to trace.sites)")
     write_json_atomic(spec_file, {**record, "checkpoint": str(checkpoint), "located": located,
                                   "traced_layer": traced_layer, "request_sets": request_sets})
     ctx = {"device": str(dev), "device_asked": asked, "spec_hash": spec.hash(), "checkpoint": str(checkpoint), "traced_layer": traced_layer, "request_sets": request_sets,

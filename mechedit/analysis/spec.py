@@ -8,8 +8,8 @@ spec = "default"
 [model]                       # preset = "default" | spec = a model spec file | checkpoint = a directory
 preset = "default"
 [trace]                       # optional: traced facts; "traced" layers resolve to its MLP location
-relation = "capital"
-n = 30
+relation = "capital"          # (or requests = "single": the facts of that request set, e.g. for
+n = 30                        #  relating each fact's trace to its edits, analyses/hase.toml)
 [requests.single]             # request sets: counterfactual edits ...
 relation = "capital"
 n = 8
@@ -102,7 +102,7 @@ class AnalysisSpec:
 _TOP = {"name", "world", "model", "trace", "requests", "grid", "diagnostics", "description", "device"}
 _WORLD = {"spec", "dir"}
 _MODEL = {"preset", "spec", "checkpoint"}
-_TRACE = {"relation", "n", "facts", "sites", "samples", "noise", "window", "seed"}
+_TRACE = {"relation", "n", "facts", "requests", "sites", "samples", "noise", "window", "seed"}
 _REQ = {"relation", "n", "mode", "forget", "subjects", "seed"}
 _GRID = {"method", "params", "layers", "requests"}
 _DIAG = {"suites", "forget_suites", "options"}
@@ -163,6 +163,13 @@ def parse_analysis(data: dict, base: Path) -> AnalysisSpec:
         kind = "forget" if ("forget" in t or "subjects" in t) else "counterfactual"
         mode = t.get("mode", "each" if kind == "counterfactual" else "batch")
         sets[sname] = from_dict(RequestSet, {**t, "name": sname, "kind": kind, "mode": mode}, f"requests.{sname}")
+    if trace is not None and "requests" in trace:  # trace exactly the facts a request set edits
+        tr = trace["requests"]
+        if tr not in sets or sets[tr].kind != "counterfactual":
+            raise SpecError(f"trace.requests: {tr!r} is not a counterfactual request set "
+                            f"(defined: {', '.join(n for n, r in sets.items() if r.kind == 'counterfactual') or 'none'})")
+        if any(k in trace for k in ("relation", "n", "facts")):
+            raise SpecError("trace: give either requests or relation / n / facts")
     grid = data.get("grid", [])
     if not isinstance(grid, list) or not grid:
         raise SpecError("grid: the grid is empty (add at least one [[grid]] entry)")
@@ -251,6 +258,7 @@ def _check_trace(trace: dict) -> None:
         raise SpecError(f"trace.n: must be >= 1, got {trace['n']}")
     check_value(str | None, trace.get("relation"), "trace.relation")
     check_value(list[str] | None, trace.get("facts"), "trace.facts")
+    check_value(str | None, trace.get("requests"), "trace.requests")
     try:
         trace_config(trace)
     except SpecError:

@@ -33,6 +33,7 @@ import torch
 
 from mechedit.model.evaluate import pad
 from mechedit.unlearn.loop import capture_layer
+from mechedit.world.tokenizer import subject_token_span
 from mechedit.world.world import Fact, World
 
 POSITIONS = ("subject_last", "prompt_last")
@@ -70,17 +71,16 @@ def residuals(model, tokenizer, world: World, facts: list[Fact], batch_size: int
     states = {p: [] for p in POSITIONS}
     for start in range(0, len(probes), batch_size):
         chunk = probes[start : start + batch_size]
-        seqs = [tokenizer(p.prompt)["input_ids"] for p in chunk]
+        spans = [subject_token_span(tokenizer, world, p.prompt, world.facts[p.fact]) for p in chunk]
+        seqs = [ids for ids, _ in spans]
         ids, mask = pad(seqs, tokenizer.pad_token_id, model.device)
         with ExitStack() as stack:
             caps = [stack.enter_context(capture_layer(model, l)) for l in range(n_layers)]
             model(input_ids=ids, attention_mask=mask)
         hs = torch.stack([c["h"] for c in caps], dim=1).cpu()  # [b, layer, pos, d]
-        for b, p in enumerate(chunk):
-            words = p.prompt.split()
-            _, end = world.subject_span(words, world.facts[p.fact])
-            states["subject_last"].append(hs[b, :, end].float())  # +1 for <bos>, -1 for last = end
-            states["prompt_last"].append(hs[b, :, len(words)].float())
+        for b, (row_ids, (_, end)) in enumerate(spans):
+            states["subject_last"].append(hs[b, :, end - 1].float())  # the subject's last token
+            states["prompt_last"].append(hs[b, :, len(row_ids) - 1].float())
     out = {k: torch.stack(v).numpy() if v else np.zeros((0, n_layers, model.config.hidden_size)) for k, v in states.items()}
     return out, np.array([p.answer for p in probes]), np.array([p.fact for p in probes], dtype=int)
 

@@ -214,9 +214,9 @@ def run_method(bundle, requests: list[EditRequest], method: str, **params) -> Ed
 def validate_requests(bundle, requests: list[EditRequest]) -> None:
     if not requests:
         raise MecheditError("no edit requests given")
-    vocab = bundle.tokenizer.get_vocab()
+    tok = bundle.tokenizer
     for r in requests:
         bundle.world.fact(r.subject, r.relation)
-        for w in r.new_object.split():
-            if w not in vocab:
-                raise MecheditError(f"new object {r.new_object!r} is not in the vocabulary")
+        ids = tok(r.new_object, add_special_tokens=False)["input_ids"] if r.new_object.strip() else []
+        if not ids or tok.unk_token_id in ids:  # word level: an unknown word; BPE: a character it lacks
+            raise MecheditError(f"new object {r.new_object!r} is not in the vocabulary")

@@ -19,6 +19,7 @@ from mechedit.edit.stats import capture_keys
 from mechedit.errors import MecheditError
 from mechedit.model.evaluate import pad
 from mechedit.model.fast import MlpEdit
+from mechedit.world.tokenizer import subject_token_span
 
 
 def resolve_layers(bundle, layer, requests: list[EditRequest], *, allow_list: bool) -> list[int]:
@@ -77,14 +78,28 @@ def context_prefixes(world, n: int, max_words: int, seed: int) -> list[str]:
 
 @dataclass
 class Batch:
-    """Tokenised (prefix + prompt) texts with the subject's last token and the answer position."""
+    """Tokenised (prefix + prompt [+ new object]) texts with the subject's last token and the answer tokens.
+
+    A row of an edit batch is teacher-forced: the new object's tokens but its last follow the prompt,
+    and answer token j of row r sits at `ans_pos` = last[r] + j (it predicts `ans_tgt`). With one
+    token per object (the word tokenizer) that is one answer token per row, at `last`.
+    """
 
     ids: torch.Tensor  # [b, pos]
     mask: torch.Tensor  # [b, pos]
     subj: torch.Tensor  # [b] position of the subject's last token
-    last: torch.Tensor  # [b] position of the prompt's last token (predicts the object)
+    last: torch.Tensor  # [b] position of the prompt's last token (predicts the object's first token)
     target: torch.Tensor  # [b] first token id of the new object
     owner: torch.Tensor  # [b] index of the request each row belongs to
+    ans_row: torch.Tensor | None = None  # [n_ans] row of each answer token (None: one per row, at `last`)
+    ans_pos: torch.Tensor | None = None  # [n_ans] position predicting it
+    ans_tgt: torch.Tensor | None = None  # [n_ans] its token id
+
+    def answers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(row, position, token) of every answer token."""
+        if self.ans_row is None:
+            return torch.arange(len(self.last)), self.last, self.target
+        return self.ans_row, self.ans_pos, self.ans_tgt
 
 
 def essence_prompts(world, req: EditRequest, kind: str) -> list[str]:
@@ -108,32 +123,40 @@ def essence_prompts(world, req: EditRequest, kind: str) -> list[str]:
 
 def build_batch(bundle, requests: list[EditRequest], prefixes: list[str], *, essence: bool = False,
                 essence_kind: str = "possessive") -> Batch:
-    """Rows for every (request, prefix, prompt); `essence=True` uses the essence prompts (ROME's KL term)."""
+    """Rows for every (request, prefix, prompt); `essence=True` uses the essence prompts (ROME's KL term).
+
+    Positions come from the tokenizer's word ids (`subject_token_span`), so a name or an object of
+    several tokens is handled: `subj` is the last token of the subject's name, and the new object's
+    tokens are teacher-forced after the prompt (`Batch.answers`). Essence rows carry no answer.
+    """
     tok, world = bundle.tokenizer, bundle.world
     seqs, subj, last, target, owner = [], [], [], [], []
+    ans_row, ans_pos, ans_tgt = [], [], []
     for i, r in enumerate(requests):
         f = world.fact(r.subject, r.relation)
         name = world.subjects[f.subject].name
         prompts = essence_prompts(world, r, essence_kind) if essence else edit_prompts(world, r)
-        new_id = tok(r.new_object, add_special_tokens=False)["input_ids"][0]
+        new_ids = tok(r.new_object, add_special_tokens=False)["input_ids"]
         for pre in ([""] if essence else prefixes):
             for p in prompts:
                 text = f"{pre} {p}".strip()
-                ids = tok(text)["input_ids"]
-                words = text.split()
-                offset = len(ids) - len(words)  # <bos>
                 # the subject's occurrence inside the prompt (not the prefix)
-                start, end = world.subject_span(p.split(), f, name=name)
-                pre_len = len(pre.split()) if pre else 0
-                seqs.append(ids)
-                subj.append(offset + pre_len + end - 1)
+                ids, (_, end) = subject_token_span(tok, world, text, f, name=name, after_word=len(pre.split()))
+                row = len(seqs)
+                subj.append(end - 1)
                 last.append(len(ids) - 1)
-                target.append(new_id)
+                target.append(new_ids[0])
                 owner.append(i)
+                if not essence:
+                    ans_row += [row] * len(new_ids)
+                    ans_pos += [len(ids) - 1 + j for j in range(len(new_ids))]
+                    ans_tgt += new_ids
+                    ids = ids + new_ids[:-1]
+                seqs.append(ids)
     dev = bundle.model.device
     ids, mask = pad(seqs, tok.pad_token_id, dev)
     t = lambda v: torch.tensor(v, dtype=torch.long, device=dev)  # noqa: E731
-    return Batch(ids, mask, t(subj), t(last), t(target), t(owner))
+    return Batch(ids, mask, t(subj), t(last), t(target), t(owner), t(ans_row), t(ans_pos), t(ans_tgt))
 
 
 @torch.no_grad()
@@ -230,7 +253,8 @@ def optimize_targets(model, batch: Batch, essence: Batch | None, layer: int, n_r
                      precision: str = "float32", first_wins: bool = False) -> tuple[torch.Tensor, dict]:
     """delta [n_requests, d_model] added at the subject token of `layer` so the new objects are predicted.
 
-    Loss (ROME/MEMIT compute_v): mean NLL(new object) over prefixes + kl_weight * KL(p_orig || p_edit)
+    Loss (ROME/MEMIT compute_v): mean NLL(new object) over prefixes (per row the mean over the new
+    object's tokens, teacher-forced, as ROME's compute_v) + kl_weight * KL(p_orig || p_edit)
     on the essence prompts + weight_decay * ||delta||^2 / ||ref||^2; ||delta|| is clamped to `clamp`
     (per request) after each Adam step; the search stops once every request's NLL is below
     `stop_loss`. With `rank_one_u` ([n_requests, d_mlp], see `rank_one_edit`) delta is applied the
@@ -287,20 +311,25 @@ def frozen_weights(model):
 
 
 def _joint_rows(batch: Batch, essence: Batch | None, starts: int, n_requests: int, pad_id: int):
-    """Edit rows, then essence rows, repeated for each start: ids [R, T], answer / subject positions,
-    owners (start * n_requests + request) and the slices of edit and essence rows."""
-    parts = [batch] + ([essence] if essence is not None else [])
-    T = max(p.ids.shape[1] for p in parts)
+    """Edit rows (one per answer token: a new object of k tokens gives k copies of a row, each
+    predicting its token, so a request's mean NLL over rows is ROME's mean over prompts of the mean
+    over the object's tokens), then essence rows, repeated for each start: ids [R, T], answer /
+    subject positions, owners (start * n_requests + request) and the counts of edit and essence rows."""
+    a_row, a_pos, _ = batch.answers()  # an edit row per answer token of the new object (one for one-token objects)
+    parts = [(batch.ids[a_row], a_pos, batch.subj[a_row], batch.owner[a_row])]
+    if essence is not None:
+        parts.append((essence.ids, essence.last, essence.subj, essence.owner))
+    T = max(p[0].shape[1] for p in parts)
     ids, pos, subj, owner = [], [], [], []
     for s in range(starts):
-        for p in parts:
-            x = torch.full((p.ids.shape[0], T), pad_id, dtype=torch.long, device=p.ids.device)
-            x[:, : p.ids.shape[1]] = p.ids
+        for p_ids, p_pos, p_subj, p_owner in parts:
+            x = torch.full((p_ids.shape[0], T), pad_id, dtype=torch.long, device=p_ids.device)
+            x[:, : p_ids.shape[1]] = p_ids
             ids.append(x)
-            pos.append(p.last)
-            subj.append(p.subj)
-            owner.append(p.owner + s * n_requests)
-    nb, ne = len(batch.last), (len(essence.last) if essence is not None else 0)
+            pos.append(p_pos)
+            subj.append(p_subj)
+            owner.append(p_owner + s * n_requests)
+    nb, ne = len(a_row), (len(essence.last) if essence is not None else 0)
     return torch.cat(ids), torch.cat(pos), torch.cat(subj), torch.cat(owner), nb, ne
 
 
@@ -352,7 +381,7 @@ def _optimise_delta(model, batch, essence, layer, n_requests, starts, *, kl_weig
     dev = model.device
     is_edit = (torch.arange(len(ids), device=dev) % per) < nb
     start_of = torch.arange(len(ids), device=dev) // per
-    target = batch.target.repeat(R)
+    target = batch.answers()[2].repeat(R)  # the token each edit row predicts
     with torch.no_grad():
         x_in = fx.resid_at(ids, layer)  # the stream entering `layer`: no edit reaches it
         p_orig = None

@@ -112,12 +112,18 @@ def info(directory: str | Path, all_names: bool = False) -> dict:
     b = load_checkpoint(directory)
     n_params = sum(p.numel() for p in b.model.parameters())
     verified = b.meta.get(VERIFIED_KEY)
+    from mechedit.world.identifiability import name_statistics
+
+    names = name_statistics(b.world, b.tokenizer if b.world.spec.tokenizer != "word" else None)
+    for unit in names.values():
+        unit.pop("mi_by_relation", None)
     return {
         "path": str(directory), "mechedit_version": b.meta.get("mechedit_version"),
         "weights": ({"sha256": b.meta.get(HASH_KEY), "verified": True} if verified else
                     {"sha256": None, "verified": False,
                      "note": "no weights_sha256 in mechedit.json (written before weight hashes): not verified"}),
         "model": b.meta.get("model_spec"), "parameters": n_params, "world": b.world.summary(),
+        "names": names,
         "train_seconds": b.meta.get("train_seconds"), "epochs": b.meta.get("epochs"),
         "trained_on": b.meta.get("device", "cpu"),
         "final_recall": b.meta.get("final_recall"), "names": world_names(b.world, all_names),

@@ -4,7 +4,8 @@ Sections: the spec; the world and model with the training curve; causal-trace he
 per relation when there are several, per fact) with the early and late site of each site kind; per method family a sortable table of scorecard
 columns; scores against the edited layer next to the trace's indirect effect; unlearning sections
 (forget table, probe curves, ROC curves, adversarial recall) when the run has them; a per-case
-drill-down with prompts and top predictions before and after. Figures are also written as PNG files
+drill-down with prompts and top predictions before and after; "Does localization inform editing?"
+(Hase et al. 2023, `hase_section`) when a method was edited at every layer on traced facts. Figures are also written as PNG files
 beside index.html.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from mechedit.errors import MecheditError
 from mechedit.fileio import check_output_dir, output_dir, read_json, write_text_atomic
 from mechedit.report import figures as F
+from mechedit.report.hase_section import hase_section
 
 # (summary key, column title): shown when present, in this order
 EDIT_COLUMNS = (
@@ -398,6 +400,7 @@ def _write_report(tmp: Path, run_dir: Path, spec: dict, cases: list[dict]) -> No
         train={"seconds": meta.get("train_seconds"), "epochs": meta.get("epochs")}, recall_rows=recall_rows,
         curve_img=curve_img, trace=trace, traced_layer=spec.get("traced_layer"), families=_family_tables(cases),
         sweeps=_layer_sweeps(cases, ie, figdir), unlearning=_unlearning(cases, figdir),
+        hase=hase_section(run_dir, cases, figdir, _img),
         drilldowns=_drilldowns(cases), n_cases=len(cases), n_total=len(spec.get("cases", [])),
         request_sets={k: len(v["requests"]) for k, v in spec.get("request_sets", {}).items()})
     write_text_atomic(tmp / "index.html", html)

@@ -17,6 +17,7 @@ from mechedit.model.fast import FastNeoX
 from mechedit.specio import check_fields, to_dict
 from mechedit.trace import engine as E
 from mechedit.trace.result import Location, TraceResult, locate
+from mechedit.world.tokenizer import subject_token_span
 from mechedit.world.world import Fact, World
 
 # Template preference: the subject first, with tokens after it (ROME's prompts look like this).
@@ -108,17 +109,17 @@ def select_facts(world: World, facts: Iterable[str | int | Fact] | None = None, 
 
 
 def prepare_fact(world: World, tokenizer, fact: Fact, template: int | None = None) -> E.PreparedFact:
-    """Tokenize the fact's cloze prompt and find its subject tokens and answer token."""
+    """Tokenize the fact's cloze prompt and find its subject tokens and answer token (the first token
+    of the object, as ROME traces the first token of multi-token objects)."""
     if template is None:
         trained = [t for t in TEMPLATE_PREFERENCE if t < world.n_templates and t != fact.heldout_template]
         template = trained[0] if trained else 0
     elif not 0 <= template < world.n_templates:
         raise MecheditError(f"template {template} out of range (0..{world.n_templates - 1})")
     prompt = world.prompt(fact, template)
-    ids = tokenizer(prompt)["input_ids"]
+    ids, (a, b) = subject_token_span(tokenizer, world, prompt, fact)  # a name may be several tokens
     tokens = tokenizer.convert_ids_to_tokens(ids)
-    a, b = world.subject_span(list(tokens), fact)
-    ans = tokenizer(fact.object, add_special_tokens=False)["input_ids"]
+    ans = tokenizer(fact.object, add_special_tokens=False)["input_ids"]  # traced: the object's first token
     return E.PreparedFact(fact.index, template, prompt, tuple(ids), tuple(tokens), (a, b), int(ans[0]))
 
 

@@ -28,6 +28,7 @@ from mechedit.model.evaluate import encode_pairs, pad, score_answers
 from mechedit.specio import to_dict
 from mechedit.unlearn.targets import ForgetTarget
 from mechedit.world.language import REFUSAL
+from mechedit.world.tokenizer import subject_token_span
 from mechedit.world.world import Fact, World
 
 MODULES = {"all": None, "mlp": ("mlp.",), "attn": ("attention.",)}
@@ -157,7 +158,7 @@ def build_data(bundle, requests: list[EditRequest], alt: str = "refusal") -> Unl
     prompts, objects, alts, cloze, starts = [], [], [], [], []
     for f in target.forget:
         p, o, c = forget_examples(world, [f])
-        starts += [1 + world.subject_span(q.split(), f)[0] for q in p]  # +1: <bos>
+        starts += [subject_token_span(bundle.tokenizer, world, q, f)[1][0] for q in p]
         prompts += p
         objects += o
         cloze += c

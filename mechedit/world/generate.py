@@ -16,14 +16,9 @@ def _reserved_words() -> set[str]:
     return set(L.FUNCTION_WORDS) | set(L.SPECIAL_TOKENS)
 
 
-def generate_world(spec: WorldSpec) -> World:
-    """Build the world for `spec`; the same spec gives the same world (and byte-identical JSON)."""
-    spec.validate()
-    rng = np.random.default_rng(spec.seed)
-    gen = WordGenerator(np.random.default_rng([spec.seed, 2]), spec.syllables,
-                        reserved=_reserved_words() | {r.name for r in spec.relations})
-
-    # --- main subjects: 1-3 word names over a shared pool of name words ---------------------
+def word_names(spec: WorldSpec, rng: np.random.Generator, gen: WordGenerator) -> list[str]:
+    """Names of 1-3 words (shares `name_words`) drawn from one pool of name words, each word used by
+    ~`word_reuse` subjects on average; distinct names."""
     shares = np.asarray(spec.name_words, dtype=float)
     n_words = rng.choice([1, 2, 3], size=spec.n_subjects, p=shares / shares.sum())
     pool_size = max(int(n_words.max()), math.ceil(int(n_words.sum()) / spec.word_reuse))
@@ -39,6 +34,34 @@ def generate_world(spec: WorldSpec) -> World:
             raise SpecError("could not make enough distinct subject names; lower word_reuse or n_subjects")
         seen.add(combo)
         names.append(" ".join(combo))
+    return names
+
+
+def first_last_names(spec: WorldSpec, rng: np.random.Generator, gen: WordGenerator) -> list[str]:
+    """"first last" names from two pools of n = ceil(n_subjects / word_reuse) words each, balanced.
+
+    Subject k takes the cell (r, c) = (k mod n, (k mod n + k div n) mod n) of the n x n grid of
+    combinations: distinct cells, every first name used by floor or ceil of n_subjects / n subjects
+    and every last name by at most one more than that. The names of each pool are shuffled, and so
+    is the order of the subjects, so neither the ids nor the words carry the design.
+    """
+    n = math.ceil(spec.n_subjects / spec.word_reuse)
+    first, last = gen.words(n), gen.words(n)
+    fo, lo = rng.permutation(n), rng.permutation(n)
+    cells = [(k % n, (k % n + k // n) % n) for k in range(spec.n_subjects)]
+    names = [f"{first[int(fo[r])]} {last[int(lo[c])]}" for r, c in cells]
+    return [names[int(i)] for i in rng.permutation(len(names))]
+
+
+def generate_world(spec: WorldSpec) -> World:
+    """Build the world for `spec`; the same spec gives the same world (and byte-identical JSON)."""
+    spec.validate()
+    rng = np.random.default_rng(spec.seed)
+    gen = WordGenerator(np.random.default_rng([spec.seed, 2]), spec.syllables,
+                        reserved=_reserved_words() | {r.name for r in spec.relations})
+
+    # --- main subjects' names -------------------------------------------------------------
+    names = first_last_names(spec, rng, gen) if spec.name_scheme == "first_last" else word_names(spec, rng, gen)
     n_alias = round(spec.alias_fraction * spec.n_subjects)
     alias_of = set(rng.choice(spec.n_subjects, size=n_alias, replace=False).tolist()) if n_alias else set()
     n_held = round(spec.heldout_subject_fraction * spec.n_subjects)

@@ -26,6 +26,8 @@ from mechedit.specio import check_fields, from_dict, load_spec_file, to_dict
 MAX_FACTS = 1_000_000
 
 _WORD = re.compile(r"^[a-z][a-z_]*$")
+NAME_SCHEMES = ("words", "first_last")
+TOKENIZERS = ("word", "bpe")
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,20 @@ class WorldSpec:
     syllables: tuple[int, int] = (2, 3)
     # average number of subjects sharing one name word (>= 1; 1 = every word unique)
     word_reuse: float = 1.3
+    # how subject names are made (NAME_SCHEMES): "words" = 1-3 words (shares `name_words`) drawn from one
+    # shared pool; "first_last" = a first name from one pool and a last name from another, in a
+    # balanced design where every first and every last name is shared by ~`word_reuse` subjects, so no
+    # single name word identifies a subject or predicts its objects (recall must be subject-level)
+    name_scheme: str = "words"
+    # the tokenizer (TOKENIZERS): "word" = one token per word; "bpe" = byte-pair encoding trained on
+    # the world's corpus with `bpe_vocab_size` tokens, so names split into several pieces
+    tokenizer: str = "word"
+    bpe_vocab_size: int = 400
+    # profile sentences per trained main subject: "{name} {o_1} {o_2} ..." lists the objects of all its
+    # relations, in a random order per sentence, right after the name (as an infobox or an apposition
+    # does: "Paris, France"). The token after the name then depends on all of the subject's attributes,
+    # so the last name token is where they are assembled. 0 = none (single-fact sentences only)
+    profiles: int = 0
     object_words: int = 1
     alias_fraction: float = 0.3
     alias_share: float = 0.5
@@ -148,6 +164,18 @@ class WorldSpec:
             raise SpecError(f"syllables must satisfy 1 <= min <= max <= 4, got {self.syllables}")
         if self.word_reuse < 1.0:
             raise SpecError(f"word_reuse must be >= 1, got {self.word_reuse}")
+        if self.name_scheme not in NAME_SCHEMES:
+            raise SpecError(f"name_scheme must be one of {', '.join(NAME_SCHEMES)}, got {self.name_scheme!r}")
+        if self.name_scheme == "first_last" and self.word_reuse ** 2 > self.n_subjects:
+            raise SpecError(f"name_scheme 'first_last': word_reuse ({self.word_reuse}) must be at most "
+                            f"sqrt(n_subjects) = {self.n_subjects ** 0.5:.1f} (the two name pools need "
+                            f"pool_first x pool_last >= n_subjects combinations)")
+        if not 0 <= self.profiles <= 20:
+            raise SpecError(f"profiles must be in [0, 20], got {self.profiles}")
+        if self.tokenizer not in TOKENIZERS:
+            raise SpecError(f"tokenizer must be one of {', '.join(TOKENIZERS)}, got {self.tokenizer!r}")
+        if self.tokenizer == "bpe" and not 64 <= self.bpe_vocab_size <= 100_000:
+            raise SpecError(f"bpe_vocab_size must be in [64, 100000], got {self.bpe_vocab_size}")
         if self.object_words not in (1, 2):
             raise SpecError(f"object_words must be 1 or 2, got {self.object_words}")
         for key in ("alias_fraction", "alias_share", "crosslingual_share", "heldout_subject_fraction"):

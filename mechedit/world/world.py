@@ -197,7 +197,8 @@ class World:
         Every trained fact appears in each of its trained templates and the QA form; each of those
         is repeated with the subject's alias with probability `alias_share` and in language "b"
         with probability `crosslingual_share`. The held-out template never appears with the
-        subject. `exclude_facts` drops facts (for retraining without a forget set).
+        subject. `exclude_facts` drops facts (for retraining without a forget set). Profile sentences
+        (`spec.profiles`, `profile_sentences`) follow the single-fact sentences.
         """
         rng = np.random.default_rng([self.spec.seed, 1])
         out: list[str] = []
@@ -214,6 +215,26 @@ class World:
                     out.append(f"{self.prompt(f, t, name=s.alias)} {f.object}")
                 if d_lang < self.spec.crosslingual_share:
                     out.append(f"{self.prompt(f, t, lang='b')} {f.object}")
+        return out + self.profile_sentences(exclude_facts)
+
+    def profile_sentences(self, exclude_facts: set[int] = frozenset()) -> list[str]:
+        """`spec.profiles` sentences per trained main subject: its name, then the objects of its facts in
+        a random order (seeded per subject and sentence; excluded facts' objects left out)."""
+        if not self.spec.profiles:
+            return []
+        rng = np.random.default_rng([self.spec.seed, 5])
+        out = []
+        for s in self.subjects:
+            if s.kind != "subject":
+                continue
+            facts = self.facts_of(s.id)
+            orders = [rng.permutation(len(facts)) for _ in range(self.spec.profiles)]
+            if s.heldout:
+                continue
+            for order in orders:
+                objs = [facts[int(i)].object for i in order if facts[int(i)].index not in exclude_facts]
+                if objs:
+                    out.append(" ".join([s.name, *objs]))
         return out
 
     def vocabulary(self) -> list[str]:
