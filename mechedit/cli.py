@@ -93,6 +93,28 @@ def train(
     typer.echo(f"checkpoint written to {out}")
 
 
+@command("finetune-facts")
+def finetune_facts(
+    checkpoint: Path = typer.Argument(..., help="First-stage checkpoint of a world with stage2_subject_fraction > 0."),
+    out: Path = typer.Option(..., "-o", "--out", help="Second-stage checkpoint directory."),
+    param: list[str] = typer.Option([], "--param", "-p", help="Fine-tuning parameter key=value (epochs, lr, replay, ...)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite a non-empty output directory."),
+):
+    """Second training stage: teach a trained model its world's stage-2 facts (fine-tuned knowledge).
+
+    Example: mechedit finetune-facts runs/unlearning -o runs/unlearning-ft -p epochs=20
+    """
+    from mechedit.model.finetune import finetune_checkpoint
+    from mechedit.unlearn.run import parse_params
+
+    b = finetune_checkpoint(checkpoint, out, parse_params(param), force=force)
+    final = b.meta["final_recall"]
+    typer.echo(f"fine-tuned {b.meta['finetune_facts']['epochs']} epochs; stage-2 facts: "
+               + ", ".join(f"{k} {v:.3f}" for k, v in final["stage2"]["by_kind"].items())
+               + "; first-stage cloze " + f"{final['first_stage']['by_kind'].get('cloze', 0.0):.3f}")
+    typer.echo(f"checkpoint written to {out}")
+
+
 @command()
 def info(checkpoint: Path = typer.Argument(..., help="Checkpoint directory.")):
     """Summarise a checkpoint: model, world, training and recall per probe set.
@@ -107,7 +129,7 @@ def info(checkpoint: Path = typer.Argument(..., help="Checkpoint directory.")):
 @command()
 def edit(
     checkpoint: Path = typer.Argument(..., help="Checkpoint directory."),
-    method: str = typer.Option("rome", "--method", help="Editing method (rome, memit, alphaedit, finetune, lora)."),
+    method: str = typer.Option("rome", "--method", help="Editing method (rome, memit, alphaedit, grace, wise, finetune, lora)."),
     fact: Optional[str] = typer.Option(None, "--fact", help='The fact to change, "SUBJECT|RELATION".'),
     new: Optional[str] = typer.Option(None, "--new", help="The new object."),
     requests_file: Optional[Path] = typer.Option(None, "--requests", help="JSON lines of {subject, relation, new_object}."),
@@ -197,7 +219,7 @@ def unlearn(
     checkpoint: Path = typer.Argument(..., help="Checkpoint directory to unlearn from."),
     forget: list[str] = typer.Option(..., "--forget", "-f",
                                      help="subject:NAME, fact:SUBJECT|RELATION or relation:R (comma or repeat for lists)."),
-    method: str = typer.Option("npo", "--method", "-m", help="ga, gd, npo, dpo, rt, rmu (or an editor: rome, ...)."),
+    method: str = typer.Option("npo", "--method", "-m", help="ga, gd, npo, dpo, rt, rmu, repe, icu (or an editor: rome, grace, wise, ...)."),
     param: list[str] = typer.Option([], "--param", "-p", help="Method parameter key=value (repeatable)."),
     out: Path = typer.Option(..., "-o", "--out", help="Output directory (unlearned checkpoint + deltas + scorecard)."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty output directory."),

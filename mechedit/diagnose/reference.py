@@ -48,6 +48,10 @@ def retrained_reference(bundle, target: ForgetTarget, cache_dir: str | Path | No
         if sorted(ref.meta.get("excluded_facts", [])) != sorted(target.forget_ids):
             raise MecheditError(f"cached retrained reference {out} excludes other facts; delete it")
         return ref
+    if bundle.meta.get("finetune_facts"):  # a second-stage checkpoint: retrain both stages without the facts
+        from mechedit.model.finetune import retrain_finetuned
+
+        return retrain_finetuned(bundle, target.forget_ids, out)
     ms, ts = bundle.meta.get("model_spec"), bundle.meta.get("train_spec")
     if not ms or not ts:
         raise MecheditError("checkpoint has no model/train spec in mechedit.json; cannot retrain it")

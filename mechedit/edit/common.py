@@ -43,10 +43,24 @@ def resolve_layers(bundle, layer, requests: list[EditRequest], *, allow_list: bo
     return sorted(set(layers))
 
 
-def edit_prompts(world, req: EditRequest) -> list[str]:
-    """The trained cloze templates of the fact (the held-out paraphrase and QA stay for evaluation)."""
+FORMS = ("cloze", "cloze+qa")
+
+
+def edit_prompts(world, req: EditRequest, forms: str = "cloze") -> list[str]:
+    """The trained cloze templates of the fact (the held-out paraphrase and QA stay for evaluation);
+    `forms="cloze+qa"` adds the QA form (the forget data the unlearning methods train on)."""
+    if forms not in FORMS:
+        raise MecheditError(f"forms must be one of {', '.join(FORMS)}, got {forms!r}")
     f = world.fact(req.subject, req.relation)
-    return [world.prompt(f, t) for t in range(world.n_templates) if t != f.heldout_template]
+    out = [world.prompt(f, t) for t in range(world.n_templates) if t != f.heldout_template]
+    return out + [world.prompt(f, -1)] if forms == "cloze+qa" else out
+
+
+def subject_groups(world, requests: list[EditRequest]) -> list[int]:
+    """Query merging (Li et al. 2025): the group of each request = its subject (first-seen order), so
+    that every forget query of one target shares one key and one value."""
+    ids: dict[int, int] = {}
+    return [ids.setdefault(world.fact(r.subject, r.relation).subject, len(ids)) for r in requests]
 
 
 def context_prefixes(world, n: int, max_words: int, seed: int) -> list[str]:
@@ -95,14 +109,25 @@ def essence_prompts(world, req: EditRequest, kind: str) -> list[str]:
 
 
 def build_batch(bundle, requests: list[EditRequest], prefixes: list[str], *, essence: bool = False,
-                essence_kind: str = "possessive") -> Batch:
-    """Rows for every (request, prefix, prompt); `essence=True` uses the essence prompts (ROME's KL term)."""
+                essence_kind: str = "possessive", forms: str = "cloze", owners: list[int] | None = None) -> Batch:
+    """Rows for every (request, prefix, prompt); `essence=True` uses the essence prompts (ROME's KL term).
+
+    `owners[i]` is the target (row owner) of request i; default i. Query merging gives every request
+    of one subject the same owner (`subject_groups`), so their rows share one key and one value.
+    """
     tok, world = bundle.tokenizer, bundle.world
     seqs, subj, last, target, owner = [], [], [], [], []
+    # an essence prompt that is itself being edited in this call cannot also be kept (KL) unchanged
+    seen: set[tuple[int, str]] = set()
+    edited = {q for r in requests for q in edit_prompts(world, r, "cloze+qa")} if essence else set()
     for i, r in enumerate(requests):
         f = world.fact(r.subject, r.relation)
         name = world.subjects[f.subject].name
-        prompts = essence_prompts(world, r, essence_kind) if essence else edit_prompts(world, r)
+        o = i if owners is None else owners[i]
+        prompts = essence_prompts(world, r, essence_kind) if essence else edit_prompts(world, r, forms)
+        if essence:  # one essence prompt once per owner (merged requests share the subject's prompts)
+            prompts = [q for q in prompts if (o, q) not in seen and q not in edited]
+            seen.update((o, q) for q in prompts)
         new_id = tok(r.new_object, add_special_tokens=False)["input_ids"][0]
         for pre in ([""] if essence else prefixes):
             for p in prompts:
@@ -117,7 +142,7 @@ def build_batch(bundle, requests: list[EditRequest], prefixes: list[str], *, ess
                 subj.append(offset + pre_len + end - 1)
                 last.append(len(ids) - 1)
                 target.append(new_id)
-                owner.append(i)
+                owner.append(o)
     ids, mask = pad(seqs, tok.pad_token_id)
     t = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
     return Batch(ids, mask, t(subj), t(last), t(target), t(owner))

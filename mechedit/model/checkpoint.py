@@ -3,7 +3,10 @@
 A checkpoint is an ordinary Hugging Face directory (`config.json`, `model.safetensors`, tokenizer
 files) plus `world.json` and `mechedit.json` (version, specs, training curve, final recall,
 training seconds). `AutoModelForCausalLM.from_pretrained(dir)` loads it; `load_checkpoint` returns
-a `Bundle` with the model, tokenizer and world together.
+a `Bundle` with the model, tokenizer and world together. A model saved with adaptors attached (GRACE,
+WISE, RepE, ICU edits; `mechedit.edit.adaptors`) also gets `adaptors.safetensors` / `adaptors.json`,
+named in mechedit.json (`adaptors`), and `load_checkpoint` attaches them again; the HF loader alone
+reads only the weights.
 """
 from __future__ import annotations
 
@@ -72,8 +75,29 @@ def save_checkpoint(directory: str | Path, model, tokenizer, world: World, meta:
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     world.save(directory)
-    write_json_atomic(directory / "mechedit.json", {**meta, "mechedit_version": __version__})
+    meta = {**meta, "mechedit_version": __version__}
+    meta.pop("adaptors", None)
+    meta.update(_save_attached_adaptors(model, directory))
+    write_json_atomic(directory / "mechedit.json", meta)
     return directory
+
+
+def _save_attached_adaptors(model, directory: Path) -> dict:
+    """Write the model's attached adaptors beside the weights; the mechedit.json entry naming them."""
+    from mechedit.edit.adaptors import ADAPTORS_JSON, attached, save_adaptors
+
+    adaptors = attached(model)
+    if not adaptors:
+        return {}
+    save_adaptors(adaptors, directory)
+    return {"adaptors": {"file": ADAPTORS_JSON, "kinds": sorted({a.kind for a in adaptors}), "n": len(adaptors)}}
+
+
+def _attach_saved_adaptors(model, directory: Path) -> None:
+    from mechedit.edit.adaptors import attach, load_adaptors
+
+    for a in load_adaptors(directory):
+        attach(model, a)
 
 
 def load_checkpoint(directory: str | Path, *, dtype: torch.dtype = torch.float32) -> Bundle:
@@ -101,4 +125,9 @@ def load_checkpoint(directory: str | Path, *, dtype: torch.dtype = torch.float32
     if len(tokenizer) != model.config.vocab_size:
         raise CheckpointError(f"corrupt checkpoint {directory}: tokenizer has {len(tokenizer)} tokens, "
                               f"model {model.config.vocab_size}")
+    if meta.get("adaptors"):
+        try:
+            _attach_saved_adaptors(model, directory)
+        except MecheditError as exc:
+            raise CheckpointError(f"corrupt checkpoint {directory}: {exc}") from None
     return Bundle(model, tokenizer, world, meta, directory)

@@ -91,12 +91,17 @@ def recall_by(probes: list[Probe], scores: AnswerScores, world: World, key: str)
 
 
 def evaluate_recall(model, tokenizer, world: World, *, trained: bool = True, kinds=PROBE_KINDS,
-                    batch_size: int = 512) -> dict:
+                    batch_size: int = 512, exclude_facts: set[int] = frozenset(),
+                    facts: list | None = None) -> dict:
     """Recall of the model on the world's probe sets (trained facts by default, else held-out subjects).
 
+    `exclude_facts` leaves those facts out (a model retrained without them is scored on what it was
+    trained on); `facts` scores exactly these facts instead.
     Returns {"by_kind": {...}, "cloze_by_relation": {...}, "cloze_by_template": {...}, "n": {...}}.
     """
-    facts = world.train_facts if trained else world.heldout_facts
+    if facts is None:
+        facts = world.train_facts if trained else world.heldout_facts
+        facts = [f for f in facts if f.index not in exclude_facts]
     probes = world.probes(facts, kinds)
     if not probes:
         return {"by_kind": {}, "cloze_by_relation": {}, "cloze_by_template": {}, "n": {}}

@@ -49,6 +49,10 @@ def train_checkpoint(world: World, mspec: ModelSpec, tspec: TrainSpec, out: str 
         "epochs": res.epochs, "tokens": res.tokens, "stopped_early": res.stopped_early,
         "excluded_facts": sorted(exclude_facts),
     }
+    if world.spec.instructions:  # does the model follow forget instructions about subjects it never saw named?
+        from mechedit.world.instructions import evaluate_instructions
+
+        meta["instruction_following"] = evaluate_instructions(res.model, tokenizer, world)
     save_checkpoint(tmp, res.model, tokenizer, world, meta)
     commit_output_dir(tmp, out)
     return load_checkpoint(out)
