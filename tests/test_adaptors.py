@@ -140,16 +140,19 @@ def test_grace_defers_outside_every_ball(tiny_bundle):
     ids, mask = _corpus_batch(tiny_bundle, 400)
     mod = model.gpt_neox.layers[layer].mlp.dense_4h_to_h
     outs = []
-    h = mod.register_forward_hook(lambda m, i, o: outs.append((i[0].detach(), o.detach())))
+    before = _logits(model, ids, mask)
+    res.apply(model)
+    h = mod.register_forward_hook(lambda m, i, o: outs.append((i[0].detach(), o.detach())))  # sees the codebook's output
     try:
-        before = _logits(model, ids, mask)
-        res.apply(model)
         after = _logits(model, ids, mask)
-        res.restore(model)
     finally:
         h.remove()
-    (x, o_before), (_, o_after) = outs  # the hook is registered first: it sees the module's own output
-    hit, _ = lookup(x, a.tensors["keys"], a.tensors["eps"])
+        res.restore(model)
+    x, o_after = outs[0]
+    with torch.no_grad():
+        o_before = mod(x)
+    dist = torch.cdist(x.reshape(-1, x.shape[-1]), a.tensors["keys"])  # membership, independently of `lookup`
+    hit = (dist <= a.tensors["eps"][None]).any(1).reshape(x.shape[:-1])
     assert 0 < int(hit.sum()) < hit.numel() * 0.2, int(hit.sum())
     untouched_rows = ~(hit & mask.bool()).any(1)
     assert int(untouched_rows.sum()) > 50
@@ -158,7 +161,54 @@ def test_grace_defers_outside_every_ball(tiny_bundle):
     batch = build_batch(tiny_bundle, res.requests, [""])
     q, _ = last_token_io(model, layer, batch.ids, batch.mask, batch.last)
     assert bool(lookup(q, a.tensors["keys"], a.tensors["eps"])[0].all())
-    assert torch.equal(o_before, o_after)
+    assert torch.equal(o_after[~hit], o_before[~hit])
+    assert not torch.equal(o_after[hit], o_before[hit])
+
+
+def test_grace_codebook_replaces_exactly_inside_the_balls(tiny_bundle):
+    """A hand-made codebook with one small and one large radius: a position is replaced iff it lies in
+    the ball of its nearest key, and then by that key's value; every other output is bit-identical.
+    Membership is computed here independently of the adaptor's own lookup."""
+    from mechedit.edit.m_grace import grace_module
+
+    model, layer = tiny_bundle.model, tiny_bundle.n_layers - 1
+    ids, mask = _corpus_batch(tiny_bundle, 300)
+    mod = model.gpt_neox.layers[layer].mlp.dense_4h_to_h
+    outs = []
+    h = mod.register_forward_hook(lambda m, i, o: outs.append((i[0].detach(), o.detach())))
+    try:
+        _logits(model, ids, mask)
+        x = outs[0][0][mask.bool()]  # [positions, d_mlp]
+        d = torch.cdist(x, x)
+        d.fill_diagonal_(float("inf"))
+        i0 = int(d.min(1).values.argmax())  # an isolated position: its key gets a radius that reaches a few others
+        r0 = float(d[i0].sort().values[3]) * 1.01
+        far = x[i0] + 50 * x.std(0)  # a key far from every input, with a radius that reaches none of them
+        r1 = float(torch.cdist(far[None], x).min()) * 0.9
+        keys = torch.stack([x[i0], far])
+        eps = torch.tensor([r0, r1])
+        values = torch.randn(2, mod.out_features, generator=torch.Generator().manual_seed(0)) * 10
+        a = Adaptor("grace", grace_module(layer), {"keys": keys, "values": values, "eps": eps,
+                                                  "labels": torch.tensor([1, 2])})
+        res = EditResult("grace", {}, [], {}, adaptors=[a]).apply(model)
+        late = mod.register_forward_hook(lambda m, i, o: outs.append((i[0].detach(), o.detach())))  # after the codebook
+        try:
+            _logits(model, ids, mask)
+        finally:
+            late.remove()
+            res.restore(model)
+    finally:
+        h.remove()
+    x_all, o_plain = outs[0]
+    o_edit = outs[2][1]
+    dist = torch.cdist(x_all.reshape(-1, x_all.shape[-1]), keys)  # [b*pos, 2]
+    near = dist.argmin(1)
+    inside = dist.gather(1, near[:, None])[:, 0] <= eps[near]
+    flat_plain, flat_edit = o_plain.reshape(-1, o_plain.shape[-1]), o_edit.reshape(-1, o_edit.shape[-1])
+    assert 2 <= int(inside.sum()) < 50
+    assert torch.equal(flat_edit[~inside], flat_plain[~inside])
+    assert torch.equal(flat_edit[inside], values[near[inside]])
+    assert int(((dist[:, 0] > r0) & (dist[:, 0] <= r1)).sum()) > 0  # positions the large radius would wrongly take
 
 
 def test_grace_edit_takes_and_sequential_edits_never_overwrite(tiny_bundle):
