@@ -265,7 +265,7 @@ def test_repe_reading_vector_points_at_the_target(tiny_bundle):
 
     w, model = tiny_bundle.world, tiny_bundle.model
     reqs = _forget_requests(w)
-    res = run_method(tiny_bundle, reqs, "repe", layers=[0, 1], alpha=1.0, **FAST["repe"])
+    res = run_method(tiny_bundle, reqs, "repe", layer=[0, 1], alpha=1.0, **FAST["repe"])
     v = res.adaptors[0].tensors["vectors"][0].double()
     target = parse_forget(w, [f"subject:{reqs[0].subject}"])
     about = mean_states(model, tiny_bundle.tokenizer, _prompts(w, list(target.forget)), [0])[0]
@@ -369,7 +369,7 @@ def test_unlearn_cli_with_adaptor_method(tiny_checkpoint, tmp_path):
     s = [s for s in b.world.subjects if s.kind == "subject" and not s.heldout][0]
     out = tmp_path / "u"
     r = CliRunner().invoke(app, ["unlearn", str(tiny_checkpoint), "--forget", f"subject:{s.name}", "-m", "repe",
-                                 "-p", "alpha=2.0", "-p", "layers=[0, 1]", "-o", str(out)])
+                                 "-p", "alpha=2.0", "-p", "layer=[0, 1]", "-o", str(out)])
     assert r.exit_code == 0, r.output
     card = json.loads((out / "scorecard.json").read_text())["forget"]
     assert card["forget"]["cloze"]["after"] < card["forget"]["cloze"]["before"]
@@ -389,8 +389,52 @@ def test_icu_needs_an_instruction_world(tiny_bundle):
 @pytest.mark.parametrize("method,params,msg", [
     ("grace", {"forms": "nope"}, "forms"), ("grace", {"layer": 9}, "out of range"),
     ("wise", {"mask_ratio": 0.0}, "mask_ratio"), ("repe", {"mode": "rotate"}, "mode"),
-    ("repe", {"layers": [5]}, "out of range")])
+    ("repe", {"layer": [5]}, "out of range")])
 def test_bad_parameters_are_one_line_errors(tiny_bundle, method, params, msg):
     reqs = _requests(tiny_bundle.world, 1) if method != "repe" else _forget_requests(tiny_bundle.world)
     with pytest.raises(MecheditError, match=msg):
         run_method(tiny_bundle, reqs, method, **params)
+
+
+def test_analysis_grid_and_report_with_adaptor_methods(tmp_path, tiny_checkpoint):
+    from mechedit.analysis import run_analysis
+    from mechedit.report import build_report
+
+    spec = tmp_path / "a.toml"
+    spec.write_text(f'''name = "adaptors"
+[model]
+checkpoint = "{tiny_checkpoint}"
+[requests.single]
+relation = "capital"
+n = 2
+mode = "each"
+[requests.forget]
+subjects = 1
+[[grid]]
+method = "grace"
+requests = ["single"]
+params = {{ steps = 30 }}
+[[grid]]
+method = "wise"
+requests = ["forget"]
+params = {{ steps = 20 }}
+[[grid]]
+method = "repe"
+layers = [[0, 1]]
+requests = ["forget"]
+params = {{ alpha = 1.0, n_contrast = 5 }}
+[diagnostics]
+suites = ["edit"]
+forget_suites = ["forget", "leftover"]
+options = {{ n_unrelated = 20, n_retain = 20, probe_max_train = 200 }}
+''')
+    res = run_analysis(spec, tmp_path / "run", workers=1)
+    assert res["done"] == res["total"] == 3
+    recs = {json.loads(p.read_text())["method"]: json.loads(p.read_text())
+            for p in (tmp_path / "run").glob("case_*.json") if not p.name.endswith(".timing.json")}
+    assert recs["grace"]["summary"]["edit.efficacy.after"] > 0
+    assert recs["wise"]["per_edit"][0]["info"]["defaults"] == "forget"  # refusal targets: the forget defaults
+    assert recs["repe"]["summary"]["forget.forget.cloze.after"] < recs["repe"]["summary"]["forget.forget.cloze.before"]
+    index = build_report(tmp_path / "run", tmp_path / "report")
+    html = index.read_text()
+    assert all(m in html for m in ("grace", "wise", "repe"))

@@ -105,7 +105,7 @@ class EditResult:
         save_file({n: d.contiguous() for n, d in self.deltas.items()}, str(directory / "deltas.safetensors"))
         if self.adaptors:
             save_file({f"{i}.{n}": t.detach().cpu().contiguous() for i, a in enumerate(self.adaptors)
-                       for n, t in a.tensors.items()}, str(directory / "adaptors.safetensors"))
+                       for n, t in a.tensors.items()}, str(directory / "edit_adaptors.safetensors"))
         write_text_atomic(directory / "edit.json", dumps_json(self.to_json()))
 
     @classmethod
@@ -115,7 +115,7 @@ class EditResult:
         try:
             deltas = load_file(str(directory / "deltas.safetensors"))
             items = meta.get("adaptors", [])
-            tensors = load_file(str(directory / "adaptors.safetensors")) if items else {}
+            tensors = load_file(str(directory / "edit_adaptors.safetensors")) if items else {}
         except Exception as exc:
             raise MecheditError(f"corrupt deltas or adaptors in {directory}: {exc}") from None
         return cls(meta["method"], meta["params"], [EditRequest(**r) for r in meta["requests"]], deltas,
@@ -128,17 +128,25 @@ class Method:
     fn: Callable[..., EditResult]
     params: type
     kind: str  # "edit" or "unlearn"
+    forget_defaults: dict = field(default_factory=dict)  # editors: defaults when every target is the refusal
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, params: type, kind: str = "edit"):
-    """Register an editor `fn(bundle, requests, p) -> EditResult` under `name`; duplicates are refused."""
+def register_method(name: str, params: type, kind: str = "edit", forget_defaults: dict | None = None):
+    """Register an editor `fn(bundle, requests, p) -> EditResult` under `name`; duplicates are refused.
+
+    `forget_defaults` (editors used for unlearning, Li et al. 2025): parameter values that replace the
+    counterfactual defaults when every request's new object is the refusal token (explicit values win).
+    """
     def deco(fn):
         if name in METHODS:
             raise ValueError(f"method {name!r} is already registered")
-        METHODS[name] = Method(name, fn, params, kind)
+        unknown = set(forget_defaults or {}) - {f.name for f in dataclasses.fields(params)}
+        if unknown:
+            raise ValueError(f"method {name!r}: forget_defaults names unknown parameters {sorted(unknown)}")
+        METHODS[name] = Method(name, fn, params, kind, dict(forget_defaults or {}))
         return fn
     return deco
 
@@ -187,14 +195,28 @@ def make_params(method: Method, values: dict[str, Any]):
     return from_dict(method.params, {**base, **values}, f"{method.name} params")
 
 
+def is_forget(requests: list[EditRequest]) -> bool:
+    """Editing as unlearning: every request asks for the refusal token."""
+    from mechedit.world.language import REFUSAL
+
+    return bool(requests) and all(r.new_object == REFUSAL for r in requests)
+
+
 def run_method(bundle, requests: list[EditRequest], method: str, **params) -> EditResult:
-    """`edit(model, requests, method=..., **hparams)`: validate, dispatch, time the call."""
+    """`edit(model, requests, method=..., **hparams)`: validate, dispatch, time the call.
+
+    When every target is the refusal token, the method's `forget_defaults` replace its counterfactual
+    defaults (explicit `params` still win); the result's params and `info["defaults"]` say which.
+    """
     m = get_method(method)
-    p = make_params(m, params)
+    forget = is_forget(requests) and bool(m.forget_defaults)
+    p = make_params(m, {**m.forget_defaults, **params} if forget else params)
     validate_requests(bundle, requests)
     t0 = time.perf_counter()
     result = m.fn(bundle, requests, p)
     result.timings.setdefault("total_s", time.perf_counter() - t0)
+    if m.forget_defaults:
+        result.info.setdefault("defaults", "forget" if forget else "counterfactual")
     return result
 
 

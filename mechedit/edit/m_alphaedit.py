@@ -29,6 +29,7 @@ With energy 0.03 and alpha_factor 100 (requests seed 2 of `benchmarks/edit_quali
 At layer 0 every key is a word's key and every word is in the preserved corpus, so no edit key lies
 in C's null space: the projection cannot shield the other users of the edited word, and efficacy
 and collateral move together with the clamp. MEMIT at its defaults: 0.957 with -10.7 pt.
+Query merging and `forms` as MEMIT; forget defaults (refusal targets): `FORGET_DEFAULTS`.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mechedit.edit.api import EditRequest, EditResult, register_method
+from mechedit.edit.common import FORMS
 from mechedit.edit.m_memit import memit_layers, spread_update
 from mechedit.edit.stats import second_moment
 from mechedit.errors import SpecError
@@ -63,11 +65,15 @@ class AlphaEditParams:
     weight_decay: float = 0.05
     stop_loss: float = 0.05
     n_stats: int | None = None
+    forms: str = "cloze"  # edit prompts: "cloze" (trained templates) or "cloze+qa"
+    merge_queries: bool = False  # one target per subject (query merging, as MEMIT)
     seed: int = 0
 
     def validate(self) -> None:
         if not 0 < self.null_energy < 1 or self.alpha_factor <= 0:
             raise SpecError("alphaedit: 0 < null_energy < 1 and alpha_factor > 0")
+        if self.forms not in FORMS:
+            raise SpecError(f"alphaedit: forms must be one of {', '.join(FORMS)}, got {self.forms!r}")
         if self.steps < 1 or self.lr_factor <= 0 or self.clamp_factor <= 0:
             raise SpecError("alphaedit: steps >= 1, lr_factor > 0, clamp_factor > 0")
 

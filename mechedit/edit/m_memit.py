@@ -25,6 +25,10 @@ Defaults measured on the default model, 100 edits in one call at the traced laye
   steps 200, lr 0.2, clamp 2, kl 0.5 (the defaults):     0.957, 0.84; -10.7 pt, +0.33  (seed 7: 0.917)
 Edits of the same subject share one layer-0 key (the key of its last word), so their targets must
 agree on one value; those were the worst group (0.70-0.79) before the longer search.
+
+Query merging (Li et al. 2025; `merge_queries`): the requests of one subject share one target
+delta (their rows are one owner in the target search and the solve), as for ROME; `forms` adds
+the QA form to the edit prompts. Forget defaults (every new object the refusal): `FORGET_DEFAULTS`.
 """
 from __future__ import annotations
 
@@ -35,8 +39,8 @@ from typing import Callable
 import torch
 
 from mechedit.edit.api import EditRequest, EditResult, register_method
-from mechedit.edit.common import (Batch, build_batch, context_prefixes, mean_keys, optimize_targets,
-                                  resolve_layers)
+from mechedit.edit.common import (FORMS, Batch, build_batch, context_prefixes, mean_keys, optimize_targets,
+                                  resolve_layers, subject_groups)
 from mechedit.edit.stats import second_moment, w_out_name
 from mechedit.errors import SpecError
 from mechedit.specio import to_dict
@@ -58,11 +62,15 @@ class MemitParams:
     weight_decay: float = 0.05
     stop_loss: float = 0.05
     n_stats: int | None = None
+    forms: str = "cloze"  # edit prompts: "cloze" (trained templates) or "cloze+qa"
+    merge_queries: bool = False  # one target per subject (its requests' rows share one delta) instead of per request
     seed: int = 0
 
     def validate(self) -> None:
         if self.mom2_weight < 0 or self.steps < 1 or self.lr_factor <= 0 or self.clamp_factor <= 0:
             raise SpecError("memit: mom2_weight >= 0, steps >= 1, lr_factor > 0, clamp_factor > 0")
+        if self.forms not in FORMS:
+            raise SpecError(f"memit: forms must be one of {', '.join(FORMS)}, got {self.forms!r}")
 
 
 def memit_layers(bundle, layer, requests) -> list[int]:
@@ -108,11 +116,13 @@ def spread_update(bundle, requests: list[EditRequest], layers: list[int], p,
     model. Returns (deltas by parameter name, info).
     """
     model = bundle.model
-    n = len(requests)
+    owners = subject_groups(bundle.world, requests) if p.merge_queries else list(range(len(requests)))
+    n = max(owners) + 1  # targets: one per request, or one per subject (query merging)
     L = layers[-1]
     prefixes = context_prefixes(bundle.world, p.n_prefixes, p.prefix_words, p.seed)
-    batch = build_batch(bundle, requests, prefixes)
-    essence = build_batch(bundle, requests, prefixes, essence=True, essence_kind=p.essence) if p.kl_weight > 0 else None
+    batch = build_batch(bundle, requests, prefixes, forms=p.forms, owners=owners)
+    essence = build_batch(bundle, requests, prefixes, essence=True, essence_kind=p.essence,
+                          owners=owners) if p.kl_weight > 0 else None
     h0 = _residual_at(model, batch, L, n)  # [n, d_model]
     h_norm = h0.norm(dim=1)
     per_row = p.per_prompt_keys

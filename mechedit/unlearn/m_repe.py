@@ -74,7 +74,7 @@ def steer(h: torch.Tensor, V: torch.Tensor, mode: str, alpha: float, scale: floa
 
 @dataclass(frozen=True)
 class RepEParams:
-    layers: tuple[int, ...] = ()  # layers steered (the residual after each); () = every layer but the last
+    layer: int | list[int] | str = "auto"  # layer(s) steered (the residual after each); "auto" = all but the last
     mode: str = "subtract"  # "subtract" (alpha x ||h|| along v-hat) or "project" (remove the span)
     alpha: float = 1.0  # strength
     n_contrast: int = 20  # contrast subjects (retained, seeded)
@@ -144,7 +144,12 @@ def reading_vectors(bundle, target: ForgetTarget, layers: list[int], n_contrast:
 @register_method("repe", params=RepEParams, kind="unlearn")
 def repe(bundle, requests: list[EditRequest], p: RepEParams) -> EditResult:
     n = bundle.n_layers
-    layers = sorted(set(p.layers)) if p.layers else list(range(max(1, n - 1)))
+    if p.layer == "auto":
+        layers = list(range(max(1, n - 1)))
+    elif isinstance(p.layer, str):
+        raise MecheditError(f"repe: layer must be an integer, a list of integers or 'auto', got {p.layer!r}")
+    else:
+        layers = sorted({int(x) for x in (p.layer if isinstance(p.layer, list) else [p.layer])})
     bad = [l for l in layers if not 0 <= l < n]
     if bad:
         raise MecheditError(f"repe: layer {bad[0]} is out of range (the model has layers 0..{n - 1})")
