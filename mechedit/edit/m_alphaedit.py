@@ -67,9 +67,15 @@ class AlphaEditParams:
     n_stats: int | None = None
     forms: str = "cloze"  # edit prompts: "cloze" (trained templates) or "cloze+qa"
     merge_queries: bool = False  # one target per subject (query merging, as MEMIT)
+    engine: str = "fast"  # target search on FastNeoX ("fast") or through the HF modules ("hf": the reference)
+    precision: str = "float32"  # the search's forward/backward: "float32" or "bfloat16" (autocast)
     seed: int = 0
 
     def validate(self) -> None:
+        if self.engine not in ("fast", "hf"):
+            raise SpecError(f"alphaedit: engine must be 'fast' or 'hf', got {self.engine!r}")
+        if self.precision not in ("float32", "bfloat16"):
+            raise SpecError(f"alphaedit: precision must be 'float32' or 'bfloat16', got {self.precision!r}")
         if not 0 < self.null_energy < 1 or self.alpha_factor <= 0:
             raise SpecError("alphaedit: 0 < null_energy < 1 and alpha_factor > 0")
         if self.forms not in FORMS:
