@@ -1,12 +1,16 @@
 """Tuning the editors' refusal defaults (editing as unlearning) on forget sets NOT used for reporting.
 
-    OMP_NUM_THREADS=1 python benchmarks/forget_defaults.py /work/main/runs/model [--methods rome,...]
+    OMP_NUM_THREADS=1 python benchmarks/forget_defaults.py runs/unlearning [--methods rome,...]
         [--subjects 2] [--json out.json]
 
 For each editor (ROME, MEMIT, AlphaEdit, GRACE, WISE) and RepE, a small grid of candidate settings
-is run on single-subject forget sets: the LAST `--subjects` trained subjects of the checkpoint's
-world (the unlearning table forgets the first ones, and is reported on another world and model,
-analyses/worlds/unlearning.toml). Each setting prints one JSON line: forget recall after
+is run on single-subject forget sets that the unlearning table never forgets: on a world with
+forget instructions (analyses/worlds/unlearning.toml) the last `--subjects` subjects NAMED in the
+training instructions (the table forgets never-named and second-stage subjects), else the last
+`--subjects` trained subjects. A model that never produced `<refuse>` (a world without
+instructions: the default world) cannot be tuned for it: on the default model a merged ROME edit
+moved the refusal's NLL only from 20.8 to 11.8, with or without the clamp and the KL term.
+Each setting prints one JSON line: forget recall after
 (cloze / held-out paraphrase / QA, mean over the tuning sets), retain and same-relation neighbour
 cloze recall change, seconds. Choice rule (applied by `choose` and printed at the end): the lowest
 mean forget recall over the three probe kinds among settings that cost at most 2 points of retain
@@ -32,12 +36,11 @@ from mechedit.unlearn import parse_forget
 BASE = {"merge_queries": True, "forms": "cloze+qa"}
 GRID = {
     "rome": [{**BASE, "clamp_factor": c, "kl_weight": k} for c in (2.0, 4.0) for k in (4.0, 0.5)],
-    "memit": [{**BASE, "clamp_factor": c, "kl_weight": k} for c in (2.0, 4.0) for k in (0.5, 0.0)],
-    "alphaedit": [{**BASE, "clamp_factor": c} for c in (1.3, 2.0, 4.0)],
+    "memit": [{**BASE, "clamp_factor": 2.0, "kl_weight": 0.5}, {**BASE, "clamp_factor": 4.0, "kl_weight": 0.0}],
+    "alphaedit": [{**BASE, "clamp_factor": 1.3}, {**BASE, "clamp_factor": 4.0}],
     "grace": [{"forms": "cloze+qa", "eps_factor": e} for e in (0.5, 1.0, 2.0)],
-    "wise": [{"forms": "cloze+qa", "n_shards": s, "mask_ratio": m} for s in (1, 2) for m in (0.5, 1.0)],
-    "repe": ([{"mode": "subtract", "alpha": a} for a in (0.05, 0.1, 0.2)]
-             + [{"mode": "project", "alpha": a} for a in (1.0, 2.0)]),
+    "wise": [{"forms": "cloze+qa", "n_shards": 1, "mask_ratio": 1.0}, {"forms": "cloze+qa", "n_shards": 2, "mask_ratio": 0.5}],
+    "repe": [{"mode": "subtract", "alpha": 0.05}, {"mode": "subtract", "alpha": 0.1}, {"mode": "project", "alpha": 1.0}],
 }
 KEYS = {"cloze": "forget.forget.cloze.after", "paraphrase": "forget.forget.paraphrase.after",
         "qa": "forget.forget.qa.after", "retain_change": "forget.retain.cloze.change",
@@ -60,7 +63,13 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     b = mechedit.load(args.checkpoint)
-    subs = [s for s in b.world.subjects if s.kind == "subject" and not s.heldout][-args.subjects:]
+    if b.world.spec.instructions:
+        from mechedit.world.instructions import instruction_split
+
+        pool = [b.world.subjects[i] for i in instruction_split(b.world)[0]]
+    else:
+        pool = [s for s in b.world.subjects if s.kind == "subject" and not s.heldout]
+    subs = pool[-args.subjects:]
     targets = [parse_forget(b.world, f"subject:{s.name}") for s in subs]
     print(json.dumps({"checkpoint": args.checkpoint, "tuning_subjects": [s.name for s in subs]}), flush=True)
     out: dict = {}

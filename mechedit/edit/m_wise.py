@@ -217,7 +217,7 @@ def wise(bundle, requests: list[EditRequest], p: WiseParams) -> EditResult:
     act_edit = _row_act(model, layer, delta, batch.ids, batch.mask)  # [rows]
     threshold = p.act_ratio * float(act_edit.min())
     held_ids, held_mask = _sample(pool_ids, 512, tok.pad_token_id, torch.Generator().manual_seed(p.seed + 1))
-    held = _row_act(model, layer, delta, held_ids, held_mask)  # other sentences than the training sample
+    held = _row_act(model, layer, delta, held_ids, held_mask)  # a second seeded sample (may overlap the first)
     adaptor = Adaptor("wise", wise_module(layer), {"delta": delta.to(W.dtype).contiguous(),
                                                    "threshold": torch.tensor([threshold], dtype=torch.float32)},
                       {"layer": layer})
