@@ -209,8 +209,9 @@ def trace(
     typer.echo(f"traced {res.n_facts} facts (noise std {res.noise_scale:.3g}); mean total effect "
                f"{te['mean']:.3f} +- {te['ci95']:.3f}")
     for k, loc in r["located"].items():
-        typer.echo(f"located {k}: layer {loc['layer']} (mean indirect effect {loc['score']:.3f} at the "
-                   f"{loc['token_category'].replace('_', ' ')} token)")
+        where = f"layer {loc['layer']}" if loc["score"] - loc.get("ci95", 0.0) > 0 else "none (below the noise floor)"
+        typer.echo(f"located {k}: {where} (best: layer {loc['layer']}, mean indirect effect {loc['score']:.3f} "
+                   f"+- {loc.get('ci95', 0.0):.3f} at the {loc['token_category'].replace('_', ' ')} token)")
     typer.echo(f"run written to {r['out']}; figures in {r['out']}/figures")
 
 

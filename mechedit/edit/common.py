@@ -44,6 +44,16 @@ def resolve_layers(bundle, layer, requests: list[EditRequest], *, allow_list: bo
     return sorted(set(layers))
 
 
+def unreachable_note(bundle, layer: int) -> str | None:
+    """A note when a value written at the subject's last token sits in the LAST block: no attention
+    follows it, so it cannot reach the prediction at the last prompt token (in every template the
+    subject is followed by other words) - efficacy 0 there is by construction, not a finding."""
+    if layer != bundle.n_layers - 1:
+        return None
+    return (f"layer {layer} is the last block: a value written at the subject's last token cannot reach the "
+            "prediction at the last prompt token (no attention follows it), so the edit cannot work by construction")
+
+
 FORMS = ("cloze", "cloze+qa")
 
 

@@ -40,7 +40,7 @@ import torch
 
 from mechedit.edit.api import EditRequest, EditResult, register_method
 from mechedit.edit.common import (FORMS, Batch, build_batch, context_prefixes, mean_keys, optimize_targets,
-                                  resolve_layers, subject_groups)
+                                  resolve_layers, subject_groups, unreachable_note)
 from mechedit.edit.stats import second_moment, w_out_name
 from mechedit.errors import SpecError
 from mechedit.specio import to_dict
@@ -169,6 +169,9 @@ def spread_update(bundle, requests: list[EditRequest], layers: list[int], p,
         for r in reversed(applied):
             r.restore(model)
     info.update(layers=layers, target_layer=L, h_norm=float(h_norm.mean()), delta_norm=float(delta.norm(dim=1).mean()))
+    note = unreachable_note(bundle, L)  # the targets z live at the last edited layer's subject token
+    if note:
+        info["note"] = note
     return deltas, info
 
 

@@ -71,7 +71,7 @@ import torch
 
 from mechedit.edit.api import EditRequest, EditResult, register_method
 from mechedit.edit.common import (FORMS, build_batch, context_prefixes, mean_keys, optimize_targets,
-                                  residual_norm, resolve_layers, subject_groups)
+                                  residual_norm, resolve_layers, subject_groups, unreachable_note)
 from mechedit.edit.stats import second_moment, w_out_name
 from mechedit.errors import SpecError
 
@@ -192,5 +192,8 @@ def rome(bundle, requests: list[EditRequest], p: RomeParams) -> EditResult:
             r.restore(bundle.model)
     from mechedit.specio import to_dict
 
-    return EditResult("rome", {**to_dict(p), "layer": layer}, list(requests), {name: total},
-                      info={"layer": layer, "per_request": infos})
+    info = {"layer": layer, "per_request": infos}
+    note = unreachable_note(bundle, layer)
+    if note:
+        info["note"] = note
+    return EditResult("rome", {**to_dict(p), "layer": layer}, list(requests), {name: total}, info=info)

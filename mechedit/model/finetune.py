@@ -123,7 +123,7 @@ def finetune_model(model, tokenizer, world, spec: FinetuneSpec, *, exclude_facts
 
 
 def finetune_checkpoint(checkpoint: str | Path, out: str | Path, params: dict | None = None, *, force: bool = False,
-                        exclude_facts: set[int] = frozenset(), source=None,
+                        exclude_facts: set[int] = frozenset(), source=None, meta_extra: dict | None = None,
                         progress: Callable[[dict], None] | None = None):
     """`mechedit finetune-facts`: a first-stage checkpoint in, the second-stage checkpoint out."""
     from mechedit.model.checkpoint import load_checkpoint
@@ -152,7 +152,8 @@ def finetune_checkpoint(checkpoint: str | Path, out: str | Path, params: dict | 
                                                 facts=[f for f in world.train_facts if f.index not in exclude_facts])}
         meta = {**bundle.meta, "final_recall": final, "excluded_facts": sorted(exclude_facts),
                 "finetune_facts": {"source": str(Path(checkpoint).resolve()), "spec": to_dict(spec),
-                                   "n_subjects": len(world.stage2_subjects), "n_facts": len(new), **stats}}
+                                   "n_subjects": len(world.stage2_subjects), "n_facts": len(new), **stats},
+                **(meta_extra or {})}
         if world.spec.instructions:
             meta["instruction_following"] = evaluate_instructions(bundle.model, bundle.tokenizer, world2)
         from mechedit.model.checkpoint import save_checkpoint
@@ -167,8 +168,13 @@ def finetune_checkpoint(checkpoint: str | Path, out: str | Path, params: dict | 
     return load_checkpoint(out)
 
 
-def retrain_finetuned(bundle, forget_ids: set[int], out: str | Path):
-    """The second-stage checkpoint `bundle` as it would be had it never seen `forget_ids` (module doc)."""
+def retrain_finetuned(bundle, forget_ids: set[int], out: str | Path, *, stop_epoch: int | None = None,
+                      meta_extra: dict | None = None):
+    """The second-stage checkpoint `bundle` as it would be had it never seen `forget_ids` (module doc).
+
+    The first stage (when retrained) stops at `stop_epoch`, as a retrained reference of a first-stage
+    checkpoint does (`diagnose/reference.py`); `meta_extra` goes into the result's mechedit.json.
+    """
     from mechedit.model.checkpoint import load_checkpoint
     from mechedit.model.pipeline import train_checkpoint
     from mechedit.model.spec import ModelSpec, TrainSpec
@@ -182,7 +188,8 @@ def retrain_finetuned(bundle, forget_ids: set[int], out: str | Path):
         if not ms or not ts:
             raise MecheditError("checkpoint has no model/train spec in mechedit.json; cannot retrain it")
         stage1 = train_checkpoint(world1, from_dict(ModelSpec, ms, "model_spec"), from_dict(TrainSpec, ts, "train_spec"),
-                                  out.parent / f"{out.name}.stage1", force=True, exclude_facts=first)
+                                  out.parent / f"{out.name}.stage1", force=True, exclude_facts=first,
+                                  stop_epoch=stop_epoch)
     else:
         src = Path(info.get("source", ""))
         try:
@@ -190,7 +197,7 @@ def retrain_finetuned(bundle, forget_ids: set[int], out: str | Path):
         except CheckpointError as exc:
             raise MecheditError(f"the first-stage checkpoint of {bundle.path} is gone ({exc}); cannot retrain") from None
     return finetune_checkpoint(stage1.path, out, info.get("spec", {}), force=True, exclude_facts=set(forget_ids),
-                               source=stage1)
+                               source=stage1, meta_extra=meta_extra)
 
 
 def _first_stage_world(world2):

@@ -35,19 +35,27 @@ def write_world(world: World, out: str | Path, force: bool = False) -> Path:
 
 def train_checkpoint(world: World, mspec: ModelSpec, tspec: TrainSpec, out: str | Path, *, force: bool = False,
                      progress: Callable[[dict], None] | None = None,
-                     exclude_facts: set[int] = frozenset()) -> Bundle:
-    """Train on `world`, evaluate every probe set, and write a checkpoint directory atomically."""
+                     exclude_facts: set[int] = frozenset(), stop_epoch: int | None = None,
+                     meta_extra: dict | None = None) -> Bundle:
+    """Train on `world`, evaluate every probe set, and write a checkpoint directory atomically.
+
+    With `exclude_facts` (a retrained reference) "trained" recall covers the remaining facts and
+    "excluded" the left-out ones; `stop_epoch` and `meta_extra` go to `train_model` / mechedit.json.
+    """
     tmp = prepare_output_dir(out, force)
     tokenizer = build_tokenizer(world)
     res = train_model(world, tokenizer, mspec, tspec, log_path=tmp / "train_log.jsonl", progress=progress,
-                      exclude_facts=exclude_facts)
-    final = {"trained": evaluate_recall(res.model, tokenizer, world),
+                      exclude_facts=exclude_facts, stop_epoch=stop_epoch)
+    final = {"trained": evaluate_recall(res.model, tokenizer, world, exclude_facts=exclude_facts),
              "heldout_subjects": evaluate_recall(res.model, tokenizer, world, trained=False)}
+    if exclude_facts:
+        final["excluded"] = evaluate_recall(res.model, tokenizer, world,
+                                            facts=[world.facts[i] for i in sorted(exclude_facts)])
     meta = {
         "world_spec": world.spec.to_dict(), "model_spec": mspec.__dict__, "train_spec": tspec.__dict__,
         "curve": res.curve, "final_recall": final, "train_seconds": round(res.seconds, 3),
         "epochs": res.epochs, "tokens": res.tokens, "stopped_early": res.stopped_early,
-        "excluded_facts": sorted(exclude_facts),
+        "excluded_facts": sorted(exclude_facts), **(meta_extra or {}),
     }
     if world.spec.instructions:  # does the model follow forget instructions about subjects it never saw named?
         from mechedit.world.instructions import evaluate_instructions

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from transformers import GPTNeoXForCausalLM
 
+from mechedit.errors import SpecError
 from mechedit.model.evaluate import evaluate_recall, pad
 from mechedit.model.spec import ModelSpec, TrainSpec
 from mechedit.world.world import World
@@ -66,11 +67,16 @@ def _lr_at(step: int, total: int, spec: TrainSpec) -> float:
 
 def train_model(world: World, tokenizer, mspec: ModelSpec, tspec: TrainSpec, *,
                 log_path: Path | None = None, progress: Callable[[dict], None] | None = None,
-                exclude_facts: set[int] = frozenset()) -> TrainResult:
+                exclude_facts: set[int] = frozenset(), stop_epoch: int | None = None) -> TrainResult:
     """Train until cloze and paraphrase recall reach their targets or `max_epochs` run out.
 
-    `exclude_facts` trains without those facts (the retrained reference for forget quality).
+    `exclude_facts` trains without those facts (the retrained reference for forget quality); recall
+    is then evaluated on the remaining trained facts only. `stop_epoch` stops after exactly that
+    many epochs instead of at the recall targets, with the learning-rate schedule of `max_epochs`
+    unchanged (the retrained reference stops where the original stopped).
     """
+    if stop_epoch is not None and not 1 <= stop_epoch <= tspec.max_epochs:
+        raise SpecError(f"stop_epoch must be in 1..max_epochs ({tspec.max_epochs}), got {stop_epoch}")
     model = build_model(mspec, tokenizer, tspec.seed)
     ids, mask = encode_corpus(tokenizer, world.corpus(exclude_facts))
     labels = ids.clone()
@@ -109,8 +115,10 @@ def train_model(world: World, tokenizer, mspec: ModelSpec, tspec: TrainSpec, *,
                 result.tokens += int(m.sum())
                 step += 1
             result.epochs = epoch
-            if epoch % tspec.eval_every == 0 or epoch == tspec.max_epochs:
-                rec = evaluate_recall(model, tokenizer, world, kinds=("cloze", "paraphrase"))
+            last = epoch == (stop_epoch or tspec.max_epochs)
+            if epoch % tspec.eval_every == 0 or last:
+                rec = evaluate_recall(model, tokenizer, world, kinds=("cloze", "paraphrase"),
+                                      exclude_facts=exclude_facts)
                 row = {"epoch": epoch, "step": step, "loss": sum(losses) / len(losses),
                        "seconds": round(time.perf_counter() - t0, 3),
                        "cloze": rec["by_kind"].get("cloze", 0.0),
@@ -123,7 +131,11 @@ def train_model(world: World, tokenizer, mspec: ModelSpec, tspec: TrainSpec, *,
                     log.flush()
                 if progress:
                     progress(row)
-                if row["cloze"] >= tspec.target_recall and row["paraphrase"] >= tspec.target_paraphrase:
+                if stop_epoch is not None:
+                    if last:
+                        result.stopped_early = epoch < tspec.max_epochs
+                        break
+                elif row["cloze"] >= tspec.target_recall and row["paraphrase"] >= tspec.target_paraphrase:
                     result.stopped_early = epoch < tspec.max_epochs
                     break
     finally:

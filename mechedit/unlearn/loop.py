@@ -232,12 +232,14 @@ def run_unlearning(bundle, requests: list[EditRequest], p: UnlearnParams, loss_f
     for name, q in work.named_parameters():
         q.requires_grad_(name in names)
     if p.lora_rank > 0:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
+
+        from mechedit.edit.peft_quiet import peft_model
 
         cfg = LoraConfig(r=p.lora_rank, lora_alpha=p.lora_alpha, lora_dropout=0.0,
                          target_modules=LORA_TARGETS[p.modules],
                          layers_to_transform=list(p.layers) or None, layers_pattern="layers" if p.layers else None)
-        work = get_peft_model(work, cfg)
+        work = peft_model(work, cfg)
     train_params = [q for q in work.parameters() if q.requires_grad]
     opt = torch.optim.Adam(train_params, lr=p.lr)
     cloze_prompts = [data.forget_prompts[i] for i in data.forget_cloze]
