@@ -1,7 +1,13 @@
 """Unlearning table: every method beside the model retrained without the forget facts, with intervals.
 
 Usage: OMP_NUM_THREADS=1 python benchmarks/unlearn_table.py [CHECKPOINT] [--methods ga,npo,...]
-       [--sizes 1,10,50] [--seeds 0,1,2] [--max-seeds-from 50] [--json out.json]
+       [--sizes 1,10,50] [--seeds 0,1,2] [--max-seeds-from 50] [--knowledge all|pretrained|finetuned]
+       [--json out.json]
+
+Pretrained vs fine-tuned knowledge (Li et al. 2025), on analyses/worlds/unlearning.toml:
+    benchmarks/unlearn_table.py runs/unlearning --knowledge pretrained      (first-stage, never-named subjects)
+    benchmarks/unlearn_table.py runs/unlearning-ft --knowledge finetuned    (subjects of `mechedit finetune-facts`)
+A method that cannot run on a set (ICU beyond the instruction lengths it learnt) prints "n/a: why".
 
 Forget sets: for each size N and seed, N trained subjects drawn at random (seeded) and every trained
 fact of each; several seeds per size (a quality figure over independent forget sets, never one
@@ -35,6 +41,7 @@ import mechedit
 from mechedit.diagnose import diagnose
 from mechedit.diagnose.reference import retrained_reference
 from mechedit.edit.api import run_method
+from mechedit.errors import MecheditError
 from mechedit.model.checkpoint import load_checkpoint
 from mechedit.unlearn import parse_forget
 
@@ -48,6 +55,8 @@ METHODS: dict[str, dict] = {
     # measured), and restarts make each request ~4x slower.
     "rome": {"params": {"restarts": 0}},
     "memit": {}, "alphaedit": {},
+    "grace": {}, "wise": {},  # adaptor editors as unlearners (their forget defaults)
+    "repe": {}, "icu": {},  # no weight change: steering, and the forget instruction (instruction worlds only)
 }
 SUITES = ("forget", "leftover", "relearn", "forget_quality")
 
@@ -103,16 +112,40 @@ def fmt(cell: dict, gap: bool = True) -> str:
     return s
 
 
-def forget_subjects(world, n: int, seed: int) -> list[str]:
-    """`n` trained main subjects drawn at random with `seed`."""
+KNOWLEDGE = ("all", "pretrained", "finetuned")
+
+
+def subject_pool(world, knowledge: str = "all") -> list:
+    """Forget-set candidates: "all" trained main subjects; "pretrained" the first-stage ones (on a world
+    with forget instructions: those never named in a training instruction, so ICU is measured as
+    instruction following, not recall of a trained refusal); "finetuned" the second-stage subjects
+    (a `mechedit finetune-facts` checkpoint)."""
     subjects = [s for s in world.subjects if s.kind == "subject" and not s.heldout]
+    if knowledge == "all":
+        return subjects
+    stage2 = set(world.stage2_subjects)
+    if knowledge == "finetuned":
+        if not world.stage2_trained:
+            raise SystemExit("--knowledge finetuned needs a second-stage checkpoint (mechedit finetune-facts)")
+        return [s for s in subjects if s.id in stage2]
+    if world.spec.instructions:
+        from mechedit.world.instructions import instruction_split
+
+        never = set(instruction_split(world)[1])
+        return [s for s in subjects if s.id in never]
+    return [s for s in subjects if s.id not in stage2]
+
+
+def forget_subjects(world, n: int, seed: int, knowledge: str = "all") -> list[str]:
+    """`n` subjects of the pool (`subject_pool`) drawn at random with `seed`."""
+    subjects = subject_pool(world, knowledge)
     idx = np.random.default_rng([seed, 23]).choice(len(subjects), size=n, replace=False)
     return [subjects[int(i)].name for i in sorted(idx)]
 
 
-def run_set(checkpoint: str, before, n: int, seed: int, methods: list[str]) -> dict:
+def run_set(checkpoint: str, before, n: int, seed: int, methods: list[str], knowledge: str = "all") -> dict:
     w = before.world
-    names = forget_subjects(w, n, seed)
+    names = forget_subjects(w, n, seed, knowledge)
     target = parse_forget(w, [f"subject:{s}" for s in names])
     reqs = target.requests()
     t0 = time.perf_counter()
@@ -136,7 +169,11 @@ def run_set(checkpoint: str, before, n: int, seed: int, methods: list[str]) -> d
                 print(f"| {method} | skipped: {len(reqs)} requests > max_requests {spec['max_requests']} |", flush=True)
                 continue
             after = load_checkpoint(checkpoint)
-            res = run_method(before, reqs, method, **spec.get("params", {}))
+            try:
+                res = run_method(before, reqs, method, **spec.get("params", {}))
+            except MecheditError as exc:  # e.g. ICU on more subjects than the model learnt to name at once
+                print(f"| {method} | n/a: {exc} |", flush=True)
+                continue
             res.apply(after.model)
             steps = res.info.get("steps_run", "-")
         card = diagnose(before, after, reqs, SUITES, reference=ref)
@@ -226,6 +263,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2", help="forget-set seeds for every size below --max-seeds-from")
     ap.add_argument("--max-seeds-from", type=int, default=50, help="sizes from here on use the first seed only")
     ap.add_argument("--json", default="", help="also write every row, the sanity checks and the summary here")
+    ap.add_argument("--knowledge", default="all", choices=KNOWLEDGE,
+                    help="forget-set pool: all trained subjects, pretrained (first stage) or finetuned (second stage)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     methods = [m for m in args.methods.split(",") if m]
@@ -235,7 +274,7 @@ def main() -> None:
     sets = []
     for n in [int(x) for x in args.sizes.split(",")]:
         for seed in (seeds if n < args.max_seeds_from else seeds[:1]):
-            sets.append(run_set(args.checkpoint, before, n, seed, methods))
+            sets.append(run_set(args.checkpoint, before, n, seed, methods, args.knowledge))
     summary = summarize(sets, methods)
     total = time.perf_counter() - t0
     print(f"\ntotal {total:.0f}s")

@@ -93,7 +93,15 @@ def null_space_projector(C: torch.Tensor, energy: float) -> torch.Tensor:
     return U0 @ U0.T
 
 
-@register_method("alphaedit", params=AlphaEditParams)
+# Editing as unlearning: merged targets per subject, cloze and QA prompts, clamp 4 (tuned with
+# `benchmarks/forget_defaults.py runs/unlearning`: two single-subject forget sets of subjects named in the
+# training instructions of analyses/worlds/unlearning.toml, never the ones the unlearning table forgets;
+# forget recall after (cloze / paraphrase / QA), retain and same-relation neighbour change)):
+# clamp 1.3 (counterfactual default) 0.06 / 0.08 / 0.08, -0.03 / -0.03 points; clamp 4: 0.00 / 0.08 / 0.00, -0.05 / -0.05.
+FORGET_DEFAULTS = {"merge_queries": True, "forms": "cloze+qa", "clamp_factor": 4.0}
+
+
+@register_method("alphaedit", params=AlphaEditParams, forget_defaults=FORGET_DEFAULTS)
 def alphaedit(bundle, requests: list[EditRequest], p: AlphaEditParams) -> EditResult:
     layers = memit_layers(bundle, p.layer, requests)
     kp_file = Path(p.kp_cache) / "kp.safetensors" if p.kp_cache else None

@@ -32,7 +32,11 @@ Where we deliberately differ, and why:
   query of another fact (last-token keys of the world's trained cloze prompts), unless `eps_init`
   is given: the reference's absolute radius (1.0 for GPT-2 XL) has no meaning at another scale;
 - the default layer is the last one ("auto"): the last prompt token's input there already holds
-  the subject and relation (attention has moved them), which is what a codebook key must tell apart.
+  the subject and relation (attention has moved them), which is what a codebook key must tell apart;
+- `max_eps_factor` caps how far expansions may grow a radius (a new entry instead). With the
+  refusal as every query's label (editing as unlearning) coverage expansions chain: 24 forget
+  prompts of one subject became 2 entries of radius 1.3 and 3.6 x eps_init, which refused 18-37% of
+  the retained facts (forget defaults: see the registration).
 """
 from __future__ import annotations
 
@@ -111,6 +115,7 @@ class GraceParams:
     forms: str = "cloze"  # edit prompts: "cloze" (trained templates) or "cloze+qa"
     eps_init: float = 0.0  # initial radius; 0 = eps_factor x median distance to another fact's nearest query
     eps_factor: float = 0.5
+    max_eps_factor: float = 0.0  # an expansion may grow a radius to at most this x eps_init (0 = no cap, the reference)
     n_reference: int = 2000  # trained cloze prompts whose last-token keys set the automatic radius
     steps: int = 100  # Adam steps for the values (stops when every prompt's NLL < stop_loss)
     lr_factor: float = 0.5  # Adam lr = lr_factor * ||h_l|| / sqrt(d_model) (0.1: 5 edits had not converged in 200 steps)
@@ -122,6 +127,8 @@ class GraceParams:
             raise SpecError(f"grace: forms must be one of {', '.join(FORMS)}, got {self.forms!r}")
         if self.eps_init < 0 or self.eps_factor <= 0 or self.n_reference < 1:
             raise SpecError("grace: eps_init >= 0, eps_factor > 0, n_reference >= 1")
+        if self.max_eps_factor != 0 and self.max_eps_factor < 1:
+            raise SpecError("grace: max_eps_factor must be 0 (no cap) or >= 1")
         if self.steps < 1 or self.lr_factor <= 0 or self.stop_loss < 0:
             raise SpecError("grace: steps >= 1, lr_factor > 0, stop_loss >= 0")
 
@@ -183,10 +190,12 @@ def prior_codebook(model, module: str) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 def place_entries(queries: torch.Tensor, labels: list[int], prior_k: torch.Tensor, prior_e: torch.Tensor,
-                  prior_y: torch.Tensor, eps_init: float) -> tuple[list[int], list[float], list[int], dict]:
+                  prior_y: torch.Tensor, eps_init: float, max_eps: float = math.inf
+                  ) -> tuple[list[int], list[float], list[int], dict]:
     """GRACE's add / expand / split rules over the call's queries, earlier entries kept as they are.
 
-    Returns (query index that each new entry was keyed on, its radius, its label, counts).
+    An expansion beyond `max_eps` adds an entry instead. Returns (query index that each new entry
+    was keyed on, its radius, its label, counts).
     """
     keys: list[int] = []
     eps: list[float] = []
@@ -216,7 +225,9 @@ def place_entries(queries: torch.Tensor, labels: list[int], prior_k: torch.Tenso
             if n >= n_prior:  # the reference halves the nearest entry too (strictly, so the balls do not touch)
                 eps[n - n_prior] = dn / 2 * (1 - MARGIN)
         elif dn > float(cand_e[n]):
-            if n >= n_prior:  # coverage, with a margin over the float error of batched distances
+            if n >= n_prior and dn * (1 + MARGIN) > max_eps:  # the cap: a new entry instead of a larger ball
+                add(qi, eps_init, y)
+            elif n >= n_prior:  # coverage, with a margin over the float error of batched distances
                 eps[n - n_prior] = dn * (1 + MARGIN)
                 counts["expand"] += 1
             else:  # an earlier call's entry is never changed: a new entry of the same label instead
@@ -255,7 +266,8 @@ def grace(bundle, requests: list[EditRequest], p: GraceParams) -> EditResult:
     prior_k, prior_e, prior_y, prior = prior_codebook(model, module)
     if prior_k.shape[0] and prior_k.shape[1] != queries.shape[1]:
         raise MecheditError("grace: the attached codebook does not fit this layer")
-    kidx, eps, ys, counts = place_entries(queries, labels, prior_k, prior_e, prior_y, eps_init)
+    max_eps = p.max_eps_factor * eps_init if p.max_eps_factor else math.inf
+    kidx, eps, ys, counts = place_entries(queries, labels, prior_k, prior_e, prior_y, eps_init, max_eps)
     if not kidx:  # every query already inside an earlier entry of its label
         return EditResult("grace", {**to_dict(p), "layer": layer}, list(requests), {},
                           info={"layer": layer, "eps_init": eps_init, "n_entries": 0, **counts})

@@ -43,8 +43,8 @@ Where we deliberately differ from the reference (GPT-2 XL hyper-parameters):
 - `forms = "cloze+qa"` adds the QA form to the edit prompts (the forget data the loss-based
   unlearning methods train on).
 
-Forget defaults (every new object the refusal token; `FORGET_DEFAULTS`, chosen on forget sets of
-the default world and reported on another world, `benchmarks/unlearn_table.py`): see there.
+Forget defaults (every new object the refusal token): `FORGET_DEFAULTS`, chosen by
+`benchmarks/forget_defaults.py` on forget sets that `benchmarks/unlearn_table.py` never reports on.
 
 Parallel residual and the traced layer (measured on the default 4-layer model, 50 single edits,
 `benchmarks/edit_quality.py`): in a Pythia block the MLP reads LN(h_{l-1}), not h_{l-1} + attn, so
@@ -170,7 +170,17 @@ def _one(bundle, reqs: list[EditRequest], layer: int, p: RomeParams, C_inv: torc
     return dW.to(W.dtype), info
 
 
-@register_method("rome", params=RomeParams)
+# Editing as unlearning (every target the refusal): one merged edit per subject over its cloze and QA
+# prompts (tuned with `benchmarks/forget_defaults.py runs/unlearning`: two single-subject forget sets of subjects named in the
+# training instructions of analyses/worlds/unlearning.toml, never the ones the unlearning table forgets;
+# forget recall after (cloze / paraphrase / QA), retain and same-relation neighbour change):
+# merged, clamp 2 / KL 4 (the counterfactual values) 0.03 / 0.08 / 0.00, -0.05 / -0.05 points; clamp 4 and
+# KL 0.5 gave the same. On the default world (where <refuse> never occurs in training) no setting reaches
+# the refusal: a merged edit moved its NLL only from 20.8 to 11.8.
+FORGET_DEFAULTS = {"merge_queries": True, "forms": "cloze+qa"}
+
+
+@register_method("rome", params=RomeParams, forget_defaults=FORGET_DEFAULTS)
 def rome(bundle, requests: list[EditRequest], p: RomeParams) -> EditResult:
     (layer,) = resolve_layers(bundle, p.layer, requests, allow_list=False)
     C_inv = inverse_second_moment(second_moment(bundle, layer, p.n_stats), p.ridge)

@@ -188,7 +188,16 @@ def ties_merge(deltas: list[torch.Tensor], density: float) -> torch.Tensor:
     return (t * agree).sum(0) / agree.sum(0).clamp(min=1)
 
 
-@register_method("wise", params=WiseParams)
+# Editing as unlearning: cloze and QA prompts (tuned with
+# `benchmarks/forget_defaults.py runs/unlearning`: two single-subject forget sets of subjects named in the
+# training instructions of analyses/worlds/unlearning.toml, never the ones the unlearning table forgets;
+# forget recall after (cloze / paraphrase / QA), retain and same-relation neighbour change)):
+# one shard, rho 1: 0.00 / 0.00 / 0.00 with 0.0 / 0.0 points; two shards, rho 0.5: the same (a tie; the
+# rule keeps the first).
+FORGET_DEFAULTS = {"forms": "cloze+qa"}
+
+
+@register_method("wise", params=WiseParams, forget_defaults=FORGET_DEFAULTS)
 def wise(bundle, requests: list[EditRequest], p: WiseParams) -> EditResult:
     model = bundle.model
     layer = adapted_layer(bundle, p.layer)
