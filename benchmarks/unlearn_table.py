@@ -153,8 +153,7 @@ def run_set(checkpoint: str, before, n: int, seed: int, methods: list[str], know
     ref_s = time.perf_counter() - t0
     print(f"\n## forget {n} subject(s), seed {seed}: {len(target.forget)} facts "
           f"(retrained reference ready in {ref_s:.0f}s, stopped at epoch {ref.meta.get('epochs')})\n", flush=True)
-    print("| method | " + " | ".join(list(COLS) + ["relearn", "ks_p"]) + " | steps | sec |")
-    print("|---" * (len(COLS) + 5) + "|")
+    print_header()
     rows, cards = {}, {}
     for method in ["original", "retrained", *methods]:
         t1 = time.perf_counter()
@@ -180,9 +179,7 @@ def run_set(checkpoint: str, before, n: int, seed: int, methods: list[str], know
         vals = row_values(card)
         rows[method] = {"values": vals, "steps": steps, "sec": round(time.perf_counter() - t1, 1)}
         cards[method] = card
-        gap = method not in ("original", "retrained")
-        print(f"| {method} | " + " | ".join(fmt(vals[c], gap) for c in vals) + f" | {steps} | {rows[method]['sec']:.0f} |",
-              flush=True)
+        print_row(method, rows[method])
     lo = cards["original"]["leftover"]
     mia = lo["mia"]
     sanity = {
@@ -203,6 +200,25 @@ def run_set(checkpoint: str, before, n: int, seed: int, methods: list[str], know
         "reference_recall": {k: (ref.meta.get("final_recall", {}).get(k) or {}).get("by_kind")
                              for k in ("trained", "excluded")},
     }
+    result = {"size": n, "seed": seed, "rows": rows, "sanity": sanity}
+    print_checks(result)
+    return result
+
+
+def print_header() -> None:
+    print("| method | " + " | ".join(list(COLS) + ["relearn", "ks_p"]) + " | steps | sec |")
+    print("|---" * (len(COLS) + 5) + "|")
+
+
+def print_row(method: str, row: dict) -> None:
+    gap = method not in ("original", "retrained")
+    print(f"| {method} | " + " | ".join(fmt(v, gap) for v in row["values"].values()) +
+          f" | {row['steps']} | {row['sec']:.0f} |", flush=True)
+
+
+def print_checks(result: dict) -> None:
+    sanity = result["sanity"]
+    mia = {"design": sanity["mia_design"]}
     mf = sanity["model_free_auc"]
     print(f"\nchecks: non-members {mia['design']['n_texts']} texts of {mia['design']['n_subjects']} subjects "
           f"({mia['design']['heldout_subjects_all_words_trained']} held-out, {mia['design']['synthetic_subjects']} "
@@ -215,7 +231,34 @@ def run_set(checkpoint: str, before, n: int, seed: int, methods: list[str], know
           f"{sanity['probe_chance']:.3f}, split {sanity['probe_split']}, chosen {sanity['probe_selected']}; "
           f"relearn scored on {sanity['relearn_n_scored']} facts; KS n = {sanity['ks_n_facts']} facts per model",
           flush=True)
-    return {"size": n, "seed": seed, "rows": rows, "sanity": sanity}
+
+
+def cached_set(resume_dir: str, checkpoint: str, before, n: int, seed: int, methods: list[str],
+               knowledge: str = "all") -> dict:
+    """`run_set`, or its stored result from `resume_dir` (same size, seed and methods): a killed table
+    resumes at the first unfinished forget set."""
+    import os
+
+    name = f"set_{n}_{seed}.json" if knowledge == "all" else f"set_{knowledge}_{n}_{seed}.json"
+    path = os.path.join(resume_dir, name) if resume_dir else None
+    if path and os.path.isfile(path):
+        with open(path) as fh:
+            res = json.load(fh)
+        if res.get("methods") == methods:
+            print(f"\n## forget {n} subject(s), seed {seed}: {res['sanity']['n_forget_facts']} facts (stored in {path})\n")
+            print_header()
+            for m, row in res["rows"].items():
+                print_row(m, row)
+            print_checks(res)
+            return res
+    res = {**run_set(checkpoint, before, n, seed, methods, knowledge), "methods": methods}
+    if path:
+        os.makedirs(resume_dir, exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(res, fh, indent=1, default=str)
+        os.replace(tmp, path)
+    return res
 
 
 def summarize(sets: list[dict], methods: list[str]) -> dict:
@@ -265,6 +308,7 @@ def main() -> None:
     ap.add_argument("--json", default="", help="also write every row, the sanity checks and the summary here")
     ap.add_argument("--knowledge", default="all", choices=KNOWLEDGE,
                     help="forget-set pool: all trained subjects, pretrained (first stage) or finetuned (second stage)")
+    ap.add_argument("--resume-dir", default="", help="store each finished forget set here and reuse it on a rerun")
     args = ap.parse_args()
     torch.set_num_threads(1)
     methods = [m for m in args.methods.split(",") if m]
@@ -274,7 +318,7 @@ def main() -> None:
     sets = []
     for n in [int(x) for x in args.sizes.split(",")]:
         for seed in (seeds if n < args.max_seeds_from else seeds[:1]):
-            sets.append(run_set(args.checkpoint, before, n, seed, methods, args.knowledge))
+            sets.append(cached_set(args.resume_dir, args.checkpoint, before, n, seed, methods, args.knowledge))
     summary = summarize(sets, methods)
     total = time.perf_counter() - t0
     print(f"\ntotal {total:.0f}s")

@@ -35,7 +35,8 @@ from mechedit.diagnose.cache import memo
 from mechedit.diagnose.mia import ATTACKS, SPANS, mia_scores
 from mechedit.diagnose.nonmembers import MiaText, main_relations, member_text, model_free_scores, nonmember_texts
 from mechedit.diagnose.probes import logit_lens, probe_model, split_subjects
-from mechedit.diagnose.stats import auc_from_scores, bootstrap_auc, bootstrap_mean
+from mechedit.diagnose.stats import (auc_from_scores, bootstrap_auc, bootstrap_mean, bootstrap_mean_of_means,
+                                     mean_of_means)
 from mechedit.diagnose.strict import finite, strict_json
 from mechedit.unlearn.targets import ForgetTarget, resolve_target
 
@@ -60,18 +61,17 @@ def adversarial_section(models: dict, target: ForgetTarget, n_boot: int = 1000, 
     for fam, d in fams.items():
         out["by_family"][fam] = _compare({t: d[t]["recall"]["agg_value"] for t in models})
     recall, ci = {}, {}
+    trained = [fam for fam in fams if fam not in UNTRAINED_FAMILIES]
+    facts = sorted({f for fam in trained for tag in models for f in fams[fam][tag]["recall"]["value_by_index"]})
     for tag in models:
-        vals = [d[tag] for fam, d in out["by_family"].items() if fam not in UNTRAINED_FAMILIES]
-        recall[tag] = float(np.mean(vals)) if vals else None
-        per_fact: dict[str, list[float]] = {}  # a fact's recall over the families it has a probe in
-        for fam, d in fams.items():
-            if fam not in UNTRAINED_FAMILIES:
-                for f, v in d[tag]["recall"]["value_by_index"].items():
-                    per_fact.setdefault(f, []).append(v)
-        ci[tag] = bootstrap_mean([float(np.mean(v)) for v in per_fact.values()], n_boot, seed)
+        # [facts, families] recall, NaN where a fact has no probe of that family (synonym: no alias)
+        table = np.array([[fams[fam][tag]["recall"]["value_by_index"].get(f, np.nan) for fam in trained]
+                          for f in facts], dtype=float).reshape(len(facts), len(trained))
+        recall[tag] = mean_of_means(table) if table.size else None
+        ci[tag] = bootstrap_mean_of_means(table, n_boot, seed)
     out["recall"] = {**_compare(recall), "ci95": ci}
-    out["note"] = ("recall: mean over families except " + ", ".join(UNTRAINED_FAMILIES) +
-                   "; ci95: bootstrap over facts of each fact's mean over those families")
+    out["note"] = ("recall: mean over the families (except " + ", ".join(UNTRAINED_FAMILIES) +
+                   ") of each family's mean over facts; ci95: the same statistic bootstrapped over facts")
     return out
 
 

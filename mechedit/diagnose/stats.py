@@ -2,10 +2,14 @@
 
 Every interval here is a 95% percentile bootstrap (Efron & Tibshirani 1993) over the items a figure
 averages: facts for recall, probe accuracy and relearning (one value per fact), and for a ROC AUC
-members and non-members resampled separately (stratified, so both classes keep their sizes).
-Seeded: the same values give the same interval.
+members and non-members resampled separately (stratified, so both classes keep their sizes). The
+resampled statistic is always the reported one (`bootstrap_mean_of_means`: a mean over groups of
+per-group means, as the adversarial recall averages families). Seeded: the same values give the
+same interval.
 """
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 from scipy.stats import rankdata
@@ -48,4 +52,26 @@ def bootstrap_mean(values, n_boot: int = N_BOOT, seed: int = 0) -> tuple[float, 
     rng = np.random.default_rng(seed)
     means = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(1)
     lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def mean_of_means(table: np.ndarray) -> float:
+    """Mean over columns of each column's mean over rows, ignoring NaN ([items, groups])."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(np.nanmean(np.nanmean(table, axis=0)))
+
+
+def bootstrap_mean_of_means(table: np.ndarray, n_boot: int = N_BOOT, seed: int = 0) -> tuple[float, float] | None:
+    """95% interval of `mean_of_means(table)` resampling the rows (items); NaN = an item without a
+    value in that group. None when the table is empty."""
+    table = np.asarray(table, float)
+    if table.size == 0 or np.all(np.isnan(table)):
+        return None
+    rng = np.random.default_rng(seed)
+    sample = table[rng.integers(0, len(table), size=(n_boot, len(table)))]  # [boot, items, groups]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        stats = np.nanmean(np.nanmean(sample, axis=1), axis=1)
+    lo, hi = np.nanpercentile(stats, [2.5, 97.5])
     return float(lo), float(hi)
