@@ -259,13 +259,14 @@ def test_wise_router_defers_irrelevant_inputs(tiny_bundle):
 
 def test_repe_reading_vector_points_at_the_target(tiny_bundle):
     """The reading vector is target minus contrast: its projection separates the target's prompts, and
-    subtracting it lowers the forgotten objects' probability (a flipped sign raises it instead)."""
+    subtracting it lowers the forgotten objects' probability (a flipped sign raises it instead). The sign
+    matters in "subtract" mode only: "project" removes the span, whatever the basis vectors' signs."""
     from mechedit.model.evaluate import score_answers
     from mechedit.unlearn.m_repe import _prompts, mean_states
 
     w, model = tiny_bundle.world, tiny_bundle.model
     reqs = _forget_requests(w)
-    res = run_method(tiny_bundle, reqs, "repe", layer=[0, 1], alpha=1.0, **FAST["repe"])
+    res = run_method(tiny_bundle, reqs, "repe", layer=[0, 1], mode="subtract", alpha=1.0, **FAST["repe"])
     v = res.adaptors[0].tensors["vectors"][0].double()
     target = parse_forget(w, [f"subject:{reqs[0].subject}"])
     about = mean_states(model, tiny_bundle.tokenizer, _prompts(w, list(target.forget)), [0])[0]
