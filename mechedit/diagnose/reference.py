@@ -155,7 +155,7 @@ def relearn(model, tokenizer, world, train_facts, eval_facts, steps: int = 10, l
     work = copy.deepcopy(model)
     before = rec(work)
     prompts, answers, _ = forget_examples(world, train_facts)
-    batch = make_batch(tokenizer, prompts, answers)
+    batch = make_batch(tokenizer, prompts, answers, work.device)
     opt = torch.optim.Adam(work.parameters(), lr=lr)
     work.train()
     for _ in range(steps):
