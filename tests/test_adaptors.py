@@ -370,7 +370,7 @@ def test_unlearn_cli_with_adaptor_method(tiny_checkpoint, tmp_path):
     s = [s for s in b.world.subjects if s.kind == "subject" and not s.heldout][0]
     out = tmp_path / "u"
     r = CliRunner().invoke(app, ["unlearn", str(tiny_checkpoint), "--forget", f"subject:{s.name}", "-m", "repe",
-                                 "-p", "alpha=2.0", "-p", "layer=[0, 1]", "-o", str(out)])
+                                 "-p", "mode=subtract", "-p", "alpha=2.0", "-p", "layer=[0, 1]", "-o", str(out)])
     assert r.exit_code == 0, r.output
     card = json.loads((out / "scorecard.json").read_text())["forget"]
     assert card["forget"]["cloze"]["after"] < card["forget"]["cloze"]["before"]
