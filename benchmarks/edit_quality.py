@@ -1,5 +1,8 @@
 """Edit quality on a checkpoint: ROME single edits, MEMIT/AlphaEdit 100-edit batches, LoRA single edits
-and the LoRA rank needed for 10 distinct edits. Prints one JSON line per measurement.
+and the LoRA rank needed for 10 distinct edits; GRACE and WISE (adaptor editors) and ROME / MEMIT /
+AlphaEdit as 100 SEQUENTIAL edits (one request per call, each call on the model edited by the
+earlier ones, scored once at the end on all of them: `--only grace_seq,wise_seq,rome_seq,...`), and
+GRACE / WISE as one 100-edit batch (`grace_batch`, `wise_batch`). Prints one JSON line per measurement.
 
 Collateral includes the name-word siblings of the edited subjects (`diagnose/s_edit.py`):
 `last_word_siblings` (recall of the old object by subjects whose name ends in the edited subject's
@@ -75,6 +78,22 @@ def batch(bundle, reqs, method, params, card_opts) -> dict:
             "s_per_edit": round((time.perf_counter() - t0) / len(reqs), 3), **summarize([card])}
 
 
+def sequential(bundle, reqs, method, params, card_opts) -> dict:
+    """`len(reqs)` edit calls in a row (one request each), then one scorecard on all of them."""
+    from mechedit.edit.run import frozen_copy, sequential_edits
+
+    before = frozen_copy(bundle)
+    t0 = time.perf_counter()
+    steps = sequential_edits(bundle, [[r] for r in reqs], method, score=False, restore=False, **params)
+    try:
+        card = get_suite("edit").fn(before, bundle, reqs, **card_opts)
+    finally:
+        for s in reversed(steps):
+            s["result"].restore(bundle.model)
+    return {"method": method, "params": params, "n": len(reqs), "mode": "sequential",
+            "s_per_edit": round((time.perf_counter() - t0) / len(reqs), 3), **summarize([card])}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("checkpoint")
@@ -83,6 +102,7 @@ def main() -> None:
     ap.add_argument("--n-lora", type=int, default=20)
     ap.add_argument("--n-batch", type=int, default=100)
     ap.add_argument("--only", default="rome,memit,alphaedit,lora,lora_rank")
+    ap.add_argument("--seq-seeds", default="2", help="request seeds of the sequential rows (one row each)")
     args = ap.parse_args()
     torch.set_num_threads(1)  # small models: threading overhead dominates on a shared machine
     bundle = mechedit.load(args.checkpoint)
@@ -100,6 +120,13 @@ def main() -> None:
     breqs = random_requests(bundle.world, args.n_batch, 2)
     for m in ("memit", "alphaedit"):
         if m in only:
+            print(json.dumps(batch(bundle, breqs, m, {}, opts)), flush=True)
+    for m in ("grace", "wise", "rome", "memit", "alphaedit"):
+        for seed in [int(x) for x in args.seq_seeds.split(",")] if f"{m}_seq" in only else []:
+            sreqs = random_requests(bundle.world, args.n_batch, seed)  # seed 2: the batch rows' requests
+            row = sequential(bundle, sreqs, m, {"layer": layer} if m == "rome" else {}, opts)
+            print(json.dumps({**row, "requests_seed": seed}), flush=True)
+        if f"{m}_batch" in only and m in ("grace", "wise"):
             print(json.dumps(batch(bundle, breqs, m, {}, opts)), flush=True)
     if "lora" in only:
         print(json.dumps(singles(bundle, random_requests(bundle.world, args.n_lora, 3), "lora",

@@ -103,7 +103,8 @@ def command(*args, **kwargs):
 # ---- one grammar: the same flag means the same thing in every command (README "The command line") ----
 OUT_HELP = "Output directory (default: {}); refused if not empty unless --force."
 FORCE_HELP = "Overwrite a non-empty output directory."
-METHOD_HELP = "Method: an editor (rome, memit, alphaedit, finetune, lora) or an unlearning method (ga, gd, npo, dpo, rt, rmu)."
+METHOD_HELP = ("Method: an editor (rome, memit, alphaedit, grace, wise, finetune, lora) or an unlearning method "
+               "(ga, gd, npo, dpo, rt, rmu, repe, icu).")
 PARAM_HELP = "A method parameter KEY=VALUE (repeatable), e.g. -p steps=40."
 FORGET_HELP = "What to forget: subject:NAME, fact:SUBJECT|RELATION or relation:NAME (repeatable)."
 
@@ -186,6 +187,28 @@ def train(
     typer.echo(f"trained {bundle.meta['epochs']} epochs in {bundle.meta['train_seconds']:.0f} s; recall on trained "
                "facts: " + ", ".join(f"{k} {v:.3f}" for k, v in rec.items())
                + f"; held-out subjects (chance): cloze {held.get('cloze', float('nan')):.3f}")
+    typer.echo(f"checkpoint written to {out}")
+
+
+@command("finetune-facts")
+def finetune_facts(
+    checkpoint: Path = typer.Argument(..., help="First-stage checkpoint of a world with stage2_subject_fraction > 0."),
+    out: Path = typer.Option(..., "-o", "--out", help="Second-stage checkpoint directory."),
+    param: list[str] = param_option(),
+    force: bool = force_option(),
+):
+    """Second training stage: teach a trained model its world's stage-2 facts (fine-tuned knowledge).
+
+    Example: mechedit finetune-facts runs/unlearning -o runs/unlearning-ft -p epochs=20
+    """
+    from mechedit.model.finetune import finetune_checkpoint
+    from mechedit.unlearn.run import parse_params
+
+    b = finetune_checkpoint(checkpoint, out, parse_params(param), force=force)
+    final = b.meta["final_recall"]
+    typer.echo(f"fine-tuned {b.meta['finetune_facts']['epochs']} epochs; stage-2 facts: "
+               + ", ".join(f"{k} {v:.3f}" for k, v in final["stage2"]["by_kind"].items())
+               + "; first-stage cloze " + f"{final['first_stage']['by_kind'].get('cloze', 0.0):.3f}")
     typer.echo(f"checkpoint written to {out}")
 
 

@@ -1,8 +1,9 @@
 """Memoise diagnostics of unchanged models: the same weights and inputs give the same figures.
 
 A table of unlearning methods scores the same original (and retrained) model once per method; keyed
-by a fingerprint of the weights, those results are computed once per process. Callers must not
-mutate what they get back.
+by a fingerprint of the weights and of the attached adaptors (an adaptor edit changes the function
+without changing a weight), those results are computed once per process. Callers must not mutate
+what they get back.
 """
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ def weights_fingerprint(model) -> tuple:
 
 
 def memo(tag: str, model, key: tuple, fn: Callable):
-    """`fn()`, computed once per (tag, weights of `model`, key)."""
-    k = (tag, weights_fingerprint(model), key)
+    """`fn()`, computed once per (tag, weights and adaptors of `model`, key)."""
+    from mechedit.edit.adaptors import adaptor_fingerprint
+
+    k = (tag, weights_fingerprint(model), adaptor_fingerprint(model), key)
     if k not in _MEMO:
         if len(_MEMO) >= MAX_ENTRIES:
             _MEMO.clear()

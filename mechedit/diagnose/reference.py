@@ -66,7 +66,8 @@ def retrain_record(bundle, target: ForgetTarget) -> dict:
         raise MecheditError("checkpoint has no training epoch count in mechedit.json; cannot retrain it the same way")
     return {"rule": RETRAIN_RULE, "version": RETRAIN_VERSION, "stop_epoch": epochs,
             "source_weights_sha256": weights_sha256(bundle.path) if bundle.path is not None else None,
-            "excluded_facts": sorted(target.forget_ids)}
+            "excluded_facts": sorted(target.forget_ids),
+            "stage2_stop_epoch": (bundle.meta.get("finetune_facts") or {}).get("epochs")}
 
 
 def stale_reason(meta: dict, want: dict) -> str | None:
@@ -74,7 +75,7 @@ def stale_reason(meta: dict, want: dict) -> str | None:
     have = meta.get("retrain")
     if not isinstance(have, dict):
         return "it was trained with the old rule (no retrain record: early stop on recall that counted the excluded facts)"
-    for key in ("version", "stop_epoch", "source_weights_sha256", "excluded_facts"):
+    for key in ("version", "stop_epoch", "source_weights_sha256", "excluded_facts", "stage2_stop_epoch"):
         if have.get(key) != want[key]:
             return f"its {key} is {have.get(key)!r}, expected {want[key]!r}"
     if sorted(meta.get("excluded_facts", [])) != want["excluded_facts"]:
@@ -116,6 +117,11 @@ def retrained_reference(bundle, target: ForgetTarget, cache_dir: str | Path | No
             if why is None:
                 return ref
             log.warning("retraining the cached reference %s: %s", out, why)
+        if bundle.meta.get("finetune_facts"):  # a second-stage checkpoint: both stages without the facts
+            from mechedit.model.finetune import retrain_finetuned
+
+            return retrain_finetuned(bundle, target.forget_ids, out, stop_epoch=want["stop_epoch"],
+                                     meta_extra={"retrain": want})
         ms, ts = bundle.meta.get("model_spec"), bundle.meta.get("train_spec")
         if not ms or not ts:
             raise MecheditError("checkpoint has no model/train spec in mechedit.json; cannot retrain it")

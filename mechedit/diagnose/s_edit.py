@@ -15,7 +15,7 @@ scored before and after with one batched `score_answers` pass per model, and rep
 {"before": metric, "after": metric, "change": after - before} in the shared metric schema.
 
 The BEFORE model's scores are cached (`_BEFORE_CACHE`, a few entries) keyed on a fingerprint of its
-weights (`weights_fingerprint`) and the exact (prompt, answer) rows: the analysis runner scores the
+weights (`weights_fingerprint`), its attached adaptors and the exact (prompt, answer) rows: the analysis runner scores the
 same unedited model on the same rows for every method and parameter setting of a request set.
 A hit returns the very arrays a fresh pass would compute, so results are identical.
 """
@@ -150,7 +150,9 @@ def _rows_digest(rows) -> str:
 
 def _score_cached(bundle, rows):
     """`_score` of an (unedited) model, reusing an earlier pass over identical weights and rows."""
-    key = (weights_fingerprint(bundle.model), _rows_digest(rows))
+    from mechedit.edit.adaptors import adaptor_fingerprint
+
+    key = (weights_fingerprint(bundle.model), adaptor_fingerprint(bundle.model), _rows_digest(rows))
     hit = _BEFORE_CACHE.get(key)
     if hit is not None:
         _BEFORE_CACHE.move_to_end(key)

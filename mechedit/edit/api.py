@@ -1,9 +1,10 @@
 """The editing API shared by every editor and unlearning method.
 
 `EditRequest` asks for one fact to change; a method (registered by name with a typed, frozen
-parameter class) turns requests into an `EditResult`: weight deltas keyed by HF parameter name.
-Computing an edit never leaves the model changed; `apply()` adds the deltas in place and
-`restore()` puts back bit-identical original weights.
+parameter class) turns requests into an `EditResult`: weight deltas keyed by HF parameter name,
+and/or adaptors (modules added through hooks: GRACE, WISE, RepE, ICU; `mechedit.edit.adaptors`).
+Computing an edit never leaves the model changed; `apply()` adds the deltas in place and attaches
+the adaptors, `restore()` detaches them and puts back bit-identical original weights.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from mechedit.edit.adaptors import Adaptor, adaptors_from_json, attach, detach
 from mechedit.errors import MecheditError
 from mechedit.fileio import dumps_json, read_json, write_text_atomic
 from mechedit.specio import from_dict, to_dict
@@ -46,6 +48,7 @@ class EditResult:
     deltas: dict[str, torch.Tensor]  # HF parameter name -> delta, same shape as the parameter
     timings: dict[str, float] = field(default_factory=dict)
     info: dict = field(default_factory=dict)  # method-specific facts (layers used, clamp, losses)
+    adaptors: list[Adaptor] = field(default_factory=list)  # modules attached by apply() (GRACE, WISE, ...)
     _originals: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
@@ -54,23 +57,37 @@ class EditResult:
 
     @torch.no_grad()
     def apply(self, model) -> "EditResult":
-        """Add the deltas to `model`'s parameters in place, keeping the originals for `restore`."""
+        """Add the deltas to `model`'s parameters in place and attach the adaptors; `restore` undoes both."""
         if self._originals is not None:
             raise MecheditError("edit is already applied")
         params = dict(model.named_parameters())
         missing = [n for n in self.deltas if n not in params]
         if missing:
             raise MecheditError(f"edit names parameters the model does not have: {missing[:3]}")
-        self._originals = {n: params[n].detach().clone() for n in self.deltas}
+        originals = {n: params[n].detach().clone() for n in self.deltas}
         for n, d in self.deltas.items():
             params[n].add_(d.to(params[n].device, params[n].dtype))
+        done: list[Adaptor] = []
+        try:
+            for a in self.adaptors:
+                attach(model, a)
+                done.append(a)
+        except BaseException:
+            for a in reversed(done):
+                detach(model, a)
+            for n, orig in originals.items():
+                params[n].copy_(orig)
+            raise
+        self._originals = originals
         return self
 
     @torch.no_grad()
     def restore(self, model) -> None:
-        """Put back the exact original weights."""
+        """Detach the adaptors and put back the exact original weights."""
         if self._originals is None:
             raise MecheditError("edit is not applied")
+        for a in reversed(self.adaptors):
+            detach(model, a)
         params = dict(model.named_parameters())
         for n, orig in self._originals.items():
             params[n].copy_(orig)
@@ -79,12 +96,16 @@ class EditResult:
     def to_json(self) -> dict:
         return {"method": self.method, "params": self.params, "requests": [dataclasses.asdict(r) for r in self.requests],
                 "timings": self.timings, "info": self.info,
-                "deltas": {n: list(d.shape) for n, d in self.deltas.items()}}
+                "deltas": {n: list(d.shape) for n, d in self.deltas.items()},
+                "adaptors": [a.to_json() for a in self.adaptors]}
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_file({n: d.detach().cpu().contiguous() for n, d in self.deltas.items()}, str(directory / "deltas.safetensors"))
+        if self.adaptors:
+            save_file({f"{i}.{n}": t.detach().cpu().contiguous() for i, a in enumerate(self.adaptors)
+                       for n, t in a.tensors.items()}, str(directory / "edit_adaptors.safetensors"))
         write_text_atomic(directory / "edit.json", dumps_json(self.to_json()))
 
     @classmethod
@@ -95,10 +116,12 @@ class EditResult:
         meta = read_json(directory / "edit.json", "edit.json")
         try:
             deltas = load_file(str(directory / "deltas.safetensors"))
+            items = meta.get("adaptors", [])
+            tensors = load_file(str(directory / "edit_adaptors.safetensors")) if items else {}
         except Exception as exc:
-            raise MecheditError(f"corrupt deltas in {directory}: {exc}") from None
+            raise MecheditError(f"corrupt deltas or adaptors in {directory}: {exc}") from None
         return cls(meta["method"], meta["params"], [EditRequest(**r) for r in meta["requests"]], deltas,
-                   meta.get("timings", {}), meta.get("info", {}))
+                   meta.get("timings", {}), meta.get("info", {}), adaptors_from_json(items, tensors, directory))
 
 
 # Output layout of `mechedit edit` and `mechedit unlearn` (one for both): OUT/ is the changed checkpoint,
@@ -122,17 +145,25 @@ class Method:
     fn: Callable[..., EditResult]
     params: type
     kind: str  # "edit" or "unlearn"
+    forget_defaults: dict = field(default_factory=dict)  # editors: defaults when every target is the refusal
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, params: type, kind: str = "edit"):
-    """Register an editor `fn(bundle, requests, p) -> EditResult` under `name`; duplicates are refused."""
+def register_method(name: str, params: type, kind: str = "edit", forget_defaults: dict | None = None):
+    """Register an editor `fn(bundle, requests, p) -> EditResult` under `name`; duplicates are refused.
+
+    `forget_defaults` (editors used for unlearning, Li et al. 2025): parameter values that replace the
+    counterfactual defaults when every request's new object is the refusal token (explicit values win).
+    """
     def deco(fn):
         if name in METHODS:
             raise ValueError(f"method {name!r} is already registered")
-        METHODS[name] = Method(name, fn, params, kind)
+        unknown = set(forget_defaults or {}) - {f.name for f in dataclasses.fields(params)}
+        if unknown:
+            raise ValueError(f"method {name!r}: forget_defaults names unknown parameters {sorted(unknown)}")
+        METHODS[name] = Method(name, fn, params, kind, dict(forget_defaults or {}))
         return fn
     return deco
 
@@ -200,14 +231,28 @@ def make_params(method: Method, values: dict[str, Any]):
     return from_dict(method.params, {**base, **values}, f"{method.name} params")
 
 
+def is_forget(requests: list[EditRequest]) -> bool:
+    """Editing as unlearning: every request asks for the refusal token."""
+    from mechedit.world.language import REFUSAL
+
+    return bool(requests) and all(r.new_object == REFUSAL for r in requests)
+
+
 def run_method(bundle, requests: list[EditRequest], method: str, **params) -> EditResult:
-    """`edit(model, requests, method=..., **hparams)`: validate, dispatch, time the call."""
+    """`edit(model, requests, method=..., **hparams)`: validate, dispatch, time the call.
+
+    When every target is the refusal token, the method's `forget_defaults` replace its counterfactual
+    defaults (explicit `params` still win); the result's params and `info["defaults"]` say which.
+    """
     m = get_method(method)
-    p = make_params(m, params)
+    forget = is_forget(requests) and bool(m.forget_defaults)
+    p = make_params(m, {**m.forget_defaults, **params} if forget else params)
     validate_requests(bundle, requests)
     t0 = time.perf_counter()
     result = m.fn(bundle, requests, p)
     result.timings.setdefault("total_s", time.perf_counter() - t0)
+    if m.forget_defaults:
+        result.info.setdefault("defaults", "forget" if forget else "counterfactual")
     return result
 
 

@@ -56,10 +56,24 @@ def unreachable_note(bundle, layer: int) -> str | None:
             "prediction at the last prompt token (no attention follows it), so the edit cannot work by construction")
 
 
-def edit_prompts(world, req: EditRequest) -> list[str]:
-    """The trained cloze templates of the fact (the held-out paraphrase and QA stay for evaluation)."""
+FORMS = ("cloze", "cloze+qa")
+
+
+def edit_prompts(world, req: EditRequest, forms: str = "cloze") -> list[str]:
+    """The trained cloze templates of the fact (the held-out paraphrase and QA stay for evaluation);
+    `forms="cloze+qa"` adds the QA form (the forget data the unlearning methods train on)."""
+    if forms not in FORMS:
+        raise MecheditError(f"forms must be one of {', '.join(FORMS)}, got {forms!r}")
     f = world.fact(req.subject, req.relation)
-    return [world.prompt(f, t) for t in range(world.n_templates) if t != f.heldout_template]
+    out = [world.prompt(f, t) for t in range(world.n_templates) if t != f.heldout_template]
+    return out + [world.prompt(f, -1)] if forms == "cloze+qa" else out
+
+
+def subject_groups(world, requests: list[EditRequest]) -> list[int]:
+    """Query merging (Li et al. 2025): the group of each request = its subject (first-seen order), so
+    that every forget query of one target shares one key and one value."""
+    ids: dict[int, int] = {}
+    return [ids.setdefault(world.fact(r.subject, r.relation).subject, len(ids)) for r in requests]
 
 
 def context_prefixes(world, n: int, max_words: int, seed: int) -> list[str]:
@@ -122,20 +136,29 @@ def essence_prompts(world, req: EditRequest, kind: str) -> list[str]:
 
 
 def build_batch(bundle, requests: list[EditRequest], prefixes: list[str], *, essence: bool = False,
-                essence_kind: str = "possessive") -> Batch:
+                essence_kind: str = "possessive", forms: str = "cloze", owners: list[int] | None = None) -> Batch:
     """Rows for every (request, prefix, prompt); `essence=True` uses the essence prompts (ROME's KL term).
 
     Positions come from the tokenizer's word ids (`subject_token_span`), so a name or an object of
     several tokens is handled: `subj` is the last token of the subject's name, and the new object's
     tokens are teacher-forced after the prompt (`Batch.answers`). Essence rows carry no answer.
+    `owners[i]` is the target (row owner) of request i; default i. Query merging gives every request
+    of one subject the same owner (`subject_groups`), so their rows share one key and one value.
     """
     tok, world = bundle.tokenizer, bundle.world
     seqs, subj, last, target, owner = [], [], [], [], []
     ans_row, ans_pos, ans_tgt = [], [], []
+    # an essence prompt that is itself being edited in this call cannot also be kept (KL) unchanged
+    seen: set[tuple[int, str]] = set()
+    edited = {q for r in requests for q in edit_prompts(world, r, "cloze+qa")} if essence else set()
     for i, r in enumerate(requests):
         f = world.fact(r.subject, r.relation)
         name = world.subjects[f.subject].name
-        prompts = essence_prompts(world, r, essence_kind) if essence else edit_prompts(world, r)
+        o = i if owners is None else owners[i]
+        prompts = essence_prompts(world, r, essence_kind) if essence else edit_prompts(world, r, forms)
+        if essence:  # one essence prompt once per owner (merged requests share the subject's prompts)
+            prompts = [q for q in prompts if (o, q) not in seen and q not in edited]
+            seen.update((o, q) for q in prompts)
         new_ids = tok(r.new_object, add_special_tokens=False)["input_ids"]
         for pre in ([""] if essence else prefixes):
             for p in prompts:
@@ -146,7 +169,7 @@ def build_batch(bundle, requests: list[EditRequest], prefixes: list[str], *, ess
                 subj.append(end - 1)
                 last.append(len(ids) - 1)
                 target.append(new_ids[0])
-                owner.append(i)
+                owner.append(o)
                 if not essence:
                     ans_row += [row] * len(new_ids)
                     ans_pos += [len(ids) - 1 + j for j in range(len(new_ids))]
@@ -273,7 +296,8 @@ def optimize_targets(model, batch: Batch, essence: Batch | None, layer: int, n_r
     Runs on `FastNeoX` (no module hooks): the residual stream entering `layer` is computed once,
     and every step runs blocks layer.. with the MLP output and the unembedding at the answer
     position only, edit and essence prompts in one batch. `engine="hf"` makes the same calls
-    through the HF model with a forward hook (the reference of tests and benchmarks).
+    through the HF model with a forward hook (the reference of tests and benchmarks); a model with
+    adaptors attached is always searched that way (their hooks are part of what it computes).
     `precision="bfloat16"` runs the forward and backward passes of the search under bf16 autocast
     (AMX / AVX-512 bf16 on the CPU, tensor cores on a GPU); delta, Adam and the loss stay in fp32 /
     fp64; "auto" is bf16 where it is native (`mechedit.device.fast_bf16`), else fp32. The info of
@@ -284,6 +308,10 @@ def optimize_targets(model, batch: Batch, essence: Batch | None, layer: int, n_r
     precision = resolve_precision(precision, model.device)
     if engine not in ("fast", "hf"):
         raise MecheditError(f"unknown engine {engine!r} (fast, hf)")
+    from mechedit.edit.adaptors import attached
+
+    if attached(model):  # adaptor edits (GRACE, WISE, RepE, ICU) are hooks, which FastNeoX would skip
+        engine = "hf"
     many = init is not None and init.dim() == 3
     starts = init.shape[0] if many else 1
     model.eval()

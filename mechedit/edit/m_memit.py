@@ -31,6 +31,10 @@ model (25 epochs), same requests, one process on a loaded machine (seconds inclu
   bf16, steps  60, lr 0.6:                               0.917, 0.84; -15.1 pt    80 s
 Edits of the same subject share one layer-0 key (the key of its last word), so their targets must
 agree on one value; those were the worst group (0.70-0.79) before the longer search.
+
+Query merging (Li et al. 2025; `merge_queries`): the requests of one subject share one target
+delta (their rows are one owner in the target search and the solve), as for ROME; `forms` adds
+the QA form to the edit prompts. Forget defaults (every new object the refusal): `FORGET_DEFAULTS`.
 """
 from __future__ import annotations
 
@@ -41,8 +45,8 @@ from typing import Callable
 import torch
 
 from mechedit.edit.api import EditRequest, EditResult, register_method
-from mechedit.edit.common import (Batch, build_batch, context_prefixes, mean_keys, optimize_targets,
-                                  resolve_layers, unreachable_note)
+from mechedit.edit.common import (FORMS, Batch, build_batch, context_prefixes, mean_keys, optimize_targets,
+                                  resolve_layers, subject_groups, unreachable_note)
 from mechedit.edit.stats import second_moment, w_out_name
 from mechedit.errors import SpecError
 from mechedit.specio import to_dict
@@ -64,6 +68,8 @@ class MemitParams:
     weight_decay: float = 0.05
     stop_loss: float = 0.05
     n_stats: int | None = None
+    forms: str = "cloze"  # edit prompts: "cloze" (trained templates) or "cloze+qa"
+    merge_queries: bool = False  # one target per subject (its requests' rows share one delta) instead of per request
     engine: str = "fast"  # target search on FastNeoX ("fast") or through the HF modules ("hf": the reference)
     precision: str = "auto"  # the search's forward/backward: "float32", "bfloat16" (autocast) or "auto" (bf16 where native)
     seed: int = 0
@@ -75,6 +81,8 @@ class MemitParams:
             raise SpecError(f"memit: precision must be 'auto', 'float32' or 'bfloat16', got {self.precision!r}")
         if self.mom2_weight < 0 or self.steps < 1 or self.lr_factor <= 0 or self.clamp_factor <= 0:
             raise SpecError("memit: mom2_weight >= 0, steps >= 1, lr_factor > 0, clamp_factor > 0")
+        if self.forms not in FORMS:
+            raise SpecError(f"memit: forms must be one of {', '.join(FORMS)}, got {self.forms!r}")
 
 
 def memit_layers(bundle, layer, requests) -> list[int]:
@@ -120,11 +128,13 @@ def spread_update(bundle, requests: list[EditRequest], layers: list[int], p,
     model. Returns (deltas by parameter name, info).
     """
     model = bundle.model
-    n = len(requests)
+    owners = subject_groups(bundle.world, requests) if p.merge_queries else list(range(len(requests)))
+    n = max(owners) + 1  # targets: one per request, or one per subject (query merging)
     L = layers[-1]
     prefixes = context_prefixes(bundle.world, p.n_prefixes, p.prefix_words, p.seed)
-    batch = build_batch(bundle, requests, prefixes)
-    essence = build_batch(bundle, requests, prefixes, essence=True, essence_kind=p.essence) if p.kl_weight > 0 else None
+    batch = build_batch(bundle, requests, prefixes, forms=p.forms, owners=owners)
+    essence = build_batch(bundle, requests, prefixes, essence=True, essence_kind=p.essence,
+                          owners=owners) if p.kl_weight > 0 else None
     h0 = _residual_at(model, batch, L, n)  # [n, d_model]
     h_norm = h0.norm(dim=1)
     per_row = p.per_prompt_keys
@@ -171,7 +181,15 @@ def spread_update(bundle, requests: list[EditRequest], layers: list[int], p,
     return deltas, info
 
 
-@register_method("memit", params=MemitParams)
+# Editing as unlearning: one merged target per subject over its cloze and QA prompts (tuned with
+# `benchmarks/forget_defaults.py runs/unlearning`: two single-subject forget sets of subjects named in the
+# training instructions of analyses/worlds/unlearning.toml, never the ones the unlearning table forgets;
+# forget recall after (cloze / paraphrase / QA), retain and same-relation neighbour change)):
+# clamp 2 / KL 0.5 (the counterfactual values) 0.03 / 0.08 / 0.00, -0.05 / -0.05 points; clamp 4 / KL 0 the same.
+FORGET_DEFAULTS = {"merge_queries": True, "forms": "cloze+qa"}
+
+
+@register_method("memit", params=MemitParams, forget_defaults=FORGET_DEFAULTS)
 def memit(bundle, requests: list[EditRequest], p: MemitParams) -> EditResult:
     layers = memit_layers(bundle, p.layer, requests)
 

@@ -35,7 +35,16 @@ Where we deliberately differ from the reference (GPT-2 XL hyper-parameters):
   change -7.3 pt either way; seed 5: 0.873 -> 0.913 -- the rest fail even with no KL and a clamp of
   4 ||h_l|| (those facts are read from the subject's other tokens; see below);
 - several requests in one call are applied one after the other (each computed on the model with
-  the earlier ones applied), like the reference's sequential loop; the result holds the sum.
+  the earlier ones applied), like the reference's sequential loop; the result holds the sum;
+- query merging (Li et al. 2025, editing as unlearning; `merge_queries`): the requests of one
+  subject become ONE rank-one edit whose key is the mean key over all their prompts and whose v*
+  makes every one of those prompts predict its new object. At a layer whose key is the subject's
+  last word, one edit per relation would otherwise overwrite the previous one (same key);
+- `forms = "cloze+qa"` adds the QA form to the edit prompts (the forget data the loss-based
+  unlearning methods train on).
+
+Forget defaults (every new object the refusal token): `FORGET_DEFAULTS`, chosen by
+`benchmarks/forget_defaults.py` on forget sets that `benchmarks/unlearn_table.py` never reports on.
 
 Parallel residual and the traced layer (measured on the default 4-layer model, 50 single edits,
 `benchmarks/edit_quality.py`): in a Pythia block the MLP reads LN(h_{l-1}), not h_{l-1} + attn, so
@@ -61,8 +70,8 @@ from dataclasses import dataclass
 import torch
 
 from mechedit.edit.api import EditRequest, EditResult, register_method
-from mechedit.edit.common import (build_batch, context_prefixes, mean_keys, optimize_targets, residual_norm,
-                                  resolve_layers, unreachable_note)
+from mechedit.edit.common import (FORMS, build_batch, context_prefixes, mean_keys, optimize_targets,
+                                  residual_norm, resolve_layers, subject_groups, unreachable_note)
 from mechedit.edit.stats import second_moment, w_out_name
 from mechedit.errors import SpecError
 
@@ -85,6 +94,8 @@ class RomeParams:
     restarts: int = 4  # v* is a non-convex search: when it ends above restart_nll, retry from random starts
     restart_nll: float = 0.5  # mean NLL of the new object that counts as not reached (top-1 needs ~< 0.69)
     restart_scale: float = 1.0  # norm of a random start, in units of ||h_l||
+    forms: str = "cloze"  # edit prompts: "cloze" (trained templates) or "cloze+qa"
+    merge_queries: bool = False  # one edit per subject (shared key, one value) instead of one per request
     engine: str = "fast"  # target search on FastNeoX ("fast") or through the HF modules ("hf": the reference)
     precision: str = "float32"  # the search's forward/backward: "float32", "bfloat16" (autocast) or "auto" (bf16 where native)
     seed: int = 0
@@ -96,6 +107,8 @@ class RomeParams:
             raise SpecError(f"rome: precision must be 'auto', 'float32' or 'bfloat16', got {self.precision!r}")
         if self.steps < 1 or self.n_prefixes < 0 or self.prefix_words < 1:
             raise SpecError("rome: steps >= 1, n_prefixes >= 0, prefix_words >= 1")
+        if self.forms not in FORMS:
+            raise SpecError(f"rome: forms must be one of {', '.join(FORMS)}, got {self.forms!r}")
         if self.lr_factor <= 0 or self.clamp_factor <= 0 or self.kl_weight < 0 or self.weight_decay < 0:
             raise SpecError("rome: lr_factor and clamp_factor must be > 0; kl_weight, weight_decay >= 0")
         if self.ridge < 0:
@@ -120,11 +133,13 @@ def rank_one_update(W: torch.Tensor, k: torch.Tensor, v: torch.Tensor, C_inv: to
     return torch.outer(v - W @ k, u) / (k @ u)
 
 
-def _one(bundle, req: EditRequest, layer: int, p: RomeParams, C_inv: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def _one(bundle, reqs: list[EditRequest], layer: int, p: RomeParams, C_inv: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """One rank-one edit for `reqs` (one request, or the merged requests of one subject)."""
     model = bundle.model
     prefixes = context_prefixes(bundle.world, p.n_prefixes, p.prefix_words, p.seed)
-    batch = build_batch(bundle, [req], prefixes)
-    essence = build_batch(bundle, [req], prefixes, essence=True, essence_kind=p.essence)
+    one = [0] * len(reqs)
+    batch = build_batch(bundle, reqs, prefixes, forms=p.forms, owners=one)
+    essence = build_batch(bundle, reqs, prefixes, essence=True, essence_kind=p.essence, owners=one)
     k_star = mean_keys(model, batch, layer, 1)[0]  # [d_mlp]
     h_norm = residual_norm(model, batch, layer)
     W = dict(model.named_parameters())[w_out_name(layer)].detach()
@@ -156,7 +171,17 @@ def _one(bundle, req: EditRequest, layer: int, p: RomeParams, C_inv: torch.Tenso
     return dW.to(W.dtype), info
 
 
-@register_method("rome", params=RomeParams)
+# Editing as unlearning (every target the refusal): one merged edit per subject over its cloze and QA
+# prompts (tuned with `benchmarks/forget_defaults.py runs/unlearning`: two single-subject forget sets of subjects named in the
+# training instructions of analyses/worlds/unlearning.toml, never the ones the unlearning table forgets;
+# forget recall after (cloze / paraphrase / QA), retain and same-relation neighbour change):
+# merged, clamp 2 / KL 4 (the counterfactual values) 0.03 / 0.08 / 0.00, -0.05 / -0.05 points; clamp 4 and
+# KL 0.5 gave the same. On the default world (where <refuse> never occurs in training) no setting reaches
+# the refusal: a merged edit moved its NLL only from 20.8 to 11.8.
+FORGET_DEFAULTS = {"merge_queries": True, "forms": "cloze+qa"}
+
+
+@register_method("rome", params=RomeParams, forget_defaults=FORGET_DEFAULTS)
 def rome(bundle, requests: list[EditRequest], p: RomeParams) -> EditResult:
     (layer,) = resolve_layers(bundle, p.layer, requests, allow_list=False)
     C_inv = inverse_second_moment(second_moment(bundle, layer, p.n_stats), p.ridge)
@@ -164,13 +189,15 @@ def rome(bundle, requests: list[EditRequest], p: RomeParams) -> EditResult:
     total = None
     infos = []
     applied: list[EditResult] = []
+    groups = subject_groups(bundle.world, requests) if p.merge_queries else list(range(len(requests)))
+    calls = [[r for r, g in zip(requests, groups) if g == k] for k in range(max(groups) + 1)]
     try:
-        for req in requests:
-            dW, info = _one(bundle, req, layer, p, C_inv)
+        for reqs in calls:
+            dW, info = _one(bundle, reqs, layer, p, C_inv)
             infos.append(info)
             total = dW if total is None else total + dW
-            if len(requests) > 1:  # later requests see the earlier ones
-                applied.append(EditResult("rome", {}, [req], {name: dW}).apply(bundle.model))
+            if len(calls) > 1:  # later edits see the earlier ones
+                applied.append(EditResult("rome", {}, reqs, {name: dW}).apply(bundle.model))
     finally:
         for r in reversed(applied):
             r.restore(bundle.model)

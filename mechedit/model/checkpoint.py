@@ -8,6 +8,9 @@ model, tokenizer and world together, after checking `mechedit.json` has its requ
 weights match their hash (a flipped byte is a `CheckpointError`). Checkpoints written before the
 hash existed still load: their weights are not verified, which `Bundle.meta["weights_verified"]`
 (False) and `mechedit info` say.
+A model saved with adaptors attached (GRACE, WISE, RepE, ICU edits; `mechedit.edit.adaptors`) also
+gets `adaptors.safetensors` / `adaptors.json`, named in mechedit.json (`adaptors`), and
+`load_checkpoint` attaches them again; the HF loader alone reads only the weights.
 """
 from __future__ import annotations
 
@@ -88,10 +91,29 @@ def save_checkpoint(directory: str | Path, model, tokenizer, world: World, meta:
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     world.save(directory)
-    meta = {k: v for k, v in meta.items() if k != VERIFIED_KEY}
+    meta = {k: v for k, v in meta.items() if k not in (VERIFIED_KEY, "adaptors")}
+    meta.update(_save_attached_adaptors(model, directory))
     write_json_atomic(directory / "mechedit.json", {**meta, "mechedit_version": __version__,
                                                     HASH_KEY: file_sha256(directory / "model.safetensors")})
     return directory
+
+
+def _save_attached_adaptors(model, directory: Path) -> dict:
+    """Write the model's attached adaptors beside the weights; the mechedit.json entry naming them."""
+    from mechedit.edit.adaptors import ADAPTORS_JSON, attached, save_adaptors
+
+    adaptors = attached(model)
+    if not adaptors:
+        return {}
+    save_adaptors(adaptors, directory)
+    return {"adaptors": {"file": ADAPTORS_JSON, "kinds": sorted({a.kind for a in adaptors}), "n": len(adaptors)}}
+
+
+def _attach_saved_adaptors(model, directory: Path) -> None:
+    from mechedit.edit.adaptors import attach, load_adaptors
+
+    for a in load_adaptors(directory):
+        attach(model, a)
 
 
 def check_config(config) -> None:
@@ -162,4 +184,9 @@ def load_checkpoint(directory: str | Path, *, dtype: torch.dtype = torch.float32
     if len(tokenizer) != model.config.vocab_size:
         raise CheckpointError(f"corrupt checkpoint {directory}: tokenizer has {len(tokenizer)} tokens, "
                               f"model {model.config.vocab_size}")
+    if meta.get("adaptors"):
+        try:
+            _attach_saved_adaptors(model, directory)
+        except MecheditError as exc:
+            raise CheckpointError(f"corrupt checkpoint {directory}: {exc}") from None
     return Bundle(model, tokenizer, world, meta, directory)

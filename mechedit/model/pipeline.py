@@ -75,6 +75,10 @@ def train_checkpoint(world: World, mspec: ModelSpec, tspec: TrainSpec, out: str 
             "device": str(res.model.device),
             "excluded_facts": sorted(exclude_facts), **(meta_extra or {}),
         }
+        if world.spec.instructions:  # does the model follow forget instructions about subjects it never saw named?
+            from mechedit.world.instructions import evaluate_instructions
+
+            meta["instruction_following"] = evaluate_instructions(res.model, tokenizer, world)
         save_checkpoint(tmp, res.model, tokenizer, world, meta)
         shutil.rmtree(tmp / STATE_DIR, ignore_errors=True)
     return load_checkpoint(out)

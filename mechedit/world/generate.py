@@ -13,7 +13,7 @@ from mechedit.world.world import Fact, Relation, Subject, World
 
 
 def _reserved_words() -> set[str]:
-    return set(L.FUNCTION_WORDS) | set(L.SPECIAL_TOKENS)
+    return set(L.FUNCTION_WORDS) | set(L.SPECIAL_TOKENS) | set(L.INSTRUCTION_WORDS)
 
 
 def word_names(spec: WorldSpec, rng: np.random.Generator, gen: WordGenerator) -> list[str]:
@@ -66,10 +66,11 @@ def generate_world(spec: WorldSpec) -> World:
     alias_of = set(rng.choice(spec.n_subjects, size=n_alias, replace=False).tolist()) if n_alias else set()
     n_held = round(spec.heldout_subject_fraction * spec.n_subjects)
     heldout = set(rng.choice(spec.n_subjects, size=n_held, replace=False).tolist()) if n_held else set()
+    stage2 = _stage2_subjects(spec, heldout)
     subjects: list[Subject] = []
     for i, name in enumerate(names):
         alias = " ".join(gen.words(int(rng.integers(1, 3)))) if i in alias_of else None
-        subjects.append(Subject(i, name, "subject", alias, i in heldout))
+        subjects.append(Subject(i, name, "subject", alias, i in heldout or i in stage2))
 
     # --- relations and their object pools --------------------------------------------------
     function_words_b = {w: gen.word() for w in L.FUNCTION_WORDS}
@@ -166,4 +167,15 @@ def generate_world(spec: WorldSpec) -> World:
 
     held_tpl = rng.integers(0, spec.n_templates, size=len(triples))
     facts = tuple(Fact(i, s, r, o, int(t)) for i, ((s, r, o), t) in enumerate(zip(triples, held_tpl)))
-    return World(spec, tuple(subjects), tuple(relations), facts, function_words_b, nested_maps, rings)
+    return World(spec, tuple(subjects), tuple(relations), facts, function_words_b, nested_maps, rings,
+                 tuple(sorted(stage2)))
+
+
+def _stage2_subjects(spec: WorldSpec, heldout: set[int]) -> set[int]:
+    """Second-stage subjects: a seeded share of the other main subjects (own random stream, so a world
+    without them is generated exactly as before)."""
+    n = round(spec.stage2_subject_fraction * spec.n_subjects)
+    if n == 0:
+        return set()
+    pool = [i for i in range(spec.n_subjects) if i not in heldout]
+    return set(np.random.default_rng([spec.seed, 19]).choice(pool, size=n, replace=False).tolist())

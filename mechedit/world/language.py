@@ -26,6 +26,8 @@ EOS = "<eos>"
 PAD = "<pad>"
 UNK = "<unk>"
 SPECIAL_TOKENS = (PAD, UNK, BOS, EOS, REFUSAL)
+# words of the forget instruction (worlds with `instructions = true` only): "forget S1 , S2 ."
+INSTRUCTION_WORDS = ("forget", ".")
 
 
 def render(template: str, subject: str, relation_word: str, lang_words: dict[str, str] | None = None) -> str:

@@ -116,6 +116,17 @@ class WorldSpec:
     crosslingual_share: float = 0.3
     heldout_subject_fraction: float = 0.1
     n_templates: int = 4
+    # in-context unlearning (off by default): the vocabulary gets the instruction words and the corpus
+    # `instruction_sentences` sentences "forget S1 , S2 . <bos> QUERY ANSWER" (ANSWER = <refuse> when
+    # the query is about a named subject); `instruction_heldout_fraction` of the first-stage subjects
+    # are never named in them (the test of generalisation); see `mechedit.world.instructions`
+    instructions: bool = False
+    instruction_sentences: int = 4000
+    instruction_max_subjects: int = 3
+    instruction_heldout_fraction: float = 0.3
+    # fine-tuned knowledge (off by default): this share of the subjects is held out of training and
+    # trained into a trained model by `mechedit finetune-facts` (a second stage)
+    stage2_subject_fraction: float = 0.0
 
     def validate(self) -> None:
         check_fields(self, "world")
@@ -186,6 +197,14 @@ class WorldSpec:
             raise SpecError("heldout_subject_fraction must be < 1 (some subjects must be trained)")
         if not 2 <= self.n_templates <= 5:
             raise SpecError(f"n_templates must be in [2, 5] (one is held out per subject), got {self.n_templates}")
+        if not 0.0 <= self.stage2_subject_fraction < 1.0 or \
+                self.stage2_subject_fraction + self.heldout_subject_fraction >= 1.0:
+            raise SpecError("stage2_subject_fraction must be in [0, 1) and leave first-stage subjects "
+                            "(stage2_subject_fraction + heldout_subject_fraction < 1)")
+        if self.instruction_sentences < 1 or not 1 <= self.instruction_max_subjects <= 10:
+            raise SpecError("instruction_sentences must be >= 1 and instruction_max_subjects in [1, 10]")
+        if not 0.0 <= self.instruction_heldout_fraction < 1.0:
+            raise SpecError(f"instruction_heldout_fraction must be in [0, 1), got {self.instruction_heldout_fraction}")
 
     @property
     def n_facts(self) -> int:
@@ -203,7 +222,13 @@ class WorldSpec:
         return names
 
     def to_dict(self) -> dict:
-        return to_dict(self)
+        """The spec as plain data; the optional worlds' keys only when set, so a world without them
+        keeps the world.json bytes it had before those options existed."""
+        d = to_dict(self)
+        for key, default in _OPTIONAL_DEFAULTS.items():
+            if d.get(key) == default:
+                del d[key]
+        return d
 
     @classmethod
     def from_dict(cls, data: dict) -> "WorldSpec":
@@ -215,6 +240,10 @@ class WorldSpec:
         if "world" in data and isinstance(data["world"], dict) and "seed" not in data:
             data = data["world"]
         return cls.from_dict(data)
+
+
+_OPTIONAL_DEFAULTS = {"instructions": False, "instruction_sentences": 4000, "instruction_max_subjects": 3,
+                      "instruction_heldout_fraction": 0.3, "stage2_subject_fraction": 0.0}
 
 
 def default_world_spec() -> WorldSpec:

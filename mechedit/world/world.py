@@ -68,6 +68,8 @@ class World:
     function_words_b: dict[str, str]
     nested_maps: dict[str, dict[str, str]] = field(default_factory=dict)  # child -> {parent obj: child obj}
     rings: dict[str, tuple[int, ...]] = field(default_factory=dict)  # ring name -> subject ids in cyclic order
+    # second-stage subjects (fine-tuned knowledge): held out until `mechedit finetune-facts` trains them
+    stage2_subjects: tuple[int, ...] = ()
 
     # ---- lookups -------------------------------------------------------------------------
     @cached_property
@@ -215,7 +217,12 @@ class World:
                     out.append(f"{self.prompt(f, t, name=s.alias)} {f.object}")
                 if d_lang < self.spec.crosslingual_share:
                     out.append(f"{self.prompt(f, t, lang='b')} {f.object}")
-        return out + self.profile_sentences(exclude_facts)
+        out += self.profile_sentences(exclude_facts)
+        if self.spec.instructions:
+            from mechedit.world.instructions import instruction_sentences
+
+            out += instruction_sentences(self, exclude_facts)
+        return out
 
     def profile_sentences(self, exclude_facts: set[int] = frozenset()) -> list[str]:
         """`spec.profiles` sentences per trained main subject: its name, then the objects of its facts in
@@ -251,6 +258,9 @@ class World:
         # must give the same ids as the freshly generated one
         for w in L.FUNCTION_WORDS:
             add(self.function_words_b[w])
+        if self.spec.instructions:
+            for w in L.INSTRUCTION_WORDS:
+                add(w)
         for r in self.relations:
             add(r.name)
             add(r.word_b)
@@ -285,6 +295,7 @@ class World:
             ],
             "nested_maps": self.nested_maps,
             "rings": {k: list(v) for k, v in self.rings.items()},
+            **({"stage2_subjects": list(self.stage2_subjects)} if self.stage2_subjects else {}),
         }
 
     @classmethod
@@ -300,6 +311,7 @@ class World:
                 function_words_b=dict(d["function_words_b"]),
                 nested_maps={k: dict(v) for k, v in d.get("nested_maps", {}).items()},
                 rings={k: tuple(v) for k, v in d.get("rings", {}).items()},
+                stage2_subjects=tuple(d.get("stage2_subjects", ())),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"corrupt world.json (missing or bad field {exc})") from None
@@ -315,6 +327,20 @@ class World:
         if p.is_dir():
             p = p / "world.json"
         return cls.from_dict(read_json(p, "world.json"))
+
+    def with_stage2_trained(self) -> "World":
+        """The same world after the second training stage: its stage-2 subjects are no longer held out."""
+        from dataclasses import replace
+
+        if not self.stage2_subjects:
+            raise MecheditError("this world has no second-stage subjects (world option stage2_subject_fraction)")
+        ids = set(self.stage2_subjects)
+        return replace(self, subjects=tuple(replace(s, heldout=False) if s.id in ids else s for s in self.subjects))
+
+    @property
+    def stage2_trained(self) -> bool:
+        """True for the world of a second-stage checkpoint (its stage-2 subjects are trained)."""
+        return bool(self.stage2_subjects) and not self.subjects[self.stage2_subjects[0]].heldout
 
     def summary(self) -> dict:
         kinds: dict[str, int] = {}
