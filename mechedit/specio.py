@@ -2,6 +2,9 @@
 
 `from_dict(cls, data)` builds a (possibly nested) dataclass from plain data and rejects unknown
 keys with a message naming the key; `to_dict` is the inverse. `load_spec_file` reads TOML or JSON.
+A field declared with `metadata=OMIT_DEFAULT` is left out of `to_dict` while it holds its default:
+a key added to a spec later then leaves the serialised form (and every file hashed from it) of
+existing specs unchanged.
 """
 from __future__ import annotations
 
@@ -16,10 +19,13 @@ from mechedit.errors import SpecError
 
 T = TypeVar("T")
 
+OMIT_DEFAULT = {"omit_default": True}
+
 
 def to_dict(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not (f.metadata.get("omit_default") and getattr(obj, f.name) == f.default)}
     if isinstance(obj, (list, tuple)):
         return [to_dict(x) for x in obj]
     if isinstance(obj, dict):
