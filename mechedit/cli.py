@@ -90,6 +90,10 @@ def train(
     rec = bundle.meta["final_recall"]["trained"]["by_kind"]
     typer.echo(f"trained {bundle.meta['epochs']} epochs in {bundle.meta['train_seconds']:.1f}s; recall: "
                + ", ".join(f"{k} {v:.3f}" for k, v in rec.items()))
+    inference = bundle.meta["final_recall"].get("inference")
+    if inference:
+        typer.echo("held-out inference facts (never trained): " + ", ".join(
+            f"{k} {v['cloze']:.3f} cloze / {v['qa']:.3f} QA (n={v['n_facts']})" for k, v in inference.items()))
     typer.echo(f"checkpoint written to {out}")
 
 

@@ -7,11 +7,12 @@ from typing import Callable
 from mechedit.errors import SpecError
 from mechedit.fileio import commit_output_dir, prepare_output_dir
 from mechedit.model.checkpoint import Bundle, load_checkpoint, save_checkpoint
-from mechedit.model.evaluate import evaluate_recall
+from mechedit.model.evaluate import evaluate_inference, evaluate_recall
 from mechedit.model.spec import ModelSpec, TrainSpec
 from mechedit.model.train import train_model
 from mechedit.world import World, WorldSpec, default_world_spec, generate_world
 from mechedit.world.tokenizer import build_tokenizer
+from mechedit.specio import to_dict
 
 
 def resolve_world(source: str | Path | None) -> World:
@@ -43,8 +44,10 @@ def train_checkpoint(world: World, mspec: ModelSpec, tspec: TrainSpec, out: str 
                       exclude_facts=exclude_facts)
     final = {"trained": evaluate_recall(res.model, tokenizer, world),
              "heldout_subjects": evaluate_recall(res.model, tokenizer, world, trained=False)}
+    if world.inference:
+        final["inference"] = evaluate_inference(res.model, tokenizer, world)
     meta = {
-        "world_spec": world.spec.to_dict(), "model_spec": mspec.__dict__, "train_spec": tspec.__dict__,
+        "world_spec": world.spec.to_dict(), "model_spec": to_dict(mspec), "train_spec": to_dict(tspec),
         "curve": res.curve, "final_recall": final, "train_seconds": round(res.seconds, 3),
         "epochs": res.epochs, "tokens": res.tokens, "stopped_early": res.stopped_early,
         "excluded_facts": sorted(exclude_facts),

@@ -5,13 +5,13 @@ Presets: `default` (the embedded demo: fast to train on 2 CPU cores), `pythia-31
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from transformers import GPTNeoXConfig
 
 from mechedit.errors import SpecError
-from mechedit.specio import from_dict, load_spec_file, to_dict
+from mechedit.specio import OMIT_DEFAULT, from_dict, load_spec_file, to_dict
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,10 @@ class ModelSpec:
     max_len: int = 64
     rotary_pct: float = 0.25
     parallel_residual: bool = True
+    # one matrix for the token embedding and the unembedding; left out of to_dict while False (cache keys
+    # of existing specs unchanged). The ring worlds need it: the entities' ring geometry forms on the
+    # output side and tying carries it into the residual stream (README, "Representation shattering")
+    tie_embeddings: bool = field(default=False, metadata=OMIT_DEFAULT)
 
     def validate(self) -> None:
         for key in ("n_layers", "d_model", "n_heads", "d_mlp", "max_len"):
@@ -40,7 +44,7 @@ class ModelSpec:
             num_attention_heads=self.n_heads, intermediate_size=self.d_mlp,
             max_position_embeddings=self.max_len, rotary_pct=self.rotary_pct,
             use_parallel_residual=self.parallel_residual, hidden_dropout=0.0, attention_dropout=0.0,
-            bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id, tie_word_embeddings=False,
+            bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id, tie_word_embeddings=self.tie_embeddings,
         )
 
 
