@@ -4,7 +4,10 @@ A suite is `fn(before: Bundle, after: Bundle, requests: list[EditRequest], **opt
 JSON-serialisable scorecard. Every metric in it follows one schema (open-unlearning's):
 `{"value_by_index": {item_id: value, ...}, "agg_value": float}`. Suites register on import of
 their module (modules named `s_*.py` in this package), so analysis specs and reports find new
-suites without changes to the runner.
+suites without changes to the runner. A suite may declare the option keys it reads
+(`register_suite(name, options=(...))`); `check_options` then refuses a key that no chosen suite
+reads. A scorecard may hold a "keep" entry: small per-edit data (figure coordinates) that the analysis
+runner stores for every edit, also when a case has many.
 """
 from __future__ import annotations
 
@@ -21,19 +24,39 @@ class Suite:
     name: str
     fn: Callable[..., dict]
     doc: str
+    options: tuple[str, ...] | None = None  # option keys the suite reads (None: not declared)
+    check: Callable[[dict], None] | None = None  # validates option values before any model is loaded
 
 
 SUITES: dict[str, Suite] = {}
 
 
-def register_suite(name: str):
-    """Register a diagnostic suite under `name`; duplicates are refused."""
+def register_suite(name: str, options: tuple[str, ...] | None = None, check: Callable[[dict], None] | None = None):
+    """Register a diagnostic suite under `name` (with the option keys it reads and a validator of their
+    values, if declared); duplicates are refused."""
     def deco(fn):
         if name in SUITES:
             raise ValueError(f"suite {name!r} is already registered")
-        SUITES[name] = Suite(name, fn, (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "")
+        SUITES[name] = Suite(name, fn, (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "",
+                             tuple(options) if options is not None else None, check)
         return fn
     return deco
+
+
+def check_options(names, options: dict) -> None:
+    """Refuse an option key that none of the suites `names` reads (only when all of them declare their keys),
+    and option values a suite's validator refuses."""
+    names = suite_names() if list(names) == ["all"] else list(names)
+    chosen = [get_suite(n) for n in names]
+    for s in chosen:
+        if s.check is not None:
+            s.check(options)
+    if not chosen or any(s.options is None for s in chosen):
+        return
+    known = sorted({k for s in chosen for k in s.options})
+    for key in options:
+        if key not in known:
+            raise MecheditError(f"unknown suite option {key!r} (options of {', '.join(names)}: {', '.join(known)})")
 
 
 def _load_builtin_suites() -> None:

@@ -50,7 +50,10 @@ def unlearn_checkpoint(checkpoint: str | Path, method: str, forget: list[str], p
 
 
 def read_requests(after_dir: str | Path) -> list[EditRequest] | None:
+    """The requests of AFTER: `edit.json` (written by `mechedit unlearn`) or `edit/edit.json` (`mechedit edit`)."""
     p = Path(after_dir) / "edit.json"
+    if not p.is_file():
+        p = Path(after_dir) / "edit" / "edit.json"
     if not p.is_file():
         return None
     try:
@@ -62,12 +65,13 @@ def read_requests(after_dir: str | Path) -> list[EditRequest] | None:
 def diagnose_checkpoints(before_dir: str | Path, after_dir: str | Path, suites: list[str], out: str | Path,
                          forget: list[str] | None = None, options: dict | None = None, force: bool = False) -> dict:
     """Run diagnostic suites on BEFORE vs AFTER and write `scorecard.json` into `out`."""
-    from mechedit.diagnose import diagnose, get_suite
+    from mechedit.diagnose import check_options, diagnose, get_suite
 
     suites = suites or ["forget", "leftover"]
     if suites != ["all"]:
         for s in suites:
             get_suite(s)
+    check_options(suites, options or {})
     before, after = load_checkpoint(before_dir), load_checkpoint(after_dir)
     requests = read_requests(after_dir)
     if forget:
@@ -75,9 +79,15 @@ def diagnose_checkpoints(before_dir: str | Path, after_dir: str | Path, suites: 
     if not requests:
         raise MecheditError(f"no requests: {after_dir} has no edit.json; pass --forget")
     tmp = prepare_output_dir(out, force)
-    card = diagnose(before, after, requests, suites, **(options or {}))
-    card["_meta"] = stamp(command="diagnose", before=str(before_dir), after=str(after_dir), suites=list(suites),
-                          requests=[r.__dict__ for r in requests])
-    write_json_atomic(tmp / "scorecard.json", card)
+    try:
+        card = diagnose(before, after, requests, suites, **(options or {}))
+        card["_meta"] = stamp(command="diagnose", before=str(before_dir), after=str(after_dir), suites=list(suites),
+                              requests=[r.__dict__ for r in requests])
+        write_json_atomic(tmp / "scorecard.json", card)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     commit_output_dir(tmp, out)
     return card
