@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from mechedit.analysis.executors import executor
-from mechedit.analysis.requests import build_request_set
+from mechedit.analysis.requests import request_set_record
 from mechedit.analysis.spec import AnalysisSpec, load_analysis
 from mechedit.errors import MecheditError
 from mechedit.fileio import read_json, write_json_atomic
@@ -31,6 +31,7 @@ def resolve_checkpoint(spec: AnalysisSpec, cache_dir: Path, progress: Callable[[
     """The checkpoint of the analysis: given, or trained once and cached by a hash of the specs."""
     from mechedit.model.pipeline import resolve_world, train_checkpoint
     from mechedit.model.spec import model_spec
+    from mechedit.specio import to_dict
 
     if "checkpoint" in spec.model:
         return (spec.base / spec.model["checkpoint"]).resolve()
@@ -38,7 +39,7 @@ def resolve_checkpoint(spec: AnalysisSpec, cache_dir: Path, progress: Callable[[
     world = resolve_world(None if w.get("spec") == "default" else spec.base / w.get("spec", w.get("dir")))
     m = spec.model.get("preset") or str(spec.base / spec.model["spec"])
     mspec, tspec = model_spec(m)
-    key = json.dumps({"world": world.to_dict()["spec"], "model": mspec.__dict__, "train": tspec.__dict__},
+    key = json.dumps({"world": world.to_dict()["spec"], "model": to_dict(mspec), "train": to_dict(tspec)},
                      sort_keys=True)
     path = (cache_dir / "models" / hashlib.sha256(key.encode()).hexdigest()[:16]).resolve()
     if (path / "mechedit.json").is_file():
@@ -110,10 +111,7 @@ def run_analysis(spec_path: str | Path, run_dir: str | Path, *, executor_name: s
         ok = score_answers(bundle.model, bundle.tokenizer, [p.prompt for p in probes], [p.answer for p in probes]).correct
         wrong = {p.fact for p, c in zip(probes, ok) if not c}
         known = {f.index for f in bundle.world.train_facts} - wrong
-        request_sets = {
-            name: {"kind": r.kind, "mode": r.mode,
-                   "requests": [q.__dict__ for q in build_request_set(bundle.world, r, known)]}
-            for name, r in spec.request_sets.items()}
+        request_sets = {name: request_set_record(bundle.world, r, known) for name, r in spec.request_sets.items()}
     cases = [{"id": c.id, **c.key} for c in spec.cases]
     write_json_atomic(spec_file, {
         "name": spec.name, "spec": spec.raw, "spec_hash": spec.hash(), "spec_path": str(Path(spec_path).resolve()),

@@ -15,6 +15,13 @@ n = 8
 mode = "each"                 # each request edited alone (restored between) | "batch": one call
 [requests.forget1]            # ... or forget targets (unlearning): forget = "subject:NAME" or subjects = N
 subjects = 1
+[requests.ring]               # ... or edits of cyclic relations whose new object lies at cyclic distance d
+kind = "ring"                 # from the true one (0 = re-assert the true object: the null control); the same
+distances = [0, 1, 2, 3]      # n facts at every distance (default distances: 0 .. n_entities // 2);
+n = 4                         # mode "batch" edits each distance's n facts in one call
+[requests.ring_forget]        # ... or n cyclic facts to unlearn (new object = the refusal)
+kind = "ring_forget"
+n = 4
 [[grid]]                      # methods x params x layers x request sets
 method = "rome"
 layers = ["traced", 0, 1, 2, 3]
@@ -42,13 +49,22 @@ from mechedit.specio import load_spec_file
 @dataclass(frozen=True)
 class RequestSet:
     name: str
-    kind: str  # "counterfactual" | "forget"
+    kind: str  # "counterfactual" | "forget" | "ring" | "ring_forget" (REQUEST_KINDS)
     mode: str  # "each" | "batch"
     n: int = 5
     relation: str | None = None
     forget: str | None = None  # "subject:NAME", "fact:S|R", "relation:R"
     subjects: int | None = None  # forget all facts of N random trained subjects
     seed: int = 0
+    distances: tuple[int, ...] | None = None  # kind "ring": cyclic distances of the new objects (None: 0 .. n/2)
+
+    @property
+    def unlearning(self) -> bool:
+        """Run with the forget suites (the new object is the refusal)."""
+        return self.kind in ("forget", "ring_forget")
+
+
+REQUEST_KINDS = ("counterfactual", "forget", "ring", "ring_forget")
 
 
 @dataclass(frozen=True)
@@ -92,7 +108,7 @@ _TOP = {"name", "world", "model", "trace", "requests", "grid", "diagnostics", "d
 _WORLD = {"spec", "dir"}
 _MODEL = {"preset", "spec", "checkpoint"}
 _TRACE = {"relation", "n", "facts", "sites", "samples", "noise", "window", "seed"}
-_REQ = {"relation", "n", "mode", "forget", "subjects", "seed"}
+_REQ = {"kind", "relation", "n", "mode", "forget", "subjects", "seed", "distances"}
 _GRID = {"method", "params", "layers", "requests"}
 _DIAG = {"suites", "forget_suites", "options"}
 
@@ -139,12 +155,29 @@ def parse_analysis(data: dict, base: Path) -> AnalysisSpec:
     sets: dict[str, RequestSet] = {}
     for sname, t in _check_keys(data.get("requests", {}), set(data.get("requests", {})), "requests").items():
         _check_keys(t, _REQ, f"requests.{sname}")
-        kind = "forget" if ("forget" in t or "subjects" in t) else "counterfactual"
-        mode = t.get("mode", "each" if kind == "counterfactual" else "batch")
+        kind = t.get("kind", "forget" if ("forget" in t or "subjects" in t) else "counterfactual")
+        if kind not in REQUEST_KINDS:
+            raise SpecError(f"requests.{sname}.kind: must be one of {', '.join(REQUEST_KINDS)}, got {kind!r}")
+        mode = t.get("mode", "batch" if kind == "forget" else "each")
         if mode not in ("each", "batch"):
             raise SpecError(f"requests.{sname}.mode: must be 'each' or 'batch', got {mode!r}")
-        sets[sname] = RequestSet(sname, kind, mode, int(t.get("n", 5)), t.get("relation"), t.get("forget"),
-                                 t.get("subjects"), int(t.get("seed", 0)))
+        distances = t.get("distances")
+        if distances is not None:
+            if kind != "ring":
+                raise SpecError(f"requests.{sname}.distances: only for kind = \"ring\"")
+            if (not isinstance(distances, list) or not distances
+                    or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in distances)
+                    or len(set(distances)) != len(distances)):
+                raise SpecError(f"requests.{sname}.distances: expected a list of distinct integers >= 0, got {distances!r}")
+            distances = tuple(distances)
+        for key in ("forget", "subjects"):
+            if key in t and kind != "forget":
+                raise SpecError(f"requests.{sname}.{key}: only for forget request sets (kind = \"forget\")")
+        n = t.get("n", 5)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise SpecError(f"requests.{sname}.n: expected an integer >= 1, got {n!r}")
+        sets[sname] = RequestSet(sname, kind, mode, n, t.get("relation"), t.get("forget"),
+                                 t.get("subjects"), int(t.get("seed", 0)), distances)
     grid = data.get("grid", [])
     if not isinstance(grid, list) or not grid:
         raise SpecError("grid: the grid is empty (add at least one [[grid]] entry)")
@@ -187,13 +220,17 @@ def parse_analysis(data: dict, base: Path) -> AnalysisSpec:
     diag = _check_keys(data.get("diagnostics", {}), _DIAG, "diagnostics")
     suites = tuple(diag.get("suites", ["edit"]))
     forget_suites = tuple(diag.get("forget_suites", ["forget"]))
-    from mechedit.diagnose import get_suite
+    from mechedit.diagnose import check_options, get_suite
 
     for s in suites + forget_suites:
         try:
             get_suite(s)
         except MecheditError as exc:
             raise SpecError(f"diagnostics.suites: {exc}") from None
+    try:
+        check_options(suites + forget_suites, dict(diag.get("options", {})))
+    except MecheditError as exc:
+        raise SpecError(f"diagnostics.options: {exc}") from None
     return AnalysisSpec(name, base, world, model, trace, sets, tuple(cases), suites, forget_suites, dict(diag.get("options", {})),
                         data)
 
