@@ -21,6 +21,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from mechedit.errors import MecheditError
 from mechedit.fileio import commit_output_dir, prepare_output_dir, read_json, write_text_atomic
 from mechedit.report import figures as F
+from mechedit.report.shattering import shattering_section
 
 # (summary key, column title): shown when present, in this order
 EDIT_COLUMNS = (
@@ -252,6 +253,7 @@ def build_report(run_dir: str | Path, out: str | Path, *, force: bool = False) -
         train={"seconds": meta.get("train_seconds"), "epochs": meta.get("epochs")}, recall_rows=recall_rows,
         curve_img=curve_img, trace=trace, families=_family_tables(cases),
         sweeps=_layer_sweeps(cases, ie, figdir), unlearning=_unlearning(cases, figdir),
+        shattering=shattering_section(cases, figdir, _img),
         drilldowns=_drilldowns(cases), n_cases=len(cases), n_total=len(spec.get("cases", [])),
         request_sets={k: len(v["requests"]) for k, v in spec.get("request_sets", {}).items()})
     write_text_atomic(tmp / "index.html", html)
