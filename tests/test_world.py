@@ -211,6 +211,15 @@ def test_several_orders_share_one_entity_pool():
                 assert val[(sid, f"{ring}_cw{h}")] == w.subjects[order[(i + h) % n]].name
                 assert val[(sid, f"{ring}_ccw{h}")] == w.subjects[order[(i - h) % n]].name
     assert len(canon) == 3  # three different cyclic orders, not rotations / reflections of one
+    for seed in range(5):  # 4 entities have exactly 3 cyclic orders: all three must be drawn
+        spec = {"seed": seed, "n_subjects": 2, "relations": [{"name": "a", "n_objects": 2}],
+                "cyclic": [{"name": "ring", "n_entities": 4, "hops": [1], "orders": 3}]}
+        small = generate_world(WorldSpec.from_dict(spec))
+        cycles = set()
+        for order in small.rings.values():
+            i = order.index(min(order))
+            cycles.add(min(tuple(order[(i + k) % 4] for k in range(4)), tuple(order[(i - k) % 4] for k in range(4))))
+        assert len(cycles) == 3
 
 
 def test_inference_facts_are_held_out_and_well_formed(tmp_path):
