@@ -10,7 +10,9 @@ from typer.testing import CliRunner
 from mechedit.cli import app
 from mechedit.diagnose import get_suite
 from mechedit.edit import EditRequest, EditResult, run_method
-from mechedit.edit.common import add_linear_edit, add_rank_one, build_batch, context_prefixes, edit_prompts, mean_keys
+from mechedit.edit.common import (_HFPath, build_batch, context_prefixes, edit_prompts, linear_edit, mean_keys,
+                                  rank_one_edit)
+from mechedit.model.fast import FastNeoX
 from mechedit.edit.m_rome import inverse_second_moment, rank_one_update
 from mechedit.edit.run import edited_bundle, frozen_copy, sequential_edits
 from mechedit.edit.stats import compute_second_moment, second_moment, w_out_name
@@ -249,8 +251,17 @@ def test_traced_layer_uses_locate_for(tiny_bundle, monkeypatch):
     assert calls and calls[0][0] == tiny_bundle.world.fact(req.subject, req.relation)
 
 
-def test_rank_one_hook_equals_weight_edit(tiny_bundle):
-    """ROME optimises delta through `add_rank_one`: the hook must give exactly the edited model's logits."""
+def _edit_logits(model, batch, layer, edit):
+    """Answer-position logits with `edit` applied, through FastNeoX and through the HF hook path."""
+    with torch.no_grad():
+        fast = FastNeoX(model).logits_at(batch.ids, batch.last, mlp_edit=edit)
+        hf = _HFPath(model).logits_at(batch.ids, batch.last, start_block=layer, mlp_edit=edit)
+    return fast, hf
+
+
+def test_rank_one_edit_equals_weight_edit(tiny_bundle):
+    """ROME optimises delta through `rank_one_edit`: it must give exactly the edited model's logits,
+    on the fast path and through the HF hook."""
     model = tiny_bundle.model
     req = _request(tiny_bundle.world, 1)
     batch = build_batch(tiny_bundle, [req], [""])
@@ -258,22 +269,23 @@ def test_rank_one_hook_equals_weight_edit(tiny_bundle):
     C_inv = inverse_second_moment(second_moment(tiny_bundle, 0), 1e-4)
     u = (C_inv @ k) / (k @ C_inv @ k)
     delta = torch.randn(1, model.config.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), add_rank_one(model, 0, delta, u.unsqueeze(0), batch):
-        hooked = model(input_ids=batch.ids, attention_mask=batch.mask).logits
+    fast, hf = _edit_logits(model, batch, 0, rank_one_edit(0, delta, u.unsqueeze(0), batch.owner))
     W = dict(model.named_parameters())[w_out_name(0)].detach()
     dW = rank_one_update(W, k, W.double() @ k + delta[0], C_inv)
+    rows = torch.arange(len(batch.last))
     res = EditResult("rome", {}, [req], {w_out_name(0): dW.float()}).apply(model)
     with torch.no_grad():
-        edited = model(input_ids=batch.ids, attention_mask=batch.mask).logits
+        edited = model(input_ids=batch.ids, attention_mask=batch.mask).logits[rows, batch.last]
     res.restore(model)
     with torch.no_grad():
-        plain = model(input_ids=batch.ids, attention_mask=batch.mask).logits
+        plain = model(input_ids=batch.ids, attention_mask=batch.mask).logits[rows, batch.last]
     assert not torch.allclose(plain, edited, atol=1e-3)
-    assert torch.allclose(hooked, edited, atol=1e-3 * float(edited.abs().max()))
+    tol = 1e-3 * float(edited.abs().max())
+    assert torch.allclose(fast, edited, atol=tol) and torch.allclose(hf, edited, atol=tol)
 
 
-def test_joint_hook_equals_weight_edit(tiny_bundle):
-    """add_linear_edit (MEMIT/AlphaEdit through_edit) adds exactly what Delta W = delta^T U does."""
+def test_joint_edit_equals_weight_edit(tiny_bundle):
+    """linear_edit (MEMIT/AlphaEdit through_edit) adds exactly what Delta W = delta^T U does."""
     model = tiny_bundle.model
     reqs = [_request(tiny_bundle.world, k) for k in range(3)]
     batch = build_batch(tiny_bundle, reqs, [""])
@@ -281,14 +293,15 @@ def test_joint_hook_equals_weight_edit(tiny_bundle):
     d_mlp = model.gpt_neox.layers[0].mlp.dense_4h_to_h.in_features
     U = torch.randn(3, d_mlp, generator=g, dtype=torch.float64) * 1e-2
     delta = torch.randn(3, model.config.hidden_size, generator=g, dtype=torch.float64)
+    fast, hf = _edit_logits(model, batch, 0, linear_edit(0, delta, U))
+    rows = torch.arange(len(batch.last))
     with torch.no_grad():
-        with add_linear_edit(model, 0, delta, U):
-            hooked = model(input_ids=batch.ids, attention_mask=batch.mask).logits
-        plain = model(input_ids=batch.ids, attention_mask=batch.mask).logits
+        plain = model(input_ids=batch.ids, attention_mask=batch.mask).logits[rows, batch.last]
         res = EditResult("x", {}, reqs, {w_out_name(0): (delta.T @ U).float()}).apply(model)
         try:
-            edited = model(input_ids=batch.ids, attention_mask=batch.mask).logits
+            edited = model(input_ids=batch.ids, attention_mask=batch.mask).logits[rows, batch.last]
         finally:
             res.restore(model)
-    assert not torch.allclose(hooked, plain, atol=1e-3)
-    torch.testing.assert_close(hooked, edited, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(fast, plain, atol=1e-3)
+    torch.testing.assert_close(fast, edited, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(hf, edited, atol=1e-4, rtol=1e-4)

@@ -252,6 +252,7 @@ def test_engine_equals_reference_on_other_architectures(bundle, parallel):
     from dataclasses import replace
 
     from mechedit.model.checkpoint import make_bridge
+    from mechedit.model.fast import FastNeoX
     from mechedit.model.spec import PRESETS
     from mechedit.model.train import build_model
     from mechedit.trace import engine as E
@@ -259,10 +260,11 @@ def test_engine_equals_reference_on_other_architectures(bundle, parallel):
     spec = replace(PRESETS["tiny"], n_layers=3, parallel_residual=parallel)
     model = build_model(spec, bundle.tokenizer, 7).eval()
     br = make_bridge(model)
+    fx = FastNeoX(model)
     prepared = [prepare_fact(bundle.world, bundle.tokenizer, f) for f in bundle.world.train_facts[:3]]
     kw = dict(kinds=("resid", "mlp", "attn", "resid_sever_mlp", "resid_sever_attn"), noise_scale=0.5, samples=2,
               window=2, seed=1, n_layers=3, d_model=spec.d_model, pad_id=bundle.tokenizer.pad_token_id)
-    fast = E.run_batched(br, prepared, batch_size=11, **kw)
+    fast = E.run_batched(fx, prepared, batch_size=11, **kw)
     slow = E.run_reference(br, prepared, **kw)
     # random weights give small probabilities: compare relatively
     np.testing.assert_allclose(fast.p_corrupt, slow.p_corrupt, rtol=1e-4, atol=1e-9)

@@ -17,6 +17,7 @@ from mechedit.edit.api import EditRequest
 from mechedit.edit.stats import capture_keys
 from mechedit.errors import MecheditError
 from mechedit.model.evaluate import pad
+from mechedit.model.fast import MlpEdit
 
 
 def resolve_layers(bundle, layer, requests: list[EditRequest], *, allow_list: bool) -> list[int]:
@@ -157,64 +158,53 @@ def _mean_by_owner(x: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor
     return out / torch.bincount(owner, minlength=n).unsqueeze(1).to(x.dtype)
 
 
-@contextlib.contextmanager
-def add_at_subject(model, layer: int, delta: torch.Tensor, batch: Batch):
-    """Add delta[owner[row]] to the MLP output of `layer` at each row's subject token (hook removed on exit)."""
-    rows = torch.arange(len(batch.subj))
-
-    def hook(module, inputs, output):
-        output = output.clone()
-        output[rows, batch.subj] = output[rows, batch.subj] + delta[batch.owner].to(output.dtype)
-        return output
-
-    h = model.gpt_neox.layers[layer].mlp.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        h.remove()
+def at_subject_edit(layer: int, delta: torch.Tensor, subj: torch.Tensor, owner: torch.Tensor) -> MlpEdit:
+    """A `FastNeoX` MLP edit: add delta[owner[row]] to `layer`'s MLP output at each row's subject token."""
+    def fn(j, k, out, pos):
+        if j != layer:
+            return out
+        at = (pos == subj.unsqueeze(1)).unsqueeze(-1)  # [b, pos, 1]: the subject token, where computed
+        return out + at * delta[owner].unsqueeze(1).to(out.dtype)
+    return fn
 
 
-@contextlib.contextmanager
-def add_rank_one(model, layer: int, delta: torch.Tensor, u: torch.Tensor, batch: Batch):
-    """The rank-one edit W += delta[i] u[i]^T of `layer`'s down projection for row owner i, as a hook.
+def rank_one_edit(layer: int, delta: torch.Tensor, u: torch.Tensor, owner: torch.Tensor) -> MlpEdit:
+    """The rank-one edit W += delta[i] u[i]^T of `layer`'s down projection for row owner i.
 
     Every position p of a row gets delta * (u . k_p) added to the MLP output -- exactly what the
-    weight edit does -- so optimising delta through this hook optimises the final edit itself.
+    weight edit does -- so optimising delta through it optimises the final edit itself.
     u [n_requests, d_mlp] is C^-1 k* / (k*^T C^-1 k*) (so u . k* = 1 and W' k* = W k* + delta).
     """
-    mod = model.gpt_neox.layers[layer].mlp.dense_4h_to_h
-    uo = u[batch.owner]  # [b, d_mlp]
+    uo = u[owner]  # [b, d_mlp]
 
-    def hook(module, inputs, output):
-        coef = torch.einsum("bpd,bd->bp", inputs[0].double(), uo)  # [b, pos]
-        return output + (coef.unsqueeze(-1) * delta[batch.owner].unsqueeze(1)).to(output.dtype)
-
-    h = mod.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        h.remove()
+    def fn(j, k, out, pos):
+        if j != layer:
+            return out
+        coef = torch.einsum("bpd,bd->bp", k.double(), uo)  # [b, pos]
+        return out + (coef.unsqueeze(-1) * delta[owner].unsqueeze(1)).to(out.dtype)
+    return fn
 
 
-@contextlib.contextmanager
-def add_linear_edit(model, layer: int, delta: torch.Tensor, U: torch.Tensor):
-    """The joint edit Delta W = delta^T U of `layer`'s down projection, as a hook (every row, every position).
+def linear_edit(layer: int, delta: torch.Tensor, U: torch.Tensor, owner: torch.Tensor | None = None) -> MlpEdit:
+    """The joint edit Delta W = delta^T U of `layer`'s down projection (every row, every position).
 
     delta [n_requests, d_model], U [n_requests, d_mlp]: a key k gets sum_i delta_i (U_i . k) added,
     so every request's delta reaches every prompt, as in the solved MEMIT/AlphaEdit weight edit
     (which is linear in the targets: Delta = R M = delta^T (G^T M), G the row -> request one-hot).
+    With several starts (`owner` given, delta [starts * n_requests, d]), row b uses the deltas of
+    its own start: owner[b] // n_requests.
     """
-    mod = model.gpt_neox.layers[layer].mlp.dense_4h_to_h
+    n = U.shape[0]
 
-    def hook(module, inputs, output):
-        coef = torch.einsum("bpd,nd->bpn", inputs[0].double(), U)  # [b, pos, n_requests]
-        return output + (coef @ delta).to(output.dtype)
-
-    h = mod.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        h.remove()
+    def fn(j, k, out, pos):
+        if j != layer:
+            return out
+        coef = torch.einsum("bpd,nd->bpn", k.double(), U)  # [b, pos, n_requests]
+        if owner is None:
+            return out + (coef @ delta).to(out.dtype)
+        d = delta.view(-1, n, delta.shape[-1])[owner // n]  # [b, n, d_model]
+        return out + torch.einsum("bpn,bnd->bpd", coef, d).to(out.dtype)
+    return fn
 
 
 def optimize_targets(model, batch: Batch, essence: Batch | None, layer: int, n_requests: int, *,
@@ -222,28 +212,48 @@ def optimize_targets(model, batch: Batch, essence: Batch | None, layer: int, n_r
                      ref_norm: torch.Tensor, stop_loss: float = 0.05,
                      rank_one_u: torch.Tensor | None = None,
                      joint_u: torch.Tensor | None = None,
-                     init: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                     init: torch.Tensor | None = None, engine: str = "fast",
+                     precision: str = "float32", first_wins: bool = False) -> tuple[torch.Tensor, dict]:
     """delta [n_requests, d_model] added at the subject token of `layer` so the new objects are predicted.
 
     Loss (ROME/MEMIT compute_v): mean NLL(new object) over prefixes + kl_weight * KL(p_orig || p_edit)
     on the essence prompts + weight_decay * ||delta||^2 / ||ref||^2; ||delta|| is clamped to `clamp`
-    (per request) after each Adam step. With `rank_one_u` ([n_requests, d_mlp], see `add_rank_one`)
-    delta is applied the way the rank-one weight edit will apply it (scaled by u . k at every
-    position) instead of only at the subject token: the keys of the individual prompts differ from
-    their mean k*, and this makes the optimised loss the loss of the edited model. `joint_u`
-    does the same for a batch solve (MEMIT/AlphaEdit, one layer), cross-talk between edits included.
+    (per request) after each Adam step; the search stops once every request's NLL is below
+    `stop_loss`. With `rank_one_u` ([n_requests, d_mlp], see `rank_one_edit`) delta is applied the
+    way the rank-one weight edit will apply it (scaled by u . k at every position) instead of only at
+    the subject token: the keys of the individual prompts differ from their mean k*, and this makes
+    the optimised loss the loss of the edited model. `joint_u` does the same for a batch solve
+    (MEMIT/AlphaEdit, one layer), cross-talk between edits included.
+
+    `init` [n_requests, d] starts the search there; [starts, n_requests, d] runs several independent
+    searches at once (ROME's random restarts) and returns deltas [starts, n_requests, d] and one
+    info per start. Each start's trajectory is the one it would have alone (its loss terms are
+    separate, Adam is per coordinate, and a start that reaches `stop_loss` is frozen there);
+    `first_wins` ends the whole search as soon as one start reaches `stop_loss` (the others'
+    infos then say how far they got).
+
+    Runs on `FastNeoX` (no module hooks): the residual stream entering `layer` is computed once,
+    and every step runs blocks layer.. with the MLP output and the unembedding at the answer
+    position only, edit and essence prompts in one batch. `engine="hf"` makes the same calls
+    through the HF model with a forward hook (the reference of tests and benchmarks).
+    `precision="bfloat16"` runs the forward and backward passes of the search under bf16 autocast
+    (AMX on the CPU, tensor cores on a GPU); delta, Adam and the loss stay in fp32 / fp64.
     """
-    if joint_u is not None:  # [n_requests, d_mlp], see add_linear_edit
-        add = lambda d, b: add_linear_edit(model, layer, d, joint_u)  # noqa: E731
-    elif rank_one_u is not None:
-        add = lambda d, b: add_rank_one(model, layer, d, rank_one_u, b)  # noqa: E731
-    else:
-        add = lambda d, b: add_at_subject(model, layer, d, b)  # noqa: E731
+    if precision not in ("float32", "bfloat16"):
+        raise MecheditError(f"unknown precision {precision!r} (float32, bfloat16)")
+    if engine not in ("fast", "hf"):
+        raise MecheditError(f"unknown engine {engine!r} (fast, hf)")
+    many = init is not None and init.dim() == 3
+    starts = init.shape[0] if many else 1
     model.eval()
     with frozen_weights(model):
-        return _optimise_delta(model, batch, n_requests, layer, add, essence, kl_weight, steps, lr, clamp,
-                               weight_decay, ref_norm, stop_loss, rank_one_u is not None or joint_u is not None,
-                               init)
+        deltas, infos = _optimise_delta(
+            model, batch, essence, layer, n_requests, starts, kl_weight=kl_weight, steps=steps, lr=lr,
+            clamp=clamp, weight_decay=weight_decay, ref_norm=ref_norm, stop_loss=stop_loss,
+            rank_one_u=rank_one_u, joint_u=joint_u,
+            init=None if init is None else init.reshape(starts, n_requests, -1), engine=engine,
+            precision=precision, first_wins=first_wins)
+    return (deltas, infos) if many else (deltas[0], infos[0])
 
 
 @contextlib.contextmanager
@@ -259,41 +269,130 @@ def frozen_weights(model):
             p.requires_grad_(flag)
 
 
-def _optimise_delta(model, batch, n_requests, layer, add, essence, kl_weight, steps, lr, clamp, weight_decay,
-                    ref_norm, stop_loss, exact, init=None):
-    d_model = model.config.hidden_size
+def _joint_rows(batch: Batch, essence: Batch | None, starts: int, n_requests: int, pad_id: int):
+    """Edit rows, then essence rows, repeated for each start: ids [R, T], answer / subject positions,
+    owners (start * n_requests + request) and the slices of edit and essence rows."""
+    parts = [batch] + ([essence] if essence is not None else [])
+    T = max(p.ids.shape[1] for p in parts)
+    ids, pos, subj, owner = [], [], [], []
+    for s in range(starts):
+        for p in parts:
+            x = torch.full((p.ids.shape[0], T), pad_id, dtype=torch.long)
+            x[:, : p.ids.shape[1]] = p.ids
+            ids.append(x)
+            pos.append(p.last)
+            subj.append(p.subj)
+            owner.append(p.owner + s * n_requests)
+    nb, ne = len(batch.last), (len(essence.last) if essence is not None else 0)
+    return torch.cat(ids), torch.cat(pos), torch.cat(subj), torch.cat(owner), nb, ne
+
+
+class _HFPath:
+    """The same calls as `FastNeoX` made through the HF model and a forward hook on the down
+    projection: the reference the fast path is tested and benchmarked against (`engine="hf"`)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def resid_at(self, ids, layer):
+        return ids  # the HF model always starts from the tokens
+
+    @contextlib.contextmanager
+    def _hooked(self, layer, mlp_edit):
+        if mlp_edit is None:
+            yield
+            return
+        mod = self.model.gpt_neox.layers[layer].mlp.dense_4h_to_h
+        pos = torch.arange(1024).unsqueeze(0)
+        h = mod.register_forward_hook(lambda m, inputs, out: mlp_edit(layer, inputs[0], out, pos[:, : out.shape[1]]))
+        try:
+            yield
+        finally:
+            h.remove()
+
+    def logits_at(self, ids, pos, *, x=None, start_block=0, mlp_edit=None):
+        mask = torch.ones_like(ids)
+        with self._hooked(start_block, mlp_edit):
+            logits = self.model(input_ids=ids, attention_mask=mask).logits
+        return logits[torch.arange(len(pos)), pos]
+
+
+def _optimise_delta(model, batch, essence, layer, n_requests, starts, *, kl_weight, steps, lr, clamp,
+                    weight_decay, ref_norm, stop_loss, rank_one_u, joint_u, init, engine="fast", precision="float32",
+                    first_wins=False):
+    from mechedit.model.fast import FastNeoX
+
+    fx = FastNeoX(model) if engine == "fast" else _HFPath(model)
+    autocast = (torch.autocast(model.device.type, dtype=torch.bfloat16) if precision == "bfloat16"
+                else contextlib.nullcontext())
+    exact = rank_one_u is not None or joint_u is not None
     dtype = torch.float64 if exact else torch.float32
-    delta = torch.zeros(n_requests, d_model, dtype=dtype) if init is None else init.detach().to(dtype).clone()
+    d_model = model.config.hidden_size
+    R, n = starts, n_requests
+    use_kl = essence is not None and kl_weight > 0
+    ids, pos, subj, owner, nb, ne = _joint_rows(batch, essence if use_kl else None, R, n, model.config.pad_token_id or 0)
+    per = nb + ne  # rows of one start
+    is_edit = (torch.arange(len(ids)) % per) < nb
+    start_of = torch.arange(len(ids)) // per
+    target = batch.target.repeat(R)
+    with torch.no_grad():
+        x_in = fx.resid_at(ids, layer)  # the stream entering `layer`: no edit reaches it
+        p_orig = None
+        if use_kl:
+            with autocast:  # the same arithmetic as the search, so the KL starts at 0
+                lo = fx.logits_at(ids, pos, x=x_in, start_block=layer)
+            p_orig = torch.log_softmax(lo[~is_edit].float(), -1)
+    delta = torch.zeros(R * n, d_model, dtype=dtype) if init is None else init.reshape(R * n, -1).to(dtype).clone()
     delta.requires_grad_(True)
     opt = torch.optim.Adam([delta], lr=lr)
-    rows = torch.arange(len(batch.last))
-    p_orig = None
-    if essence is not None and kl_weight > 0:
-        with torch.no_grad():
-            lo = model(input_ids=essence.ids, attention_mask=essence.mask).logits
-            p_orig = torch.log_softmax(lo[torch.arange(len(essence.last)), essence.last], -1)
-    losses = []
+    clamp_r = clamp.float().reshape(-1).expand(n).repeat(R) if clamp.numel() in (1, n) else clamp.float()
+    ref_r = ref_norm.float().reshape(-1).expand(n).repeat(R)
+    if joint_u is not None:
+        make = lambda d: linear_edit(layer, d, joint_u, owner if R > 1 else None)  # noqa: E731
+    elif rank_one_u is not None:
+        u_r = rank_one_u.repeat(R, 1)
+        make = lambda d: rank_one_edit(layer, d, u_r, owner)  # noqa: E731
+    else:
+        make = lambda d: at_subject_edit(layer, d, subj, owner)  # noqa: E731
+    edit_rows = torch.nonzero(is_edit).flatten()
+    edit_owner = owner[is_edit]
+    ess_start = start_of[~is_edit]
+    done = torch.zeros(R, dtype=torch.bool)
+    frozen = torch.zeros(R * n, d_model, dtype=dtype)
+    history: list[list[float]] = [[] for _ in range(R)]
     for step in range(steps):
-        with add(delta, batch):
-            logits = model(input_ids=batch.ids, attention_mask=batch.mask).logits  # [b, pos, vocab]
-        logp = torch.log_softmax(logits[rows, batch.last].float(), -1)
-        nll_rows = -logp[rows, batch.target]
-        nll = _mean_by_owner(nll_rows.unsqueeze(1), batch.owner, n_requests).squeeze(1)  # [n_requests]
-        loss = nll.mean()
-        if p_orig is not None:
-            with add(delta, essence):
-                le = model(input_ids=essence.ids, attention_mask=essence.mask).logits
-            lpe = torch.log_softmax(le[torch.arange(len(essence.last)), essence.last], -1)
-            loss = loss + kl_weight * torch.nn.functional.kl_div(lpe, p_orig, log_target=True, reduction="batchmean")
-        loss = loss + weight_decay * (delta.norm(dim=1) ** 2 / ref_norm.float() ** 2).mean()
-        losses.append(float(nll.detach().mean()))
-        if float(nll.detach().max()) < stop_loss:
+        with autocast:
+            logits = fx.logits_at(ids, pos, x=x_in, start_block=layer, mlp_edit=make(delta))  # [rows, vocab]
+        logp = torch.log_softmax(logits.float(), -1)
+        nll_rows = -logp[edit_rows, target]
+        nll = _mean_by_owner(nll_rows.unsqueeze(1), edit_owner, R * n).squeeze(1).view(R, n)  # [starts, n]
+        loss = nll.mean(1)  # [starts]
+        if use_kl:
+            kl_rows = torch.nn.functional.kl_div(logp[~is_edit], p_orig, log_target=True, reduction="none").sum(-1)
+            loss = loss + kl_weight * torch.zeros(R).index_add_(0, ess_start, kl_rows) / ne
+        wd = (delta.norm(dim=1) ** 2 / ref_r ** 2).view(R, n).mean(1)
+        loss = loss + weight_decay * wd
+        nll_d = nll.detach()
+        for s in range(R):
+            if not done[s]:
+                history[s].append(float(nll_d[s].mean()))
+        newly = (~done) & (nll_d.max(1).values < stop_loss)
+        if bool(newly.any()):
+            for s in torch.nonzero(newly).flatten().tolist():
+                frozen[s * n : (s + 1) * n] = delta.detach()[s * n : (s + 1) * n]
+            done |= newly
+        if bool(done.all()) or (first_wins and bool(done.any())):
             break
         opt.zero_grad()
-        loss.backward()
+        loss[~done].sum().backward()
         opt.step()
         with torch.no_grad():
             norms = delta.norm(dim=1, keepdim=True)
-            scale = torch.clamp(clamp.float().unsqueeze(1) / norms.clamp_min(1e-12), max=1.0)
-            delta.mul_(scale)
-    return delta.detach().double(), {"steps": len(losses), "nll_first": losses[0], "nll_last": losses[-1]}
+            delta.mul_(torch.clamp(clamp_r.unsqueeze(1) / norms.clamp_min(1e-12), max=1.0))
+            if bool(done.any()):
+                keep = done.repeat_interleave(n)
+                delta[keep] = frozen[keep]
+    out = delta.detach().double().view(R, n, d_model)
+    infos = [{"steps": len(h), "nll_first": h[0], "nll_last": h[-1], "reached": bool(done[s])}
+             for s, h in enumerate(history)]
+    return out, infos

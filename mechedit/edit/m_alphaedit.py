@@ -63,9 +63,15 @@ class AlphaEditParams:
     weight_decay: float = 0.05
     stop_loss: float = 0.05
     n_stats: int | None = None
+    engine: str = "fast"  # target search on FastNeoX ("fast") or through the HF modules ("hf": the reference)
+    precision: str = "float32"  # the search's forward/backward: "float32" or "bfloat16" (autocast)
     seed: int = 0
 
     def validate(self) -> None:
+        if self.engine not in ("fast", "hf"):
+            raise SpecError(f"alphaedit: engine must be 'fast' or 'hf', got {self.engine!r}")
+        if self.precision not in ("float32", "bfloat16"):
+            raise SpecError(f"alphaedit: precision must be 'float32' or 'bfloat16', got {self.precision!r}")
         if not 0 < self.null_energy < 1 or self.alpha_factor <= 0:
             raise SpecError("alphaedit: 0 < null_energy < 1 and alpha_factor > 0")
         if self.steps < 1 or self.lr_factor <= 0 or self.clamp_factor <= 0:

@@ -58,9 +58,15 @@ class MemitParams:
     weight_decay: float = 0.05
     stop_loss: float = 0.05
     n_stats: int | None = None
+    engine: str = "fast"  # target search on FastNeoX ("fast") or through the HF modules ("hf": the reference)
+    precision: str = "float32"  # the search's forward/backward: "float32" or "bfloat16" (autocast)
     seed: int = 0
 
     def validate(self) -> None:
+        if self.engine not in ("fast", "hf"):
+            raise SpecError(f"memit: engine must be 'fast' or 'hf', got {self.engine!r}")
+        if self.precision not in ("float32", "bfloat16"):
+            raise SpecError(f"memit: precision must be 'float32' or 'bfloat16', got {self.precision!r}")
         if self.mom2_weight < 0 or self.steps < 1 or self.lr_factor <= 0 or self.clamp_factor <= 0:
             raise SpecError("memit: mom2_weight >= 0, steps >= 1, lr_factor > 0, clamp_factor > 0")
 
@@ -131,7 +137,7 @@ def spread_update(bundle, requests: list[EditRequest], layers: list[int], p,
         model, batch, essence, L, n, clamp=p.clamp_factor * h_norm,
         lr=p.lr_factor * float(h_norm.mean()) / math.sqrt(model.config.hidden_size), steps=p.steps,
         kl_weight=p.kl_weight, weight_decay=p.weight_decay, ref_norm=h_norm, stop_loss=p.stop_loss,
-        joint_u=joint_u)
+        joint_u=joint_u, engine=p.engine, precision=p.precision)
     # the target is "the residual moved by delta_i" at every prompt (row) of request i
     Z = (_residual_at(model, batch, L, None) + delta[batch.owner]) if per_row else h0 + delta  # [rows or n, d_model]
     deltas: dict[str, torch.Tensor] = {}

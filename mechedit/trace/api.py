@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from mechedit.errors import MecheditError
+from mechedit.model.fast import FastNeoX
 from mechedit.specio import to_dict
 from mechedit.trace import engine as E
 from mechedit.trace.result import Location, TraceResult, locate
@@ -35,7 +36,8 @@ class TraceConfig:
     template: int | None = None  # None: per fact, the first trained template in TEMPLATE_PREFERENCE
     batch_size: int | None = None  # rows per forward of the batched engine; None: from a memory budget
     memory_mb: int = 2048  # activation budget that sets the automatic batch size
-    engine: str = "batched"  # "batched" | "reference"
+    engine: str = "batched"  # "batched" (FastNeoX) | "reference" (the one-cell loop through the bridge's hooks)
+    precision: str = "float32"  # batched engine's arithmetic: "float32" or "bfloat16" (autocast; see benchmarks)
 
     def __post_init__(self):
         object.__setattr__(self, "sites", E.check_sites(self.sites))
@@ -52,6 +54,8 @@ class TraceConfig:
             raise MecheditError("batch_size must be >= 1")
         if self.engine not in ("batched", "reference"):
             raise MecheditError(f"unknown engine {self.engine!r} (batched, reference)")
+        if self.precision not in ("float32", "bfloat16"):
+            raise MecheditError(f"unknown precision {self.precision!r} (float32, bfloat16)")
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -137,11 +141,11 @@ def trace(bundle, facts: Iterable[str | int | Fact] | None = None, config: Trace
     window = config.window or E.default_window(n_layers)
     std = subject_embedding_std(model, tok, world)
     nu = config.noise_scale if config.noise_scale is not None else config.noise * std
-    bridge = bridge if bridge is not None else bundle.bridge()
+    fx = FastNeoX(model)
 
     # keep facts the model knows (clean top-1 = the object's first token)
     restored = tuple(dict.fromkeys(E.kind_site(k)[0] for k in config.kinds))
-    p_clean, top1, cache = E.clean_run(bridge, prepared, tok.pad_token_id, restored, n_layers)
+    p_clean, top1, cache = E.clean_run(fx, prepared, tok.pad_token_id, restored, n_layers)
     known = [i for i, p in enumerate(prepared) if int(top1[i]) == p.answer_id]
     skipped = [{"index": chosen[i].index, "subject": world.subject_of(chosen[i]).name,
                 "relation": chosen[i].relation, "object": chosen[i].object,
@@ -157,9 +161,9 @@ def trace(bundle, facts: Iterable[str | int | Fact] | None = None, config: Trace
               n_layers=n_layers, d_model=d_model, pad_id=tok.pad_token_id, batch_size=batch, progress=progress)
     if config.engine == "batched":  # the clean run above serves the engine too (padding does not reach earlier tokens)
         clean = (p_clean[known], top1[known], {s: c[known] for s, c in cache.items()})
-        out = E.run_batched(bridge, prepared, clean=clean, **kw)
+        out = E.run_batched(fx, prepared, clean=clean, precision=config.precision, **kw)
     else:
-        out = E.run_reference(bridge, prepared, **kw)
+        out = E.run_reference(bridge if bridge is not None else bundle.bridge(), prepared, **kw)
     labels = []
     for p in prepared:
         f = world.facts[p.index]

@@ -20,13 +20,16 @@ Where we differ: the window defaults to round(10/48 x n_layers) (>= 1) rather th
 ROME's window of 10 of GPT-2 XL's 48 layers would cover a whole small model.
 
 `run_batched` puts every (kind, layer, token, sample) row of many facts into batches of at most
-`batch_size` rows (prompts of different lengths right-padded), with hooks that index the batch
-dimension, and runs each row only from its first affected block and token (see its docstring).
-`run_reference` is the plain one-cell-at-a-time loop (one forward of `samples` rows per fact, kind,
-layer and token) that the tests compare against.
+`batch_size` rows (prompts of different lengths right-padded) and runs each row only from its
+first affected block and token (see its docstring), on `mechedit.model.fast.FastNeoX`: the
+functional forward of the HF weights, whose `Setter`s set a block's attention / MLP output at
+(row, position) pairs -- what hooks on `blocks.{j}.hook_attn_out` / `hook_mlp_out` set.
+`run_reference` is the plain one-cell-at-a-time loop through the TransformerLens bridge's hooks
+(one forward of `samples` rows per fact, kind, layer and token) that the tests compare against.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -35,6 +38,7 @@ import numpy as np
 import torch
 
 from mechedit.errors import MecheditError
+from mechedit.model.fast import Setter
 
 SITES = ("resid", "mlp", "attn")
 SEVERABLE = ("mlp", "attn")
@@ -123,23 +127,21 @@ class EngineOutput:
 
 
 @torch.inference_mode()
-def clean_run(bridge, facts: list[PreparedFact], pad_id: int, sites: tuple[str, ...], n_layers: int):
-    """Clean probabilities, top-1 ids and caches {site: [F, L, T, d]} for all facts in one batch."""
+def clean_run(fx, facts: list[PreparedFact], pad_id: int, sites: tuple[str, ...], n_layers: int):
+    """Clean probabilities, top-1 ids and caches {site: [F, L, T, d]} for all facts in one batch.
+
+    `fx` is a `mechedit.model.fast.FastNeoX` over the model (see `run_batched`)."""
     ids = _pad_ids(facts, pad_id)
-    cache: dict[str, list[torch.Tensor | None]] = {s: [None] * n_layers for s in sites}
-
-    def store(site, layer):
-        def fn(x, hook):
-            cache[site][layer] = x.detach().float().clone()
-            return x
-        return fn
-
-    hooks = [(hook_name(s, l), store(s, l)) for s in sites for l in range(n_layers)]
-    with bridge.hooks(fwd_hooks=hooks):
-        logits = bridge(ids)  # [F, T, V]
+    cache: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
+    x = fx.embed(ids)
+    for j in range(n_layers):
+        rec: dict = {}
+        x = fx.block(j, x, record=rec)
+        for s in sites:
+            cache[s].append((x if s == "resid" else rec[s]).float())
     last = torch.tensor([f.n_tokens - 1 for f in facts])
     ans = torch.tensor([f.answer_id for f in facts])
-    at_last = logits[torch.arange(len(facts)), last]  # [F, V]
+    at_last = fx.unembed(x[torch.arange(len(facts)), last])  # [F, V]
     p = _answer_probs(at_last, ans)
     top1 = at_last.argmax(-1)
     stacked = {s: torch.stack(cache[s], dim=1) for s in sites}  # [F, L, T, d]
@@ -166,90 +168,33 @@ def _row_plan(facts: list[PreparedFact], kinds: tuple[str, ...], n_layers: int, 
     return (np.concatenate(run) if run else empty), (np.concatenate(same) if same else empty)
 
 
-def _block_kwargs(bridge, n_tokens: int, memo: dict) -> dict:
-    """The keyword arguments the bridge passes to its blocks for a sequence of `n_tokens` (rotary
-    position embeddings, position ids, mask), captured once per length from a one-row forward; any
-    KV cache is dropped (each block call below is a plain, cache-free forward)."""
-    if n_tokens not in memo:
-        cap: dict = {}
-
-        def pre(module, args, kwargs):
-            cap.update(kwargs)
-            raise _Captured
-
-        handle = bridge.blocks[0].register_forward_pre_hook(pre, with_kwargs=True)
-        try:
-            bridge(torch.zeros(1, n_tokens, dtype=torch.long))
-        except _Captured:
-            pass
-        finally:
-            handle.remove()
-        if cap.get("attention_mask") is not None:
-            raise MecheditError("causal tracing expects the bridge to pass no attention mask to its blocks")
-        kw = {k: v for k, v in cap.items() if k not in ("layer_past", "past_key_values", "past_key_value", "cache_position")}
-        if "use_cache" in kw:
-            kw["use_cache"] = False
-        memo[n_tokens] = kw
-    return memo[n_tokens]
-
-
-class _Captured(Exception):
-    pass
-
-
 # rows restoring different tokens share a forward over the tokens from the smallest of them on
 # (tokens between it and a row's own token just recompute corrupted values) once a chunk has this many
 SUFFIX_MIN_ROWS = 512
 
 
-class _KV:
-    """A stand-in for HF's KV cache that the bridge's attention calls as `update(k, v, layer)`:
-    recording (keep each layer's post-rotary keys and values) or replaying (prepend the kept ones,
-    so queries of a suffix of the tokens attend to the corrupted run's earlier tokens)."""
-
-    def __init__(self, past: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None):
-        self.past = past
-        self.kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def update(self, k, v, layer_idx, *args, **kwargs):  # k, v [B, heads, T, d_head]
-        if self.past is None:
-            self.kept[layer_idx] = (k, v)
-            return k, v
-        pk, pv = self.past[layer_idx]
-        return torch.cat([pk.to(k.dtype), k], dim=-2), torch.cat([pv.to(v.dtype), v], dim=-2)
-
-
-def _suffix_kw(kw: dict, t: int, cache: _KV) -> dict:
-    """Block kwargs for the tokens t.. of a sequence (positions and rotary tables sliced) with `cache`."""
-    out = dict(kw, layer_past=cache)
-    if kw.get("position_ids") is not None:
-        out["position_ids"] = kw["position_ids"][:, t:]
-    if kw.get("position_embeddings") is not None:
-        out["position_embeddings"] = tuple(e[:, t:] for e in kw["position_embeddings"])
-    return out
-
-
-def _forward_from(bridge, x: torch.Tensor, start: int, n_layers: int, kw: dict, last: torch.Tensor) -> torch.Tensor:
-    """Run blocks start..L-1 of the bridge on the residual stream `x` [B, T, d] entering block
-    `start` (their hook points fire as in a full forward), then the final norm and unembedding at
-    each row's position `last` [B] only: logits [B, V]."""
-    for j in range(start, n_layers):
-        x = bridge.blocks[j](x, **kw)
-        if isinstance(x, tuple):
-            x = x[0]
-    return _unembed_at(bridge, x, last)
-
-
-def _unembed_at(bridge, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Final norm and unembedding of row i of `x` [B, T, d] at position pos[i] only: logits [B, V]."""
-    return bridge.unembed(bridge.ln_final(x[torch.arange(x.shape[0]), pos][:, None]))[:, 0]
+def _merge(setters: list[Setter]) -> Setter | None:
+    """One Setter from several (their rows are distinct: a row has one kind)."""
+    if not setters:
+        return None
+    if len(setters) == 1:
+        return setters[0]
+    return Setter(torch.cat([s.rows for s in setters]), torch.cat([s.pos for s in setters]),
+                  torch.cat([s.values for s in setters]))
 
 
 @torch.inference_mode()
-def run_batched(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], noise_scale: float, samples: int,
+def run_batched(fx, facts: list[PreparedFact], *, kinds: tuple[str, ...], noise_scale: float, samples: int,
                 window: int, seed: int, n_layers: int, d_model: int, pad_id: int, batch_size: int = 4096,
-                progress: Callable[[int, int], None] | None = None, clean: tuple | None = None) -> EngineOutput:
+                progress: Callable[[int, int], None] | None = None, clean: tuple | None = None,
+                precision: str = "float32") -> EngineOutput:
     """All restorations of all `facts` in batches of `batch_size` rows (see the module docstring).
+
+    Runs on `fx`, a `mechedit.model.fast.FastNeoX` over the model: the functional forward of
+    GPT-NeoX blocks whose attention / MLP outputs are set through `Setter`s at given (row,
+    position) pairs -- what hooks on `blocks.{j}.hook_attn_out` / `hook_mlp_out` would set -- and
+    which can start at any block and token. `run_reference` goes through the TransformerLens bridge's
+    hooks; the tests hold the two equal.
 
     Prefix sharing: every block below the first one a restoration touches computes exactly what the
     corrupted run computes, so the corrupted run (one row per fact and sample) caches the residual
@@ -262,68 +207,61 @@ def run_batched(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], no
 
     Suffix sharing: tokens before the restored token t keep their corrupted states at every block,
     so a chunk of rows runs only tokens t0.. (t0 its smallest restored token), attending to the
-    corrupted run's cached keys and values of tokens < t0 (passed as the blocks' KV cache).
+    corrupted run's cached keys and values of tokens < t0.
 
-    `clean`: the output of `clean_run` on these facts with the restored sites, when the caller
-    already has it. Rows are grouped by start block; prompts of different lengths share a batch
-    (the shorter ones right-padded, which no earlier token can see), and only each row's answer
-    position is unembedded.
+    The last block runs at each row's answer position only (attention query and MLP: nothing after
+    it reads another position), and only that position is unembedded. `clean`: the output of
+    `clean_run` on these facts with the restored sites, when the caller already has it. Rows are
+    grouped by start block; prompts of different lengths share a batch (right-padded: no earlier
+    token can see the padding). `precision="bfloat16"` runs the blocks under bf16 autocast (an
+    option: fp32 is what the tests hold equal to the reference).
     """
     F, S, L = len(facts), samples, n_layers
     restore_sites = tuple(dict.fromkeys(kind_site(k)[0] for k in kinds))
     sever_sites = tuple(dict.fromkeys(s for k in kinds if (s := kind_site(k)[1])))
     # parallel residual (GPT-NeoX / Pythia): block output = mlp_out + attn_out + block input, so the
     # first block of an mlp / attn window is composed from cached states instead of being run
-    parallel = bool(getattr(bridge.cfg, "parallel_attn_mlp", False))
-    compose = parallel and any(s != "resid" for s in restore_sites)
+    compose = fx.parallel and any(s != "resid" for s in restore_sites)
     kept_sites = tuple(dict.fromkeys(sever_sites + (SEVERABLE if compose else ())))
     if clean is None or not set(restore_sites) <= set(clean[2]):  # `clean`: clean_run's output for `facts`
-        clean = clean_run(bridge, facts, pad_id, restore_sites, L)
+        clean = clean_run(fx, facts, pad_id, restore_sites, L)
     p_clean, top1, clean = clean
+    autocast = (torch.autocast(fx.device.type, dtype=torch.bfloat16) if precision == "bfloat16"
+                else contextlib.nullcontext())
+    dev = fx.device
     T = max(f.n_tokens for f in facts)
-    ids_all = _pad_ids(facts, pad_id)  # [F, T]
+    ids_all = _pad_ids(facts, pad_id).to(dev)  # [F, T]
     noise = torch.zeros(F, S, T, d_model)  # [F, S, T, d], zero outside the subject
     for fi, f in enumerate(facts):
         a, b = f.subject
         noise[fi, :, a:b] = fact_noise(f.index, seed, S, b - a, d_model, noise_scale)
-    last_all = torch.tensor([f.n_tokens - 1 for f in facts])
-    ans_all = torch.tensor([f.answer_id for f in facts])
+    noise = noise.to(dev)
+    last_all = torch.tensor([f.n_tokens - 1 for f in facts], device=dev)
+    ans_all = torch.tensor([f.answer_id for f in facts], device=dev)
+    clean = {s: c.to(dev) for s, c in clean.items()}
 
     # corrupted run (rows = facts x samples), caching the residual stream entering each block
-    # (index L: the last block's output) and the mlp / attn outputs (severed paths, composed blocks)
-    fr = torch.arange(F).repeat_interleave(S)
-    sr = torch.arange(S).repeat(F)
-    corrupt: dict[str, list[torch.Tensor | None]] = {s: [None] * L for s in kept_sites}
-    pre: list[torch.Tensor | None] = [None] * (L + 1)
-
-    def add_noise(x, hook):  # x [F*S, T, d]
-        return x + noise[fr, sr, : x.shape[1]].to(x.dtype)
-
-    def store(site, layer):
-        def fn(x, hook):
-            corrupt[site][layer] = x.detach().clone()
-            return x
-        return fn
-
-    # one pass over the blocks: the stream entering each block, the mlp / attn outputs and the
-    # corrupted run's keys and values at every block ({j: [F, S, heads, T, d_head] x 2})
-    kw_memo: dict = {}
-    kw_T = _block_kwargs(bridge, T, kw_memo)
-    rec = _KV()
-    hooks = [(EMBED_HOOK, add_noise)] + [(hook_name(s, l), store(s, l)) for s in kept_sites for l in range(L)]
-    with bridge.hooks(fwd_hooks=hooks):
-        x = bridge.embed(ids_all[fr])
+    # (index L: the last block's output), the mlp / attn outputs (severed paths, composed blocks)
+    # and every block's keys and values (suffix runs attend to them)
+    fr = torch.arange(F, device=dev).repeat_interleave(S)
+    sr = torch.arange(S, device=dev).repeat(F)
+    corrupt: dict[str, list[torch.Tensor]] = {s: [] for s in kept_sites}
+    pre: list[torch.Tensor] = []
+    keep: dict = {}
+    with autocast:
+        x = fx.embed(ids_all[fr]) + noise[fr, sr]
         for j in range(L):
-            pre[j] = x
-            x = bridge.blocks[j](x, **dict(kw_T, layer_past=rec))
-            if isinstance(x, tuple):
-                x = x[0]
-        pre[L] = x
-        logits = _unembed_at(bridge, x, last_all[fr])  # [F*S, V]
-    p_corrupt = _answer_probs(logits, ans_all[fr]).reshape(F, S).numpy().astype(np.float64)
-    corrupt_c = {s: torch.stack(corrupt[s], dim=1).reshape(F, S, L, T, d_model) for s in kept_sites}
+            pre.append(x)
+            rec: dict = {}
+            x = fx.block(j, x, keep=keep, record=rec)
+            for s_ in kept_sites:
+                corrupt[s_].append(rec[s_])
+        pre.append(x)
+        logits = fx.unembed(x[torch.arange(F * S, device=dev), last_all[fr]])  # [F*S, V]
+    p_corrupt = _answer_probs(logits, ans_all[fr]).reshape(F, S).cpu().numpy().astype(np.float64)
+    corrupt_c = {s_: torch.stack(v, dim=1).reshape(F, S, L, T, d_model) for s_, v in corrupt.items()}
     resid_in = torch.stack(pre, dim=1).reshape(F, S, L + 1, T, d_model)  # [F, S, L+1, T, d]
-    past_kv = {j: tuple(z.reshape(F, S, *z.shape[1:]) for z in rec.kept[j]) for j in range(L)}
+    past_kv = {j: tuple(z.reshape(F, S, *z.shape[1:]) for z in keep[j]) for j in range(L)}
 
     out = {k: np.full((F, L, T, S), np.nan) for k in kinds}
     plan, same = _row_plan(facts, kinds, L, S, window)
@@ -333,7 +271,7 @@ def run_batched(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], no
     kind_restore = np.array([restore_sites.index(kind_site(k)[0]) for k in kinds])
     kind_sever = np.array([sever_sites.index(kind_site(k)[1]) if kind_site(k)[1] else -1 for k in kinds])
     kind_is_resid = np.array([kind_site(k)[0] == "resid" for k in kinds])
-    # per row: the block it starts from, and [lo, hi) of the restored hook layers (resid: none)
+    # per row: the block it starts from, and [lo, hi) of the restored layers (resid: none)
     is_resid = kind_is_resid[plan[:, 1]]
     lo_w = np.maximum(0, plan[:, 2] - window // 2)
     hi_w = np.minimum(L, plan[:, 2] + (window + 1) // 2)
@@ -358,61 +296,58 @@ def run_batched(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], no
     done = 0
     for g0, c0, c1 in chunks:
         start_block, Tc, t0 = int(lo_all[g0]), int(n_tok[c0:c1].max()), int(plan[c0, 3])
-        kw = _block_kwargs(bridge, Tc, kw_memo)
         chunk = plan[c0:c1]
-        f_, k_, l_, t_, s_ = (torch.from_numpy(chunk[:, i]) for i in range(5))
-        lo = torch.from_numpy(lo_all[c0:c1])
-        hi = torch.from_numpy(hi_all[c0:c1])
+        f_, k_, l_, t_, s_ = (torch.from_numpy(chunk[:, i]).to(dev) for i in range(5))
+        lo = torch.from_numpy(lo_all[c0:c1]).to(dev)
+        hi = torch.from_numpy(hi_all[c0:c1]).to(dev)
         x = resid_in[f_, s_, start_block, t0:Tc].clone()  # [B, Tc - t0, d]: tokens t0..
         zero = t_ - t0  # token t of a row is position t - t0 of the suffix
-        last = torch.from_numpy(n_tok[c0:c1]) - 1 - t0  # each row's answer position (shorter prompts: padded)
-        res = torch.from_numpy(is_resid[c0:c1])
+        last = torch.from_numpy(n_tok[c0:c1]).to(dev) - 1 - t0  # each row's answer position (shorter prompts: padded)
+        res = torch.from_numpy(is_resid[c0:c1]).to(dev)
         if bool(res.any()):  # resid at l = the input of block l+1, set at token t
             rows = torch.nonzero(res).flatten()
             x[rows, zero[rows]] = clean["resid"][f_[rows], l_[rows], t_[rows]].to(x.dtype)
         if compose and not bool(res.all()):  # output of block lo with its mlp or attn restored at t
             rows = torch.nonzero(~res).flatten()
             fr_, sr_, tr_, j = f_[rows], s_[rows], t_[rows], start_block - 1
-            site_r = [restore_sites[i] for i in kind_restore[chunk[rows.numpy(), 1]]]
-            is_mlp = torch.tensor([x_ == "mlp" for x_ in site_r])[:, None]
+            site_r = [restore_sites[i] for i in kind_restore[chunk[rows.cpu().numpy(), 1]]]
+            is_mlp = torch.tensor([x_ == "mlp" for x_ in site_r], device=dev)[:, None]
             mlp = torch.where(is_mlp, clean["mlp"][fr_, j, tr_].to(x.dtype) if "mlp" in clean else 0,
-                              corrupt_c["mlp"][fr_, sr_, j, tr_])
-            attn = torch.where(is_mlp, corrupt_c["attn"][fr_, sr_, j, tr_],
+                              corrupt_c["mlp"][fr_, sr_, j, tr_].to(x.dtype))
+            attn = torch.where(is_mlp, corrupt_c["attn"][fr_, sr_, j, tr_].to(x.dtype),
                                clean["attn"][fr_, j, tr_].to(x.dtype) if "attn" in clean else 0)
-            x[rows, zero[rows]] = mlp + attn + resid_in[fr_, sr_, j, tr_]  # HF's order: mlp + attn + input
-        rsite = torch.from_numpy(kind_restore[chunk[:, 1]])
-        ssite = torch.from_numpy(kind_sever[chunk[:, 1]])
-        # the last block's MLP runs at the last position only (LN and MLP act per position and
-        # nothing after that block reads another position); its hook_mlp_out is then [B, 1, d]
-        last_only = start_block < L
-        hooks = [(f"blocks.{L - 1}.ln2.hook_in", _at_positions(last))] if last_only else []
+            x[rows, zero[rows]] = mlp + attn + resid_in[fr_, sr_, j, tr_].to(x.dtype)  # HF's order: mlp + attn + input
+        rsite = torch.from_numpy(kind_restore[chunk[:, 1]]).to(dev)
+        ssite = torch.from_numpy(kind_sever[chunk[:, 1]]).to(dev)
 
-        def where(site, j, sel):  # rows and positions of a setter at block j's `site` output
-            if last_only and site == "mlp" and j == L - 1:  # other tokens cannot reach the answer
+        def setter(site, j, sel, source):  # a Setter of block j's `site` output for the rows in `sel`
+            if j == L - 1:  # the last block runs at the answer position only: other tokens cannot matter
                 sel = sel & (zero == last)
-                rows = torch.nonzero(sel).flatten()
-                return rows, torch.zeros_like(rows)
             rows = torch.nonzero(sel).flatten()
-            return rows, zero[rows]
+            if not len(rows):
+                return []
+            pos = torch.zeros_like(rows) if j == L - 1 else zero[rows]
+            return [Setter(rows, pos, source(rows))]
 
-        for si, site in enumerate(restore_sites):
-            if site == "resid":
-                continue
+        with autocast:
             for j in range(start_block, L):
-                rows, pos = where(site, j, (rsite == si) & (lo <= j) & (j < hi))
-                if len(rows):
-                    src = clean[site][f_[rows], j, t_[rows]]  # [r, d]
-                    hooks.append((hook_name(site, j), _setter(rows, pos, src)))
-        for si, site in enumerate(sever_sites):
-            for j in range(start_block, L):
-                rows, pos = where(site, j, (ssite == si) & (l_ < j))
-                if len(rows):
-                    src = corrupt_c[site][f_[rows], s_[rows], j, t_[rows]]  # [r, d]
-                    hooks.append((hook_name(site, j), _setter(rows, pos, src)))
-        with bridge.hooks(fwd_hooks=hooks):
-            past = {j: (k[f_, s_, :, :t0], v[f_, s_, :, :t0]) for j, (k, v) in past_kv.items() if j >= start_block}
-            logits = _forward_from(bridge, x, start_block, L, _suffix_kw(kw, t0, _KV(past)), last)  # [B, V]
-        p = _answer_probs(logits, ans_all[f_]).numpy()
+                sets = {"attn": [], "mlp": []}
+                for si, site in enumerate(restore_sites):
+                    if site != "resid":
+                        sets[site] += setter(site, j, (rsite == si) & (lo <= j) & (j < hi),
+                                             lambda r, site=site: clean[site][f_[r], j, t_[r]])
+                for si, site in enumerate(sever_sites):
+                    sets[site] += setter(site, j, (ssite == si) & (l_ < j),
+                                         lambda r, site=site: corrupt_c[site][f_[r], s_[r], j, t_[r]])
+                past = tuple(z[f_, s_, :, :t0] for z in past_kv[j]) if t0 > 0 else None
+                x = fx.block(j, x, start=t0, past=past, set_attn=_merge(sets["attn"]), set_mlp=_merge(sets["mlp"]),
+                             only=last if j == L - 1 else None)
+            if start_block < L:
+                x = x[:, 0]
+            else:  # restored the last block's output: nothing left to run
+                x = x[torch.arange(len(chunk), device=dev), last]
+            logits = fx.unembed(x)  # [B, V]
+        p = _answer_probs(logits, ans_all[f_]).cpu().numpy()
         for ki, k in enumerate(kinds):
             m = chunk[:, 1] == ki
             out[k][chunk[m, 0], chunk[m, 2], chunk[m, 3], chunk[m, 4]] = p[m]
@@ -420,25 +355,6 @@ def run_batched(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], no
         if progress:
             progress(done, len(plan))
     return EngineOutput(p_clean, top1, p_corrupt, out)
-
-
-def _at_positions(pos: torch.Tensor):
-    """A hook keeping only position pos[i] of row i of the last block's MLP input ([B, 1, d]); the
-    block's residual sum then broadcasts, so its output is exact at each row's answer position (the
-    only one unembedded) and meaningless elsewhere."""
-    rows = torch.arange(len(pos))
-
-    def fn(x, hook):
-        return x[rows, pos][:, None]
-    return fn
-
-
-def _setter(rows: torch.Tensor, pos: torch.Tensor, src: torch.Tensor):
-    """A hook that sets x[rows[i], pos[i]] = src[i] (several hooks on one name compose in order)."""
-    def fn(x, hook):  # x [B, T, d]; in place: the activation is this forward's own tensor
-        x[rows, pos] = src.to(x.dtype)
-        return x
-    return fn
 
 
 @torch.inference_mode()
