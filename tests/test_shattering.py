@@ -128,7 +128,7 @@ def test_suite_gives_zero_for_an_intervention_that_changes_nothing(tiny_bundle, 
     f = _ring_fact(w)
     req = [EditRequest(w.subjects[f.subject].name, f.relation, f.object)]
     card = diagnose(tiny_bundle, load_checkpoint(tiny_checkpoint), req, ("shattering",))["shattering"]
-    assert card["R"] == 0.0 and all(v == 0.0 for v in card["keep"]["R_by_layer"])
+    assert card["R"] == 0.0 and card["R_others"] == 0.0 and all(v == 0.0 for v in card["keep"]["R_by_layer"])
     assert card["ringness_before"] == card["ringness_after"]
     assert card["edit_distance"] == 0.0
     for g, a in card["accuracy"].items():
@@ -158,6 +158,10 @@ def test_suite_after_a_real_edit(tiny_bundle):
     h0 = entity_representations(tiny_bundle.model, tiny_bundle.tokenizer, w, ring_sets(w)[0])[1]
     h1 = entity_representations(after.model, after.tokenizer, w, ring_sets(w)[0])[1]
     assert card["R"] == pytest.approx(shattering_r(pairwise_distances(h0), pairwise_distances(h1)), rel=1e-9)
+    others = [i for i in range(h0.shape[0]) if i != card["edited"][0]["entity"]]
+    assert card["R_others"] == pytest.approx(shattering_r(pairwise_distances(h0[others]), pairwise_distances(h1[others])),
+                                             rel=1e-9)
+    assert 0 < card["R_others"] < card["R"]  # the edited subject moves most
     assert card["accuracy"]["edited_new"]["after"] > card["accuracy"]["edited_new"]["before"]
     json.dumps(card, allow_nan=False)
 
@@ -251,14 +255,15 @@ def test_run_and_report_of_ring_edits(tmp_path, tiny_checkpoint):
                  "R grows with the cyclic distance", "memit (steps=10, layer=[0], batch 3)"):
         assert text in html, text
     figs = sorted(p.name for p in (tmp_path / "report" / "figures").glob("shattering_*.png"))
-    assert figs == ["shattering_drop_vs_r.png", "shattering_layers.png", "shattering_r_vs_d.png", "shattering_rings.png"]
+    assert figs == ["shattering_displacement.png", "shattering_drop_vs_r.png", "shattering_layers.png",
+                    "shattering_r_vs_d.png", "shattering_rings.png"]
     summary = json.loads((tmp_path / "report" / "shattering.json").read_text())
     assert summary["n_null"] == 2 + 1 and summary["by_method"][0]["table"][0]["d"] == 0
     from conftest import render_in_chromium
 
     result = render_in_chromium(index, tmp_path)
-    if result is not None:  # every figure of the report (training curve + the four shattering figures) renders
-        assert result["errors"] == [] and result["images"] >= 5 and result["broken"] == 0
+    if result is not None:  # every figure of the report (training curve + the five shattering figures) renders
+        assert result["errors"] == [] and result["images"] >= 6 and result["broken"] == 0
 
 
 @pytest.mark.parametrize("edit, key", [

@@ -5,10 +5,13 @@ a single edit, a batch, or an unlearning run) and computes what Nishi et al. (IC
 - R by edit distance d per method: mean over edits with a 95% bootstrap interval (percentile, edits
   resampled) and n; d = 0 (re-asserting the true object) is the null floor of R;
 - does R grow with d: Spearman's rho of R against d over the counterfactual edits (d >= 1), with its
-  two-sided p-value, per method and pooled over methods;
+  two-sided p-value, per method and pooled over methods; the same for R_others (the entities that were
+  not edited);
 - what R costs: Pearson's r (and r^2) of R against each accuracy drop (before - after, in recall
   points) over every edit call, with 95% bootstrap intervals and n;
-- unlearning: R of each forget method against the null floor.
+- unlearning: R of each forget method against the null floor;
+- displacement: mean ||h*_i - h0_i|| / mean(D0) of the entities at each cyclic distance from the edited
+  entity, over a method's single counterfactual edits (d >= 1).
 Every number counts one sample per edit call, never per prompt.
 """
 from __future__ import annotations
@@ -48,12 +51,14 @@ def edit_rows(cases: list[dict]) -> list[dict]:
             rows.append({
                 "case": c["id"], "method": method_label(c, len(e["requests"]), c["method"] in batched), "requests": c["requests"],
                 "kind": "unlearn" if c.get("request_kind") == "forget" else "edit", "n_requests": len(e["requests"]),
-                "R": s["shattering.R"], "d": s.get("shattering.edit_distance"),
+                "R": s["shattering.R"], "R_others": s.get("shattering.R_others"), "d": s.get("shattering.edit_distance"),
                 "ringness_before": s.get("shattering.ringness_before"), "ringness_after": s.get("shattering.ringness_after"),
                 "efficacy": acc["edited_new"]["after"], "old_recall": acc["edited_old"]["after"],
                 "drop": {g: -acc[g]["change"] for g in GROUPS if acc[g]["change"] is not None},
                 "before": {g: acc[g]["before"] for g in GROUPS if acc[g]["before"] is not None},
                 "kept": (e.get("kept") or {}).get("shattering"),
+                "displacement": {int(k.rsplit(".", 1)[1]): v for k, v in s.items()
+                                 if k.startswith("shattering.displacement.")},
             })
     return rows
 
@@ -114,14 +119,24 @@ def summarise(cases: list[dict], n_boot: int = 2000, seed: int = 0) -> dict | No
         for d in sorted({r["d"] for r in mr}):
             dr = [r for r in mr if r["d"] == d]
             mean, lo, hi = bootstrap_mean([r["R"] for r in dr], n_boot, seed)
+            oth = [r["R_others"] for r in dr if r["R_others"] is not None]
+            o_mean, o_lo, o_hi = bootstrap_mean(oth, n_boot, seed) if oth else (None, None, None)
             eff = [r["efficacy"] for r in dr if r["efficacy"] is not None]
             table.append({"d": d, "n": len(dr), "R": mean, "R_lo": lo, "R_hi": hi,
+                          "R_others": o_mean, "R_others_lo": o_lo, "R_others_hi": o_hi,
                           "efficacy": float(np.mean(eff)) if eff else None,
                           "drop": {g: float(np.mean([r["drop"][g] for r in dr if g in r["drop"]]))
                                    for g in GROUPS if any(g in r["drop"] for r in dr)}})
         cf = [r for r in mr if r["d"] >= 1]
         ring = [r for r in mr if "ring_direct" in r["drop"]]
+        disp: dict[int, list[float]] = {}
+        for r in cf:
+            for k, v in r["displacement"].items():
+                disp.setdefault(k, []).append(v)
+        oth = [r for r in cf if r["R_others"] is not None]
         by_method.append({"method": m, "table": table, "trend": spearman([r["d"] for r in cf], [r["R"] for r in cf]),
+                          "trend_others": spearman([r["d"] for r in oth], [r["R_others"] for r in oth]),
+                          "displacement": {str(k): float(np.mean(v)) for k, v in sorted(disp.items())},
                           "null": next((t for t in table if t["d"] == 0), None),
                           "cost_ring_direct": pearson_boot([r["R"] for r in ring], [r["drop"]["ring_direct"] for r in ring],
                                                            n_boot, seed)})
@@ -150,6 +165,8 @@ def summarise(cases: list[dict], n_boot: int = 2000, seed: int = 0) -> dict | No
         "n_null": len(null),
         "by_method": by_method,
         "trend_pooled": spearman([r["d"] for r in cf], [r["R"] for r in cf]),
+        "trend_others_pooled": spearman([r["d"] for r in cf if r["R_others"] is not None],
+                                        [r["R_others"] for r in cf if r["R_others"] is not None]),
         "costs": costs,
         "unlearning": unlearn,
     }

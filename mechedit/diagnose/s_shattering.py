@@ -7,6 +7,8 @@ one, and the breakage tracks the loss of recall and inference. Formulas and the 
 `mechedit.diagnose.geometry`. Per call (one edit, one batch, or one unlearning run) the suite reports:
 
 - `R` = ||D* - D0||_F / ||D0||_F at the chosen layer (`R_by_layer` for every layer, in `keep`);
+  `R_others` the same over the entities that are not the subject of a request (the edited entity's own
+  move left out);
 - `ringness_before` / `ringness_after`: the joint ring-ness (Spearman of representation distance with
   the distance on the product of the orders' circles; equal to Spearman(cyclic distance,
   representation distance) for one order) at the chosen layer; `ringness_by_order_before` / `_after`
@@ -212,6 +214,10 @@ def shattering_suite(before, after, requests, shattering_layer="auto", shatterin
         edited_info.append({"subject": q.subject, "relation": q.relation, "new_object": q.new_object,
                             "ring": ring_of_relation(world, q.relation), "distance": d,
                             "entity": rs.index(s) if s in rs.entities else None})
+    # R of the entities the requests do not name as subject: how far the geometry of the OTHER entities moves
+    others = [i for i in range(rs.n) if i not in {e["entity"] for e in edited_info}]
+    r_others = (shattering_r(d0[layer][np.ix_(others, others)], d1[layer][np.ix_(others, others)])
+                if len(others) >= 2 else None)
     displacement = None
     first = edited_info[0]
     if len(requests) == 1 and first["entity"] is not None and first["ring"] in cyc:
@@ -234,6 +240,7 @@ def shattering_suite(before, after, requests, shattering_layer="auto", shatterin
         "layer": labels[layer], "layer_index": layer, "layer_chosen_by": chosen_by,
         "n_entities": rs.n, "rings": rings,
         "R": r_by_layer[layer],
+        "R_others": r_others,
         "ringness_before": joint_b[layer], "ringness_after": joint_a[layer],
         "ringness_by_order_before": {r: ring_b[r][layer] for r in rings},
         "ringness_by_order_after": {r: ring_a[r][layer] for r in rings},

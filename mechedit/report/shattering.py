@@ -3,7 +3,8 @@
 Figures: R against the edit's cyclic distance per method (means with 95% bootstrap intervals, the
 null floor as a band); the entities in 2-D (PCA and Isomap) before and after a representative edit at
 each distance (the edit with the median R among the representative method's edits at that distance);
-each accuracy drop against R; ring-ness and R at every layer. The section also writes
+each accuracy drop against R; the displacement of each entity by its cyclic distance from the edited
+one; ring-ness and R at every layer. The section also writes
 `shattering.json` (every number of the tables) beside index.html.
 """
 from __future__ import annotations
@@ -103,6 +104,22 @@ def _drop_vs_r(rows: list[dict], s: dict, path: Path) -> Path | None:
     return save_figure(fig, path)
 
 
+def _displacement(s: dict, path: Path) -> Path | None:
+    series = {m["method"]: m["displacement"] for m in s["by_method"] if m.get("displacement")}
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for name, disp in series.items():
+        ks = sorted(int(k) for k in disp)
+        ax.plot(ks, [disp[str(k)] for k in ks], marker=".", label=name)
+    ax.set_xlabel("cyclic distance of the entity from the edited entity")
+    ax.set_ylabel("||h* − h0|| / mean(D0)")
+    ax.set_title("Which entities move? (single edits, d ≥ 1)", fontsize=9)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=5.5)
+    return save_figure(fig, path)
+
+
 def _layers(rows: list[dict], path: Path) -> Path | None:
     kept = [r for r in rows if r["kept"]]
     if not kept:
@@ -158,6 +175,10 @@ def shattering_section(cases: list[dict], figdir: Path, img) -> dict | None:
     p = _drop_vs_r(rows, s, figdir / "shattering_drop_vs_r.png")
     if p:
         figures.append(("Accuracy drop against R, one point per edit call", img(p)))
+    p = _displacement(s, figdir / "shattering_displacement.png")
+    if p:
+        figures.append(("Displacement of each entity by its cyclic distance from the edited one (0: the edited "
+                        "entity itself)", img(p)))
     p = _layers(rows, figdir / "shattering_layers.png")
     if p:
         figures.append(("Ring-ness before editing and R after it, at every layer (vertical line: the layer used)", img(p)))
@@ -166,10 +187,12 @@ def shattering_section(cases: list[dict], figdir: Path, img) -> dict | None:
         for t in m["table"]:
             table.append({"method": m["method"], "d": f"{t['d']:g}", "n": t["n"],
                           "R": f"{_fmt(t['R'])} [{_fmt(t['R_lo'])}, {_fmt(t['R_hi'])}]",
+                          "R_others": f"{_fmt(t['R_others'])} [{_fmt(t['R_others_lo'])}, {_fmt(t['R_others_hi'])}]",
                           "efficacy": _fmt(t["efficacy"]),
                           "drops": [_fmt(t["drop"].get(g)) for g in GROUPS]})
     trends = [{"method": m["method"], "rho": _fmt(m["trend"]["rho"]), "p": _fmt(m["trend"]["p"], 2),
-               "n": m["trend"]["n"],
+               "n": m["trend"]["n"], "rho_others": _fmt(m["trend_others"]["rho"]),
+               "p_others": _fmt(m["trend_others"]["p"], 2),
                "r2": (f"{_fmt(m['cost_ring_direct']['r2'])} [{_fmt(m['cost_ring_direct']['r2_lo'])}, "
                       f"{_fmt(m['cost_ring_direct']['r2_hi'])}]"), "n_cost": m["cost_ring_direct"]["n"]}
               for m in s["by_method"]]
@@ -186,4 +209,6 @@ def shattering_section(cases: list[dict], figdir: Path, img) -> dict | None:
             "null_floor": f"{_fmt(nf['R'])} [{_fmt(nf['R_lo'])}, {_fmt(nf['R_hi'])}] (n = {s['n_null']})" if nf else "–",
             "group_titles": [GROUP_TITLES[g] for g in GROUPS], "table": table, "trends": trends,
             "trend_pooled": {k: _fmt(v, 3) if isinstance(v, float) else v for k, v in s["trend_pooled"].items()},
+            "trend_others_pooled": {k: _fmt(v, 3) if isinstance(v, float) else v
+                                    for k, v in s["trend_others_pooled"].items()},
             "costs": costs, "unlearning": unlearn, "claims": s["claims"], "figures": figures}
