@@ -22,6 +22,7 @@ import math
 import numpy as np
 
 GROUPS = ("ring_direct", "logical", "compositional", "non_ring")
+PAPER_R2 = 0.905  # Nishi et al. 2025: r^2 of R with the accuracy drop
 GROUP_TITLES = {"ring_direct": "other direct ring facts", "logical": "logical inference",
                 "compositional": "compositional inference", "non_ring": "non-ring facts"}
 
@@ -184,7 +185,8 @@ def claims(s: dict) -> list[dict]:
 
     1. R grows with the cyclic distance of a counterfactual edit: pooled Spearman rho > 0 with p < 0.05.
     2. R tracks the accuracy drop (the paper: r^2 = 0.905): Pearson r of R against the drop on the other
-       direct ring facts > 0 with a 95% interval that excludes 0 (the r^2 is given beside the paper's).
+       direct ring facts > 0 with a 95% interval that excludes 0; "weaker than the paper's" when the
+       interval of r^2 lies below 0.905.
     """
     out = []
     t = s["trend_pooled"]
@@ -198,7 +200,9 @@ def claims(s: dict) -> list[dict]:
     c = s["costs"].get("ring_direct")
     if c and c["r"] is not None:
         ok = c["r"] > 0 and c["r_lo"] > 0
-        out.append({"claim": "R tracks the accuracy drop (paper: r^2 = 0.905)", "verdict": "confirmed" if ok else "refuted",
+        verdict = ("refuted" if not ok else "confirmed" if c["r2_hi"] >= PAPER_R2
+                   else "confirmed in direction, weaker than the paper's")
+        out.append({"claim": f"R tracks the accuracy drop (paper: r^2 = {PAPER_R2})", "verdict": verdict,
                     "evidence": f"drop on the other direct ring facts: r = {_fmt(c['r'])} [{_fmt(c['r_lo'])}, "
                                 f"{_fmt(c['r_hi'])}], r^2 = {_fmt(c['r2'])} [{_fmt(c['r2_lo'])}, {_fmt(c['r2_hi'])}], "
                                 f"n = {c['n']} edit calls"})
