@@ -1,6 +1,8 @@
 """The `mechedit` command line: thin typer commands over library functions.
 
-Every command turns a `MecheditError` into one line on stderr and exit code 2.
+Every bad input ends in one line on stderr and exit code 2: a `MecheditError` from the library, a
+usage error of the command line itself (unknown option, a value of the wrong type), and, as a last
+resort, running out of memory or an operating-system error while writing outputs.
 """
 from __future__ import annotations
 
@@ -11,21 +13,50 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
 
 from mechedit.errors import MecheditError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+class OneLineErrors(TyperGroup):
+    """Usage errors as one line on stderr (click's default is a usage block, or a rich panel)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.TyperException as exc:  # click's usage errors (typer vendors click)
+            if not (sys.argv[1:] if args is None else args):  # `mechedit` alone: the help, as click shows it
+                exc.show()
+            else:
+                ctx = getattr(exc, "ctx", None)
+                hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+                typer.echo(f"error: {one_line(exc.format_message())}{hint}", err=True)
+            sys.exit(getattr(exc, "exit_code", 2))
+        except typer.Abort:
+            typer.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="mechedit: locate, edit, unlearn and diagnose facts in small GPT-NeoX models "
                        "trained on synthetic worlds.")
 
 
 def fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {one_line(message)}", err=True)
     raise typer.Exit(2)
 
 
 def command(*args, **kwargs):
-    """`app.command` whose body turns MecheditError (and Ctrl-C) into one line and exit 2."""
+    """`app.command` whose body turns MecheditError (and Ctrl-C, and what the machine refuses:
+    memory, disk, permissions) into one line and an exit code (2; 130 for Ctrl-C)."""
     def wrap(fn):
         @functools.wraps(fn)
         def inner(*a, **k):
@@ -33,8 +64,14 @@ def command(*args, **kwargs):
                 return fn(*a, **k)
             except MecheditError as exc:
                 fail(str(exc))
+            except MemoryError:
+                fail("out of memory: the requested world, model or run is too large for this machine")
+            except OSError as exc:  # a disk full or a permission change while writing outputs
+                where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+                fail(f"{exc.strerror or type(exc).__name__}{where}")
             except KeyboardInterrupt:
-                typer.echo("interrupted; nothing partial was left in the output", err=True)
+                typer.echo("interrupted; nothing partial was left in the output (a killed training resumes "
+                           "from its last saved state when rerun)", err=True)
                 raise typer.Exit(130)
         return app.command(*args, **kwargs)(inner)
     return wrap
@@ -50,8 +87,10 @@ def world(
 
     Example: mechedit world analyses/worlds/default.toml -o runs/world
     """
+    from mechedit.fileio import check_output_dir
     from mechedit.model.pipeline import resolve_world, write_world
 
+    check_output_dir(out, force)
     w = resolve_world(spec)
     path = write_world(w, out, force)
     typer.echo(json.dumps(w.summary()))
@@ -75,12 +114,14 @@ def train(
     """
     from rich.console import Console
 
+    from mechedit.fileio import check_output_dir
     from mechedit.model.pipeline import resolve_world, train_checkpoint
     from mechedit.model.spec import model_spec, with_overrides
 
-    w = resolve_world(world_source)
+    check_output_dir(out, force)
     mspec, tspec = model_spec(model)
     tspec = with_overrides(tspec, seed=seed, max_epochs=max_epochs, bf16=bf16)
+    w = resolve_world(world_source)
     console = Console(stderr=True)
     with console.status("training...") as status:
         def progress(row: dict) -> None:
@@ -124,7 +165,7 @@ def edit(
 
     Example: mechedit edit runs/model --method rome --fact "SUBJECT|capital" --new OBJECT --layer traced -o runs/edit
     """
-    from mechedit.edit.api import EditRequest, parse_param_value
+    from mechedit.edit.api import EditRequest, parse_param_value, parse_params
     from mechedit.edit.run import edit_checkpoint, read_requests
 
     if requests_file is not None:
@@ -136,15 +177,11 @@ def edit(
             raise MecheditError(f"a fact is written 'SUBJECT|RELATION', got {fact!r}")
     else:
         raise MecheditError("give --fact SUBJECT|RELATION with --new OBJECT, or --requests FILE.jsonl")
-    params = {}
-    for kv in param:
-        key, sep, value = kv.partition("=")
-        if not sep or not key:
-            raise MecheditError(f"--param takes key=value, got {kv!r}")
-        params[key.strip()] = parse_param_value(value)
+    params = parse_params(param)
     if layer is not None:
         params["layer"] = (layer if layer in ("traced", "all") else
-                           [parse_param_value(x) for x in layer.split(",")] if "," in layer else parse_param_value(layer))
+                           [parse_param_value(x, "--layer") for x in layer.split(",")] if "," in layer
+                           else parse_param_value(layer, "--layer"))
     card = edit_checkpoint(checkpoint, reqs, method, params, out, force=force)
     typer.echo(json.dumps({k: round(v, 4) for k, v in card["headline"].items()}))
     typer.echo(f"edited checkpoint written to {out} (deltas in {out}/edit, scores in {out}/scorecard.json)")
@@ -181,6 +218,8 @@ def trace(
                       samples=samples, window=window, seed=seed, template=template)
     r = trace_run(checkpoint, out, facts=fact, relation=relation, n=n, all_facts=all_facts,
                   include_heldout=include_heldout, config=cfg, force=force)
+    for note in r["notes"]:
+        typer.echo(note, err=True)
     res = r["result"]
     if res.skipped:
         typer.echo(f"skipped {len(res.skipped)} fact(s) the model does not know (clean prediction wrong)")
@@ -210,7 +249,8 @@ def unlearn(
 
     Example: mechedit unlearn runs/model --method npo --forget subject:kavo -p steps=80 -o runs/unlearn
     """
-    from mechedit.unlearn.run import parse_params, unlearn_checkpoint
+    from mechedit.edit.api import parse_params
+    from mechedit.unlearn.run import unlearn_checkpoint
 
     card = unlearn_checkpoint(checkpoint, method, forget, parse_params(param), out, force)
     after = card["forget"]["after"]
@@ -233,9 +273,10 @@ def diagnose(
 
     Example: mechedit diagnose runs/model runs/unlearn --suite leftover -o runs/diag
     """
-    from mechedit.unlearn.run import diagnose_checkpoints, parse_params
+    from mechedit.edit.api import parse_params
+    from mechedit.unlearn.run import diagnose_checkpoints
 
-    diagnose_checkpoints(before, after, list(suite), out, list(forget), parse_params(option), force)
+    diagnose_checkpoints(before, after, list(suite), out, list(forget), parse_params(option, "--option"), force)
     typer.echo(f"scorecard written to {out}/scorecard.json")
 
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from clitools import invoke as cli  # in-process CLI
 
 from mechedit.analysis.requests import request_groups, request_set_record
 from mechedit.analysis.spec import RequestSet
@@ -188,8 +187,6 @@ def test_ring_request_sets(tiny_world):
         request_set_record(tiny_world, RequestSet("r", "ring", "each", n=2, relation="capital"))
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "mechedit.cli", *map(str, args)], capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from mechedit.diagnose.strict import strict_json
+from mechedit.faults import crash_point
 
 _BUNDLES: dict[str, Any] = {}  # per-process cache: checkpoint path -> Bundle
 
@@ -126,6 +127,7 @@ def run_case(case: dict, ctx: dict) -> dict:
         groups = request_groups(rset, reqs)
         per_edit, timings = [], {"edit_s": 0.0, "diagnose_s": 0.0}
         for g in groups:
+            crash_point("case.edit")
             torch.manual_seed(0)
             t0 = time.perf_counter()
             result = run_method(bundle, g, case["method"], **params)

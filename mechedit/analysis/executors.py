@@ -1,12 +1,21 @@
 """Executors that run analysis cases: local (a process pool sized to the cores) and Ray.
 
 Both yield (case, outcome) as cases finish, so the runner writes each case file as soon as it exists;
-killing the run loses only the cases in flight.
+killing the run loses only the cases in flight. Pool workers die with the command that started them:
+on Linux the kernel sends them SIGKILL when it exits (`PR_SET_PDEATHSIG`), and a watch thread in
+each worker exits it when its parent is gone (other systems, or a parent that died before the
+worker had set the signal). A local Ray started here is shut down when the run ends or fails.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import multiprocessing as mp
 import os
+import signal
+import sys
+import threading
+import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Iterator
 
@@ -14,11 +23,33 @@ from mechedit.analysis.cases import run_case
 from mechedit.errors import MecheditError
 
 EXECUTORS = ("local", "ray")
+PR_SET_PDEATHSIG = 1
 
 
-def _init_worker() -> None:
+def die_with_parent(parent: int) -> None:
+    """Make this process exit when `parent` does: PR_SET_PDEATHSIG on Linux, plus a watch thread."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="mechedit-parent-watch", daemon=True).start()
+
+
+def _init_worker(parent: int) -> None:
     import torch
 
+    die_with_parent(parent)
+    os.environ["MECHEDIT_CRASH_PID"] = str(parent)  # a fault-injection kill "during a case" hits the command
     torch.set_num_threads(1)
 
 
@@ -28,14 +59,17 @@ def run_local(cases: list[dict], ctx: dict, workers: int | None = None) -> Itera
         for c in cases:
             yield c, run_case(c, ctx)
         return
-    with ProcessPoolExecutor(max_workers=min(workers, len(cases)), mp_context=mp.get_context("spawn"),
-                             initializer=_init_worker) as pool:
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(cases)), mp_context=mp.get_context("spawn"),
+                               initializer=_init_worker, initargs=(os.getpid(),))
+    try:
         pending = {pool.submit(run_case, c, ctx): c for c in cases}
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
                 c = pending.pop(fut)
                 yield c, fut.result()
+    finally:  # an error (or Ctrl-C) in one case: cancel the queued ones instead of running them all
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def run_ray(cases: list[dict], ctx: dict, workers: int | None = None, address: str | None = None
@@ -47,7 +81,11 @@ def run_ray(cases: list[dict], ctx: dict, workers: int | None = None, address: s
     started = False
     if not ray.is_initialized():
         kwargs = {"address": address} if address else {"num_cpus": workers or os.cpu_count() or 1}
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kwargs)
+        try:
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise MecheditError(f"cannot start or reach Ray ({address or 'local'}): "
+                                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
         started = True
     try:
         remote = ray.remote(num_cpus=1)(run_case)

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from mechedit.errors import SpecError
-from mechedit.specio import load_spec_file
+from mechedit.specio import check_finite, from_dict, load_spec_file
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,25 @@ class RequestSet:
     def unlearning(self) -> bool:
         """Run with the forget suites (the new object is the refusal)."""
         return self.kind in ("forget", "ring_forget")
+
+    def validate(self) -> None:
+        where = f"requests.{self.name}"
+        if self.kind not in REQUEST_KINDS:
+            raise SpecError(f"{where}.kind: must be one of {', '.join(REQUEST_KINDS)}, got {self.kind!r}")
+        if self.mode not in ("each", "batch"):
+            raise SpecError(f"{where}.mode: must be 'each' or 'batch', got {self.mode!r}")
+        if self.n < 1:
+            raise SpecError(f"{where}.n: must be >= 1, got {self.n}")
+        if self.subjects is not None and self.subjects < 1:
+            raise SpecError(f"{where}.subjects: must be >= 1, got {self.subjects}")
+        for key in ("forget", "subjects"):
+            if getattr(self, key) is not None and self.kind != "forget":
+                raise SpecError(f"{where}.{key}: only for forget request sets (kind = \"forget\")")
+        if self.distances is not None:
+            if self.kind != "ring":
+                raise SpecError(f"{where}.distances: only for kind = \"ring\"")
+            if not self.distances or min(self.distances) < 0 or len(set(self.distances)) != len(self.distances):
+                raise SpecError(f"{where}.distances: expected a list of distinct integers >= 0, got {list(self.distances)}")
 
 
 REQUEST_KINDS = ("counterfactual", "forget", "ring", "ring_forget")
@@ -136,10 +155,16 @@ def parse_analysis(data: dict, base: Path) -> AnalysisSpec:
     from mechedit.errors import MecheditError
 
     _check_keys(data, _TOP, "analysis")
-    name = str(data.get("name", "analysis"))
+    check_finite(data, "analysis")  # TOML allows inf and nan: no spec value may be one
+    name = data.get("name", "analysis")
+    if not isinstance(name, str) or not name.strip():
+        raise SpecError(f"name: expected a non-empty string, got {name!r}")
     world = _check_keys(data.get("world", {"spec": "default"}), _WORLD, "world")
     if len(world) != 1:
         raise SpecError("world: give exactly one of spec or dir")
+    for key, value in world.items():
+        if not isinstance(value, str):
+            raise SpecError(f"world.{key}: expected a path string, got {value!r}")
     if "dir" in world and not (base / world["dir"]).is_dir():
         raise SpecError(f"world.dir: world directory not found: {base / world['dir']}")
     if "spec" in world and world["spec"] != "default" and not (base / world["spec"]).is_file():
@@ -147,37 +172,21 @@ def parse_analysis(data: dict, base: Path) -> AnalysisSpec:
     model = _check_keys(data.get("model", {"preset": "default"}), _MODEL, "model")
     if len(model) != 1:
         raise SpecError("model: give exactly one of preset, spec or checkpoint")
+    for key, value in model.items():
+        if not isinstance(value, str):
+            raise SpecError(f"model.{key}: expected a string, got {value!r}")
     if "checkpoint" in model and not (base / model["checkpoint"]).is_dir():
         raise SpecError(f"model.checkpoint: checkpoint not found: {base / model['checkpoint']}")
     trace = data.get("trace")
     if trace is not None:
-        _check_keys(trace, _TRACE, "trace")
+        _check_trace(_check_keys(trace, _TRACE, "trace"))
     sets: dict[str, RequestSet] = {}
-    for sname, t in _check_keys(data.get("requests", {}), set(data.get("requests", {})), "requests").items():
+    requests = data.get("requests", {})
+    for sname, t in _check_keys(requests, set(requests) if isinstance(requests, dict) else set(), "requests").items():
         _check_keys(t, _REQ, f"requests.{sname}")
         kind = t.get("kind", "forget" if ("forget" in t or "subjects" in t) else "counterfactual")
-        if kind not in REQUEST_KINDS:
-            raise SpecError(f"requests.{sname}.kind: must be one of {', '.join(REQUEST_KINDS)}, got {kind!r}")
         mode = t.get("mode", "batch" if kind == "forget" else "each")
-        if mode not in ("each", "batch"):
-            raise SpecError(f"requests.{sname}.mode: must be 'each' or 'batch', got {mode!r}")
-        distances = t.get("distances")
-        if distances is not None:
-            if kind != "ring":
-                raise SpecError(f"requests.{sname}.distances: only for kind = \"ring\"")
-            if (not isinstance(distances, list) or not distances
-                    or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in distances)
-                    or len(set(distances)) != len(distances)):
-                raise SpecError(f"requests.{sname}.distances: expected a list of distinct integers >= 0, got {distances!r}")
-            distances = tuple(distances)
-        for key in ("forget", "subjects"):
-            if key in t and kind != "forget":
-                raise SpecError(f"requests.{sname}.{key}: only for forget request sets (kind = \"forget\")")
-        n = t.get("n", 5)
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise SpecError(f"requests.{sname}.n: expected an integer >= 1, got {n!r}")
-        sets[sname] = RequestSet(sname, kind, mode, n, t.get("relation"), t.get("forget"),
-                                 t.get("subjects"), int(t.get("seed", 0)), distances)
+        sets[sname] = from_dict(RequestSet, {**t, "name": sname, "kind": kind, "mode": mode}, f"requests.{sname}")
     grid = data.get("grid", [])
     if not isinstance(grid, list) or not grid:
         raise SpecError("grid: the grid is empty (add at least one [[grid]] entry)")
@@ -194,6 +203,8 @@ def parse_analysis(data: dict, base: Path) -> AnalysisSpec:
         req_names = g.get("requests", list(sets)[:1])
         if isinstance(req_names, str):
             req_names = [req_names]
+        if not isinstance(req_names, list) or not all(isinstance(r, str) for r in req_names):
+            raise SpecError(f"{where}.requests: expected a list of request-set names, got {req_names!r}")
         if not req_names:
             raise SpecError(f"{where}.requests: no request set (define one under [requests.NAME])")
         for r in req_names:
@@ -205,19 +216,22 @@ def parse_analysis(data: dict, base: Path) -> AnalysisSpec:
         for params in _sweep(g.get("params", {}), f"{where}.params"):
             if "layer" in params:
                 raise SpecError(f"{where}.params: give layers with the 'layers' key, not params.layer")
-            try:
-                make_params(method, params)
-            except MecheditError as exc:
-                raise SpecError(f"{where}.params: {exc}") from None
             for layer in layers:
                 if layer == "traced" and trace is None:
                     raise SpecError(f"{where}.layers: 'traced' needs a [trace] section")
+                try:  # the case's parameters as the method will get them ("traced" resolves to an int)
+                    make_params(method, params if layer is None else {**params, "layer": 0 if layer == "traced" else layer})
+                except MecheditError as exc:
+                    raise SpecError(f"{where}.{'params' if layer is None else 'layers'}: {exc}") from None
                 for r in req_names:
                     cases.append(Case(method.name, params, layer, r))
     ids = [c.id for c in cases]
     if len(set(ids)) != len(ids):
         raise SpecError("grid: the same case appears twice")
     diag = _check_keys(data.get("diagnostics", {}), _DIAG, "diagnostics")
+    for key in ("suites", "forget_suites"):
+        if key in diag and (not isinstance(diag[key], list) or not all(isinstance(x, str) for x in diag[key])):
+            raise SpecError(f"diagnostics.{key}: expected a list of suite names, got {diag[key]!r}")
     suites = tuple(diag.get("suites", ["edit"]))
     forget_suites = tuple(diag.get("forget_suites", ["forget"]))
     from mechedit.diagnose import check_options, get_suite
@@ -227,12 +241,40 @@ def parse_analysis(data: dict, base: Path) -> AnalysisSpec:
             get_suite(s)
         except MecheditError as exc:
             raise SpecError(f"diagnostics.suites: {exc}") from None
+    options = diag.get("options", {})
+    if not isinstance(options, dict):
+        raise SpecError(f"diagnostics.options: expected a table, got {options!r}")
+    options = check_options(tuple(dict.fromkeys(suites + forget_suites)), options, "diagnostics.options")
+    return AnalysisSpec(name, base, world, model, trace, sets, tuple(cases), suites, forget_suites, options, data)
+
+
+def trace_config(trace: dict):
+    """The `TraceConfig` of a [trace] table (its sites, samples, noise, window and seed)."""
+    from mechedit.trace.api import TraceConfig
+
+    keys = {k: trace[k] for k in ("sites", "samples", "noise", "window", "seed") if k in trace}
+    if "sites" in keys:
+        if not isinstance(keys["sites"], list):
+            raise SpecError(f"trace.sites: expected a list, got {keys['sites']!r}")
+        keys["sites"] = tuple(keys["sites"])
+    return TraceConfig(**keys)
+
+
+def _check_trace(trace: dict) -> None:
+    from mechedit.errors import MecheditError
+    from mechedit.specio import check_value
+
+    check_value(int | None, trace.get("n"), "trace.n")
+    if trace.get("n") is not None and trace["n"] < 1:
+        raise SpecError(f"trace.n: must be >= 1, got {trace['n']}")
+    check_value(str | None, trace.get("relation"), "trace.relation")
+    check_value(list[str] | None, trace.get("facts"), "trace.facts")
     try:
-        check_options(suites + forget_suites, dict(diag.get("options", {})))
+        trace_config(trace)
+    except SpecError:
+        raise
     except MecheditError as exc:
-        raise SpecError(f"diagnostics.options: {exc}") from None
-    return AnalysisSpec(name, base, world, model, trace, sets, tuple(cases), suites, forget_suites, dict(diag.get("options", {})),
-                        data)
+        raise SpecError(f"trace: {exc}") from None
 
 
 def load_analysis(path: str | Path) -> AnalysisSpec:

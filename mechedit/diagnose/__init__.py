@@ -4,17 +4,19 @@ A suite is `fn(before: Bundle, after: Bundle, requests: list[EditRequest], **opt
 JSON-serialisable scorecard. Every metric in it follows one schema (open-unlearning's):
 `{"value_by_index": {item_id: value, ...}, "agg_value": float}`. Suites register on import of
 their module (modules named `s_*.py` in this package), so analysis specs and reports find new
-suites without changes to the runner. A suite may declare the option keys it reads
-(`register_suite(name, options=(...))`); `check_options` then refuses a key that no chosen suite
-reads. A scorecard may hold a "keep" entry: small per-edit data (figure coordinates) that the analysis
-runner stores for every edit, also when a case has many.
+suites without changes to the runner. A suite may register a `check(options)` that validates the values
+of its options beyond their types (`check_options` runs it before any model is loaded). A scorecard may
+hold a "keep" entry: small per-edit data (figure coordinates) that the analysis runner stores for every
+edit, also when a case has many.
 """
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
+import typing
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from mechedit.errors import MecheditError
 
@@ -24,39 +26,21 @@ class Suite:
     name: str
     fn: Callable[..., dict]
     doc: str
-    options: tuple[str, ...] | None = None  # option keys the suite reads (None: not declared)
-    check: Callable[[dict], None] | None = None  # validates option values before any model is loaded
+    check: Callable[[dict], None] | None = None  # validates option values beyond their types
 
 
 SUITES: dict[str, Suite] = {}
 
 
-def register_suite(name: str, options: tuple[str, ...] | None = None, check: Callable[[dict], None] | None = None):
-    """Register a diagnostic suite under `name` (with the option keys it reads and a validator of their
-    values, if declared); duplicates are refused."""
+def register_suite(name: str, check: Callable[[dict], None] | None = None):
+    """Register a diagnostic suite under `name` (with a validator of its option values, if any);
+    duplicates are refused."""
     def deco(fn):
         if name in SUITES:
             raise ValueError(f"suite {name!r} is already registered")
-        SUITES[name] = Suite(name, fn, (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "",
-                             tuple(options) if options is not None else None, check)
+        SUITES[name] = Suite(name, fn, (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "", check)
         return fn
     return deco
-
-
-def check_options(names, options: dict) -> None:
-    """Refuse an option key that none of the suites `names` reads (only when all of them declare their keys),
-    and option values a suite's validator refuses."""
-    names = suite_names() if list(names) == ["all"] else list(names)
-    chosen = [get_suite(n) for n in names]
-    for s in chosen:
-        if s.check is not None:
-            s.check(options)
-    if not chosen or any(s.options is None for s in chosen):
-        return
-    known = sorted({k for s in chosen for k in s.options})
-    for key in options:
-        if key not in known:
-            raise MecheditError(f"unknown suite option {key!r} (options of {', '.join(names)}: {', '.join(known)})")
 
 
 def _load_builtin_suites() -> None:
@@ -79,11 +63,55 @@ def suite_names() -> list[str]:
     return sorted(SUITES)
 
 
+def suite_options(suite: Suite) -> tuple[dict[str, Any], bool]:
+    """The options a suite takes (keyword parameters after before, after, requests) with their types,
+    and whether it also takes any other keyword (**options)."""
+    params = list(inspect.signature(suite.fn).parameters.values())[3:]
+    try:
+        hints = typing.get_type_hints(suite.fn)
+    except Exception:
+        hints = {}
+    named = {p.name: hints.get(p.name, Any) for p in params
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and not p.name.startswith("_")}
+    return named, any(p.kind is p.VAR_KEYWORD for p in params)
+
+
+def check_options(suites, options: dict, where: str = "options") -> dict:
+    """Refuse options that none of `suites` takes (naming the key) and values of the wrong type or
+    non-finite; returns the checked options."""
+    from mechedit.errors import SpecError
+    from mechedit.specio import check_value
+
+    taken: dict[str, Any] = {}
+    for name in suites:
+        taken.update({k: t for k, t in suite_options(get_suite(name))[0].items() if k not in taken})
+    out = {}
+    for key, value in options.items():
+        if key not in taken:
+            raise SpecError(f"{where}: unknown option {key!r} for suite(s) {', '.join(suites)} "
+                            f"(options: {', '.join(sorted(taken)) or 'none'})")
+        out[key] = check_value(taken[key], value, f"{where} {key}")
+    for name in suites:
+        s = get_suite(name)
+        if s.check is not None:
+            try:
+                s.check({k: v for k, v in out.items() if k in suite_options(s)[0]})
+            except SpecError:
+                raise
+            except MecheditError as exc:
+                raise SpecError(f"{where}: {exc}") from None
+    return out
+
+
 def diagnose(before, after, requests, suites: tuple[str, ...] | list[str] = ("edit",), **options) -> dict:
-    """Run each named suite; `"all"` runs every registered suite."""
+    """Run each named suite; `"all"` runs every registered suite. Each suite gets the options it takes."""
     names = suite_names() if list(suites) == ["all"] else list(suites)
     chosen = [get_suite(n) for n in names]
-    return {s.name: s.fn(before, after, requests, **options) for s in chosen}
+    out = {}
+    for s in chosen:
+        named, rest = suite_options(s)
+        out[s.name] = s.fn(before, after, requests, **{k: v for k, v in options.items() if rest or k in named})
+    return out
 
 
 def metric(values: dict, agg: float | None = None) -> dict:

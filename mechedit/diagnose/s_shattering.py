@@ -46,11 +46,10 @@ from mechedit.errors import MecheditError
 from mechedit.model.evaluate import score_answers
 from mechedit.world.world import World
 
-OPTIONS = ("shattering_layer", "shattering_n_nonring", "seed")
 GROUPS = ("edited_new", "edited_old", "ring_direct", "logical", "compositional", "non_ring")
 
 
-def check_options(options: dict) -> None:
+def check_shattering_options(options: dict) -> None:
     """Types of the suite's options, before any model is loaded (the layer's range is checked on the model)."""
     layer = options.get("shattering_layer", "auto")
     if layer not in ("auto", "embed") and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 0):
@@ -174,13 +173,13 @@ def pictures(h0: np.ndarray, h1: np.ndarray) -> dict:
     return out
 
 
-@register_suite("shattering", options=OPTIONS, check=check_options)
-def shattering_suite(before, after, requests, shattering_layer="auto", shattering_n_nonring: int = 300,
-                     seed: int = 0, **_options) -> dict:
+@register_suite("shattering", check=check_shattering_options)
+def shattering_suite(before, after, requests, shattering_layer: int | str = "auto", shattering_n_nonring: int = 300,
+                     seed: int = 0) -> dict:
     """Representation shattering (Nishi et al. 2025): R(D*), ring-ness, displacement, recall and inference costs."""
     world = before.world
     n_layers = before.model.config.num_hidden_layers
-    check_options({"shattering_layer": shattering_layer, "shattering_n_nonring": shattering_n_nonring})
+    check_shattering_options({"shattering_layer": shattering_layer, "shattering_n_nonring": shattering_n_nonring})
     layer = resolve_layer(shattering_layer, n_layers)
     rs = choose_ring_set(world, requests)
     rings = sorted(rs.positions)

@@ -180,8 +180,8 @@ def rank_one_edit(layer: int, delta: torch.Tensor, u: torch.Tensor, owner: torch
     def fn(j, k, out, pos):
         if j != layer:
             return out
-        coef = torch.einsum("bpd,bd->bp", k.double(), uo)  # [b, pos]
-        return out + (coef.unsqueeze(-1) * delta[owner].unsqueeze(1)).to(out.dtype)
+        coef = torch.einsum("bpd,bd->bp", k, uo.to(k.dtype))  # [b, pos], in the arithmetic of the forward
+        return out + (coef.unsqueeze(-1) * delta[owner].unsqueeze(1).to(coef.dtype)).to(out.dtype)
     return fn
 
 
@@ -199,11 +199,11 @@ def linear_edit(layer: int, delta: torch.Tensor, U: torch.Tensor, owner: torch.T
     def fn(j, k, out, pos):
         if j != layer:
             return out
-        coef = torch.einsum("bpd,nd->bpn", k.double(), U)  # [b, pos, n_requests]
-        if owner is None:
-            return out + (coef @ delta).to(out.dtype)
+        if owner is None:  # k (delta^T U)^T: the weight change first (tiny), then one matmul
+            return out + (k @ (U.T @ delta).to(k.dtype)).to(out.dtype)
+        coef = torch.einsum("bpd,nd->bpn", k, U.to(k.dtype))  # [b, pos, n_requests]
         d = delta.view(-1, n, delta.shape[-1])[owner // n]  # [b, n, d_model]
-        return out + torch.einsum("bpn,bnd->bpd", coef, d).to(out.dtype)
+        return out + torch.einsum("bpn,bnd->bpd", coef, d.to(coef.dtype)).to(out.dtype)
     return fn
 
 
@@ -237,10 +237,13 @@ def optimize_targets(model, batch: Batch, essence: Batch | None, layer: int, n_r
     position only, edit and essence prompts in one batch. `engine="hf"` makes the same calls
     through the HF model with a forward hook (the reference of tests and benchmarks).
     `precision="bfloat16"` runs the forward and backward passes of the search under bf16 autocast
-    (AMX on the CPU, tensor cores on a GPU); delta, Adam and the loss stay in fp32 / fp64.
+    (AMX / AVX-512 bf16 on the CPU, tensor cores on a GPU); delta, Adam and the loss stay in fp32 /
+    fp64; "auto" is bf16 where it is native (`mechedit.device.fast_bf16`), else fp32. The info of
+    each start records the precision used.
     """
-    if precision not in ("float32", "bfloat16"):
-        raise MecheditError(f"unknown precision {precision!r} (float32, bfloat16)")
+    from mechedit.device import resolve_precision
+
+    precision = resolve_precision(precision, model.device)
     if engine not in ("fast", "hf"):
         raise MecheditError(f"unknown engine {engine!r} (fast, hf)")
     many = init is not None and init.dim() == 3
@@ -393,6 +396,6 @@ def _optimise_delta(model, batch, essence, layer, n_requests, starts, *, kl_weig
                 keep = done.repeat_interleave(n)
                 delta[keep] = frozen[keep]
     out = delta.detach().double().view(R, n, d_model)
-    infos = [{"steps": len(h), "nll_first": h[0], "nll_last": h[-1], "reached": bool(done[s])}
+    infos = [{"steps": len(h), "nll_first": h[0], "nll_last": h[-1], "reached": bool(done[s]), "precision": precision}
              for s, h in enumerate(history)]
     return out, infos

@@ -29,6 +29,14 @@ With energy 0.03 and alpha_factor 100 (requests seed 2 of `benchmarks/edit_quali
 At layer 0 every key is a word's key and every word is in the preserved corpus, so no edit key lies
 in C's null space: the projection cannot shield the other users of the edited word, and efficacy
 and collateral move together with the clamp. MEMIT at its defaults: 0.957 with -10.7 pt.
+The search runs on FastNeoX. MEMIT's faster search (bf16, 100 steps at lr 0.4) costs AlphaEdit
+unrelated recall, so its defaults stay fp32 / 200 / 0.2. Retrained default model (25 epochs),
+same requests, one loaded process (efficacy, paraphrase; same-relation / same-subject / unrelated
+change; seconds with the scorecard):
+  fp32, steps 200, lr 0.2 (defaults): 0.947, 0.80; -20.9 / -12.4 / -12.5 pt   296 s
+  bf16, steps 200, lr 0.2:            0.940, 0.76; -20.8 / -14.0 / -18.8 pt   279 s
+  fp32, steps 100, lr 0.4:            0.923, 0.79; -23.5 / -13.5 / -20.8 pt   162 s
+  bf16, steps 100, lr 0.4:            0.947, 0.78; -21.0 / -13.3 / -20.8 pt   113 s
 """
 from __future__ import annotations
 
@@ -64,14 +72,14 @@ class AlphaEditParams:
     stop_loss: float = 0.05
     n_stats: int | None = None
     engine: str = "fast"  # target search on FastNeoX ("fast") or through the HF modules ("hf": the reference)
-    precision: str = "float32"  # the search's forward/backward: "float32" or "bfloat16" (autocast)
+    precision: str = "float32"  # the search's arithmetic: "float32", "bfloat16" or "auto" (bf16 costs collateral here: module doc)
     seed: int = 0
 
     def validate(self) -> None:
         if self.engine not in ("fast", "hf"):
             raise SpecError(f"alphaedit: engine must be 'fast' or 'hf', got {self.engine!r}")
-        if self.precision not in ("float32", "bfloat16"):
-            raise SpecError(f"alphaedit: precision must be 'float32' or 'bfloat16', got {self.precision!r}")
+        if self.precision not in ("auto", "float32", "bfloat16"):
+            raise SpecError(f"alphaedit: precision must be 'auto', 'float32' or 'bfloat16', got {self.precision!r}")
         if not 0 < self.null_energy < 1 or self.alpha_factor <= 0:
             raise SpecError("alphaedit: 0 < null_energy < 1 and alpha_factor > 0")
         if self.steps < 1 or self.lr_factor <= 0 or self.clamp_factor <= 0:

@@ -86,14 +86,14 @@ class RomeParams:
     restart_nll: float = 0.5  # mean NLL of the new object that counts as not reached (top-1 needs ~< 0.69)
     restart_scale: float = 1.0  # norm of a random start, in units of ||h_l||
     engine: str = "fast"  # target search on FastNeoX ("fast") or through the HF modules ("hf": the reference)
-    precision: str = "float32"  # the search's forward/backward: "float32" or "bfloat16" (autocast)
+    precision: str = "float32"  # the search's forward/backward: "float32", "bfloat16" (autocast) or "auto" (bf16 where native)
     seed: int = 0
 
     def validate(self) -> None:
         if self.engine not in ("fast", "hf"):
             raise SpecError(f"rome: engine must be 'fast' or 'hf', got {self.engine!r}")
-        if self.precision not in ("float32", "bfloat16"):
-            raise SpecError(f"rome: precision must be 'float32' or 'bfloat16', got {self.precision!r}")
+        if self.precision not in ("auto", "float32", "bfloat16"):
+            raise SpecError(f"rome: precision must be 'auto', 'float32' or 'bfloat16', got {self.precision!r}")
         if self.steps < 1 or self.n_prefixes < 0 or self.prefix_words < 1:
             raise SpecError("rome: steps >= 1, n_prefixes >= 0, prefix_words >= 1")
         if self.lr_factor <= 0 or self.clamp_factor <= 0 or self.kl_weight < 0 or self.weight_decay < 0:

@@ -22,7 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mechedit.errors import SpecError
-from mechedit.specio import OMIT_DEFAULT, from_dict, load_spec_file, to_dict
+from mechedit.specio import OMIT_DEFAULT, check_fields, from_dict, load_spec_file, to_dict
+
+# A world is held in memory whole (facts, probe sets, the tokenized corpus: ~5-10 sentences per fact),
+# so its size is bounded before anything is allocated.
+MAX_FACTS = 1_000_000
 
 _WORD = re.compile(r"^[a-z][a-z_]*$")
 
@@ -149,6 +153,7 @@ class WorldSpec:
     n_templates: int = 4
 
     def validate(self) -> None:
+        check_fields(self, "world")
         if self.n_subjects < 2:
             raise SpecError(f"n_subjects must be >= 2, got {self.n_subjects}")
         if not self.relations and not self.cyclic:
@@ -183,6 +188,12 @@ class WorldSpec:
                                 f"cannot be larger than the parent pool ({known[n.parent].n_objects})")
         if len(self.name_words) != 3 or any(w < 0 for w in self.name_words) or sum(self.name_words) <= 0:
             raise SpecError("name_words must be three non-negative shares for 1-, 2- and 3-word names")
+        if abs(sum(self.name_words) - 1.0) > 1e-6:
+            raise SpecError(f"name_words are the shares of 1-, 2- and 3-word names and must sum to 1, "
+                            f"got {list(self.name_words)} (sum {sum(self.name_words):g})")
+        if self.n_facts > MAX_FACTS:
+            raise SpecError(f"the world would have {self.n_facts:,} facts, beyond the limit of {MAX_FACTS:,} "
+                            f"(lower n_subjects or the number of relations)")
         lo, hi = self.syllables
         if not 1 <= lo <= hi <= 4:
             raise SpecError(f"syllables must satisfy 1 <= min <= max <= 4, got {self.syllables}")
@@ -198,6 +209,13 @@ class WorldSpec:
             raise SpecError("heldout_subject_fraction must be < 1 (some subjects must be trained)")
         if not 2 <= self.n_templates <= 5:
             raise SpecError(f"n_templates must be in [2, 5] (one is held out per subject), got {self.n_templates}")
+
+    @property
+    def n_facts(self) -> int:
+        """Facts the spec implies: subjects x relations, nested parent objects, ring entities x hops x 2 x orders."""
+        nested = sum(r.n_objects for n in self.nested for r in self.relations if r.name == n.parent)
+        rings = sum(c.n_entities * 2 * len(c.hops) * c.orders for c in self.cyclic)
+        return self.n_subjects * len(self.relations) + nested + rings
 
     @property
     def relation_names(self) -> list[str]:

@@ -292,7 +292,7 @@ class World:
                 rings={k: tuple(v) for k, v in d.get("rings", {}).items()},
                 inference=dict(sorted((int(i), kind) for kind, ids in d.get("inference", {}).items() for i in ids)),
             )
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"corrupt world.json (missing or bad field {exc})") from None
 
     def save(self, directory: str | Path) -> Path:
