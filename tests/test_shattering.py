@@ -249,7 +249,8 @@ def test_run_and_report_of_ring_edits(tmp_path, tiny_checkpoint):
     index = build_report(tmp_path / "run", tmp_path / "report")
     html = index.read_text()
     for text in ("Representation shattering", "R by edit distance", "null floor", "Does unlearning shatter too?",
-                 "R grows with the cyclic distance", "memit (steps=10, layer=[0], batch 3)"):
+                 "R grows with the cyclic distance", "memit (steps=10, layer=[0], batch 3)",
+                 "ρ(R, d) per request set", "ring: "):
         assert text in html, text
     figs = sorted(p.name for p in (tmp_path / "report" / "figures").glob("shattering_*.png"))
     assert figs == ["shattering_displacement.png", "shattering_drop_vs_r.png", "shattering_layers.png",
@@ -298,8 +299,11 @@ def test_run_statistics_on_synthetic_cases():
             edits.append({"requests": [{}], "summary": {"shattering.R": R, "shattering.edit_distance": float(d),
                                                         "shattering.accuracy.ring_direct.before": 1.0,
                                                         "shattering.accuracy.ring_direct.change": -drop}})
+    # two request sets of one method (alternate edits): pooled in the tables, apart in trend_by_requests
     cases = [{"id": "a", "method": "rome", "params": {}, "layer": 0, "mode": "each", "request_kind": "counterfactual",
-              "requests": "ring", "per_edit": edits},
+              "requests": "ring", "per_edit": edits[0::2]},
+             {"id": "a2", "method": "rome", "params": {}, "layer": 0, "mode": "each", "request_kind": "counterfactual",
+              "requests": "ring_b", "per_edit": edits[1::2]},
              {"id": "b", "method": "ga", "params": {}, "layer": None, "mode": "each", "request_kind": "forget",
               "requests": "f", "per_edit": [{"requests": [{}], "summary": {"shattering.R": 0.5}}]}]
     s = summarise(cases, n_boot=200)
@@ -311,6 +315,10 @@ def test_run_statistics_on_synthetic_cases():
     assert s["null_floor"]["R"] == pytest.approx(np.mean([r for d, r, _ in rows if d == 0])) and s["n_null"] == 5
     cf = [(d, r) for d, r, _ in rows if d >= 1]
     assert m["trend"]["rho"] == pytest.approx(spearmanr(*zip(*cf)).statistic) and m["trend"]["n"] == 15
+    for name, part in (("ring", rows[0::2]), ("ring_b", rows[1::2])):
+        sub = [(d, r) for d, r, _ in part if d >= 1]
+        got = m["trend_by_requests"][name]
+        assert got["rho"] == pytest.approx(spearmanr(*zip(*sub)).statistic) and got["n"] == len(sub)
     want = pearsonr([r for _, r, _ in rows], [x for *_, x in rows]).statistic
     c = s["costs"]["ring_direct"]
     assert c["r"] == pytest.approx(want) and c["r2"] == pytest.approx(want ** 2) and c["n"] == 20
@@ -318,3 +326,20 @@ def test_run_statistics_on_synthetic_cases():
     assert [u["method"] for u in s["unlearning"]] == ["ga"] and s["unlearning"][0]["R"] == 0.5
     assert s["claims"][0]["verdict"] == "confirmed"
     assert s["claims"][1]["verdict"] == ("confirmed" if c["r2_hi"] >= 0.905 else "confirmed in direction, weaker than the paper's")
+
+
+@pytest.mark.parametrize("trend, cost, verdicts", [
+    ({"rho": 0.5, "p": 0.01, "n": 30}, {"r": 0.6, "r_lo": 0.5, "r_hi": 0.7, "r2": 0.36, "r2_lo": 0.25, "r2_hi": 0.49},
+     ["confirmed", "confirmed in direction, weaker than the paper's"]),
+    ({"rho": 0.5, "p": 0.2, "n": 8}, {"r": 0.97, "r_lo": 0.95, "r_hi": 0.99, "r2": 0.94, "r2_lo": 0.9, "r2_hi": 0.98},
+     ["refuted", "confirmed"]),
+    ({"rho": -0.4, "p": 0.01, "n": 30}, {"r": 0.3, "r_lo": -0.1, "r_hi": 0.6, "r2": 0.09, "r2_lo": 0.0, "r2_hi": 0.36},
+     ["refuted", "refuted"]),
+])
+def test_claim_verdicts(trend, cost, verdicts):
+    """The paper's two claims: R grows with d (rho > 0 at p < 0.05); R tracks the drop (r's interval above 0),
+    as strongly as the paper's r^2 = 0.905 only when the r^2 interval reaches it."""
+    from mechedit.analysis.shattering import claims
+
+    s = {"trend_pooled": trend, "by_method": [], "costs": {"ring_direct": {**cost, "n": 40, "p": 0.01}}}
+    assert [c["verdict"] for c in claims(s)] == verdicts

@@ -5,8 +5,8 @@ a single edit, a batch, or an unlearning run) and computes what Nishi et al. (IC
 - R by edit distance d per method: mean over edits with a 95% bootstrap interval (percentile, edits
   resampled) and n; d = 0 (re-asserting the true object) is the null floor of R;
 - does R grow with d: Spearman's rho of R against d over the counterfactual edits (d >= 1), with its
-  two-sided p-value, per method and pooled over methods; the same for R_others (the entities that were
-  not edited);
+  two-sided p-value, per method (over all its request sets, and per request set: independent samples of
+  facts) and pooled over methods; the same for R_others (the entities that were not edited);
 - what R costs: Pearson's r (and r^2) of R against each accuracy drop (before - after, in recall
   points) over every edit call, with 95% bootstrap intervals and n;
 - unlearning: R of each forget method against the null floor;
@@ -135,7 +135,10 @@ def summarise(cases: list[dict], n_boot: int = 2000, seed: int = 0) -> dict | No
             for k, v in r["displacement"].items():
                 disp.setdefault(k, []).append(v)
         oth = [r for r in cf if r["R_others"] is not None]
+        by_requests = {q: spearman([r["d"] for r in cf if r["requests"] == q], [r["R"] for r in cf if r["requests"] == q])
+                       for q in dict.fromkeys(r["requests"] for r in cf)}
         by_method.append({"method": m, "table": table, "trend": spearman([r["d"] for r in cf], [r["R"] for r in cf]),
+                          "trend_by_requests": by_requests,
                           "trend_others": spearman([r["d"] for r in oth], [r["R_others"] for r in oth]),
                           "displacement": {str(k): float(np.mean(v)) for k, v in sorted(disp.items())},
                           "null": next((t for t in table if t["d"] == 0), None),

@@ -193,6 +193,8 @@ def shattering_section(cases: list[dict], figdir: Path, img) -> dict | None:
     trends = [{"method": m["method"], "rho": _fmt(m["trend"]["rho"]), "p": _fmt(m["trend"]["p"], 2),
                "n": m["trend"]["n"], "rho_others": _fmt(m["trend_others"]["rho"]),
                "p_others": _fmt(m["trend_others"]["p"], 2),
+               "by_requests": "; ".join(f"{q}: {_fmt(v['rho'])} (p {_fmt(v['p'], 2)}, n {v['n']})"
+                                        for q, v in m.get("trend_by_requests", {}).items()),
                "r2": (f"{_fmt(m['cost_ring_direct']['r2'])} [{_fmt(m['cost_ring_direct']['r2_lo'])}, "
                       f"{_fmt(m['cost_ring_direct']['r2_hi'])}]"), "n_cost": m["cost_ring_direct"]["n"]}
               for m in s["by_method"]]
