@@ -343,3 +343,40 @@ def test_claim_verdicts(trend, cost, verdicts):
 
     s = {"trend_pooled": trend, "by_method": [], "costs": {"ring_direct": {**cost, "n": 40, "p": 0.01}}}
     assert [c["verdict"] for c in claims(s)] == verdicts
+
+
+def test_suite_on_a_world_with_several_orders(tmp_path):
+    """Three cyclic orders over one entity pool (a briefly trained tiny model): ring-ness per order equals the
+    direct Spearman with that order's cyclic distances, the joint statistic uses every order, the edit distance
+    is measured in the edited relation's own order, and a null edit gives R = 0."""
+    import dataclasses
+
+    from mechedit.diagnose.geometry import joint_ringness
+    from mechedit.diagnose.s_shattering import edit_distance
+    from mechedit.model.checkpoint import load_checkpoint
+    from mechedit.model.spec import PRESETS, TRAIN_PRESETS, with_overrides
+    from mechedit.model.pipeline import train_checkpoint
+    from mechedit.world import generate_world, tiny_world_spec
+    from mechedit.world.spec import CyclicSpec
+
+    spec = dataclasses.replace(tiny_world_spec(), cyclic=(CyclicSpec("ring", 9, (1, 2), orders=3, logical_heldout=0.2,
+                                                                    compositional_heldout=0.2),))
+    world = generate_world(spec)
+    train_checkpoint(world, PRESETS["tiny"], with_overrides(TRAIN_PRESETS["tiny"], max_epochs=2), tmp_path / "m")
+    before, after = load_checkpoint(tmp_path / "m"), load_checkpoint(tmp_path / "m")
+    (rs,) = ring_sets(world)
+    assert sorted(rs.positions) == ["ring1", "ring2", "ring3"]
+    f = next(f for f in world.train_facts if f.relation == "ring2_cw1")
+    order = world.rings["ring2"]
+    old = order.index(world.subject_by_name[f.object].id)
+    new = world.subjects[order[(old + 3) % len(order)]].name
+    req = EditRequest(world.subjects[f.subject].name, f.relation, new)
+    assert edit_distance(world, req) == 3  # in ring2's order, not in ring1's
+    card = diagnose(before, after, [req], ("shattering",), shattering_layer=0)["shattering"]
+    assert card["R"] == 0.0 and card["rings"] == ["ring1", "ring2", "ring3"] and card["edit_distance"] == 3.0
+    h = entity_representations(before.model, before.tokenizer, world, rs)[1]
+    d = pairwise_distances(h)
+    for r in ("ring1", "ring2", "ring3"):
+        assert card["ringness_by_order_before"][r] == pytest.approx(ringness(d, rs.cyclic_distances(r))[0], rel=1e-9)
+    assert card["ringness_before"] == pytest.approx(joint_ringness(d, rs), rel=1e-9)
+    assert {"logical", "compositional"} <= set(card["accuracy"])
