@@ -380,3 +380,25 @@ def test_suite_on_a_world_with_several_orders(tmp_path):
         assert card["ringness_by_order_before"][r] == pytest.approx(ringness(d, rs.cyclic_distances(r))[0], rel=1e-9)
     assert card["ringness_before"] == pytest.approx(joint_ringness(d, rs), rel=1e-9)
     assert {"logical", "compositional"} <= set(card["accuracy"])
+
+
+def test_spearman_p_is_exact_for_few_edits():
+    """Few pairs (a MEMIT batch per distance gives 3-7 points): the p-value is the share of the orderings of x
+    against y that correlate as strongly; scipy's t approximation would call rho = 1 over 3 pairs significant
+    (p = 0). Above 9 pairs: scipy's."""
+    from itertools import permutations
+
+    from scipy.stats import spearmanr
+
+    from mechedit.analysis.shattering import spearman
+
+    assert spearman([1, 2, 3], [0.1, 0.2, 0.3]) == {"rho": 1.0, "p": pytest.approx(2 / 6), "n": 3}
+    x, y = [1, 2, 4, 6, 9, 12, 12], [0.2, 0.5, 0.3, 0.5, 0.6, 0.9, 0.4]  # ties in both
+    rho = spearmanr(x, y).statistic
+    brute = np.mean([abs(spearmanr(np.array(x)[list(p)], y).statistic) >= abs(rho) - 1e-9
+                     for p in permutations(range(7))])
+    got = spearman(x, y)
+    assert got["rho"] == pytest.approx(rho) and got["p"] == pytest.approx(brute) and got["n"] == 7
+    x, y = np.arange(30), np.random.default_rng(0).normal(size=30) + 0.1 * np.arange(30)
+    got, want = spearman(x, y), spearmanr(x, y)
+    assert got["rho"] == pytest.approx(want.statistic) and got["p"] == pytest.approx(want.pvalue)

@@ -74,14 +74,28 @@ def bootstrap_mean(x, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, 
     return float(x.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
+EXACT_MAX_N = 9  # up to 9! = 362,880 orderings
+
+
 def spearman(x, y) -> dict:
-    from scipy.stats import spearmanr
+    """Spearman's rho with its two-sided p-value: exact (every ordering of x against y) for n <= 9, where
+    scipy's t approximation is wrong (rho = 1 over 3 pairs gets p = 0; the exact p is 1/3); scipy's above."""
+    from itertools import permutations
+
+    from scipy.stats import rankdata, spearmanr
 
     x, y = np.asarray(x, float), np.asarray(y, float)
     if len(x) < 3 or np.std(x) == 0 or np.std(y) == 0:
         return {"rho": None, "p": None, "n": int(len(x))}
     r = spearmanr(x, y)
-    return {"rho": float(r.statistic), "p": float(r.pvalue), "n": int(len(x))}
+    rho, p = float(r.statistic), float(r.pvalue)
+    if len(x) <= EXACT_MAX_N:
+        rx, ry = rankdata(x), rankdata(y)
+        perms = rx[np.array(list(permutations(range(len(x)))))]  # [n!, n]
+        a, b = perms - perms.mean(1, keepdims=True), ry - ry.mean()
+        rhos = (a * b).sum(1) / np.sqrt((a ** 2).sum(1) * (b ** 2).sum())
+        p = float(np.mean(np.abs(rhos) >= abs(rho) - 1e-12))
+    return {"rho": rho, "p": p, "n": int(len(x))}
 
 
 def pearson_boot(x, y, n_boot: int = 2000, seed: int = 0) -> dict:
