@@ -1,6 +1,12 @@
 """Edit quality on a checkpoint: ROME single edits, MEMIT/AlphaEdit 100-edit batches, LoRA single edits
 and the LoRA rank needed for 10 distinct edits. Prints one JSON line per measurement.
 
+Collateral includes the name-word siblings of the edited subjects (`diagnose/s_edit.py`):
+`last_word_siblings` (recall of the old object by subjects whose name ends in the edited subject's
+last word, after; `_change` = after - before), `last_word_siblings_new` (the share of them that
+now answer the NEW object), the same for any shared name word, and how many edits had such
+siblings (`_n_edits`; the means are over those edits).
+
     python benchmarks/edit_quality.py runs/model [--layer N|traced] [--n-single 50] [--n-batch 100]
 """
 from __future__ import annotations
@@ -33,14 +39,17 @@ def random_requests(world, n: int, seed: int, kinds=("independent", "correlated"
 
 def summarize(cards: list[dict]) -> dict:
     keys = ("efficacy", "prob_new_gt_old", "paraphrase", "qa", "same_relation", "same_new_value", "same_subject",
-            "unrelated", "implied_kept", "implied_follows")
+            "unrelated", "implied_kept", "implied_follows", "name_word_siblings", "last_word_siblings",
+            "name_word_siblings_new", "last_word_siblings_new")
     out = {}
     for k in keys:
         vals = [c[k] for c in cards if k in c]
         if vals:
             out[k] = round(float(np.mean([v["after"]["agg_value"] for v in vals])), 4)
-            if k not in ("efficacy", "prob_new_gt_old", "paraphrase", "qa"):
+            if k not in ("efficacy", "prob_new_gt_old", "paraphrase", "qa") and not k.endswith("_new"):
                 out[k + "_change"] = round(float(np.mean([v["change"] for v in vals])), 4)
+            if k.endswith("_siblings"):  # edits that have such siblings at all (a unique name has none)
+                out[k + "_n_edits"] = len(vals)
     ppl = [c["retain_perplexity"] for c in cards if "retain_perplexity" in c]
     if ppl:
         out["retain_ppl_change"] = round(float(np.mean([p["change"] for p in ppl])), 4)

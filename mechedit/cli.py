@@ -49,6 +49,17 @@ app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True,
                        "trained on synthetic worlds.")
 
 
+def device_option():
+    return typer.Option(None, "--device", help="auto (CUDA when present; the default), cpu, cuda or cuda:N.")
+
+
+def use(device: str | None) -> None:
+    """Make `--device` the device of this command (a one-line error if it is not available)."""
+    from mechedit.device import use_device
+
+    use_device(device or "auto")
+
+
 def fail(message: str) -> None:
     typer.echo(f"error: {one_line(message)}", err=True)
     raise typer.Exit(2)
@@ -107,11 +118,13 @@ def train(
     seed: Optional[int] = typer.Option(None, help="Training seed (overrides the spec)."),
     max_epochs: Optional[int] = typer.Option(None, help="Epoch limit (overrides the spec)."),
     bf16: Optional[bool] = typer.Option(None, "--bf16/--fp32", help="bf16 autocast (overrides the spec)."),
+    device: Optional[str] = device_option(),
 ):
     """Train a GPT-NeoX model on a world until it recalls its facts.
 
     Example: mechedit train -o runs/model            (embedded default world and model)
     """
+    use(device)
     from rich.console import Console
 
     from mechedit.fileio import check_output_dir
@@ -139,11 +152,15 @@ def train(
 
 
 @command()
-def info(checkpoint: Path = typer.Argument(..., help="Checkpoint directory.")):
+def info(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint directory."),
+    device: Optional[str] = device_option(),
+):
     """Summarise a checkpoint: model, world, training and recall per probe set.
 
     Example: mechedit info runs/model
     """
+    use(device)
     from mechedit.model.pipeline import info as info_fn
 
     typer.echo(json.dumps(info_fn(checkpoint), indent=2))
@@ -160,11 +177,13 @@ def edit(
     param: list[str] = typer.Option([], "--param", help="Method parameter key=value (repeatable)."),
     out: Path = typer.Option(Path("runs/edit"), "-o", "--out", help="Output directory (edited checkpoint)."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty output directory."),
+    device: Optional[str] = device_option(),
 ):
     """Edit facts in a checkpoint; write the edited checkpoint, the deltas (OUT/edit) and OUT/scorecard.json.
 
     Example: mechedit edit runs/model --method rome --fact "SUBJECT|capital" --new OBJECT --layer traced -o runs/edit
     """
+    use(device)
     from mechedit.edit.api import EditRequest, parse_param_value, parse_params
     from mechedit.edit.run import edit_checkpoint, read_requests
 
@@ -205,11 +224,13 @@ def trace(
     include_heldout: bool = typer.Option(False, "--include-heldout", help="Also trace held-out subjects' facts."),
     out: Path = typer.Option(Path("runs/trace"), "-o", "--out", help="Run directory."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty run directory."),
+    device: Optional[str] = device_option(),
 ):
     """Causal tracing (ROME): which layer, site and token carry a fact.
 
     Example: mechedit trace runs/model --relation capital --n 50 --severed mlp -o runs/trace_capital
     """
+    use(device)
     from mechedit.trace.api import TraceConfig
     from mechedit.trace.run import trace_run
 
@@ -230,8 +251,9 @@ def trace(
     typer.echo(f"traced {res.n_facts} facts (noise std {res.noise_scale:.3g}); mean total effect "
                f"{te['mean']:.3f} +- {te['ci95']:.3f}")
     for k, loc in r["located"].items():
-        typer.echo(f"located {k}: layer {loc['layer']} (mean indirect effect {loc['score']:.3f} at the "
-                   f"{loc['token_category'].replace('_', ' ')} token)")
+        where = f"layer {loc['layer']}" if loc["score"] - loc.get("ci95", 0.0) > 0 else "none (below the noise floor)"
+        typer.echo(f"located {k}: {where} (best: layer {loc['layer']}, mean indirect effect {loc['score']:.3f} "
+                   f"+- {loc.get('ci95', 0.0):.3f} at the {loc['token_category'].replace('_', ' ')} token)")
     typer.echo(f"run written to {r['out']}; figures in {r['out']}/figures")
 
 
@@ -244,11 +266,13 @@ def unlearn(
     param: list[str] = typer.Option([], "--param", "-p", help="Method parameter key=value (repeatable)."),
     out: Path = typer.Option(..., "-o", "--out", help="Output directory (unlearned checkpoint + deltas + scorecard)."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty output directory."),
+    device: Optional[str] = device_option(),
 ):
     """Unlearn facts: write the unlearned checkpoint, its deltas (edit.json) and a forget scorecard.
 
     Example: mechedit unlearn runs/model --method npo --forget subject:kavo -p steps=80 -o runs/unlearn
     """
+    use(device)
     from mechedit.edit.api import parse_params
     from mechedit.unlearn.run import unlearn_checkpoint
 
@@ -268,11 +292,13 @@ def diagnose(
     option: list[str] = typer.Option([], "--option", help="Suite option key=value, e.g. k=0.1 (repeatable)."),
     out: Path = typer.Option(..., "-o", "--out", help="Output directory for scorecard.json."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty output directory."),
+    device: Optional[str] = device_option(),
 ):
     """Score AFTER against BEFORE with diagnostic suites (forget, leftover, relearn, forget_quality, edit...).
 
     Example: mechedit diagnose runs/model runs/unlearn --suite leftover -o runs/diag
     """
+    use(device)
     from mechedit.edit.api import parse_params
     from mechedit.unlearn.run import diagnose_checkpoints
 
@@ -288,6 +314,7 @@ def run(
     workers: Optional[int] = typer.Option(None, "--workers", help="Parallel cases (default: the number of cores)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: start a local Ray)."),
     force: bool = typer.Option(False, "--force", help="Start over if the folder holds a run of another spec."),
+    device: Optional[str] = device_option(),
 ):
     """Run an analysis: train or reuse the model, trace, run every case of the grid.
 
@@ -296,7 +323,7 @@ def run(
     from mechedit.analysis import run_analysis
 
     res = run_analysis(spec, out, executor_name=executor, workers=workers, address=address, force=force,
-                       progress=lambda msg: typer.echo(msg, err=True))
+                       progress=lambda msg: typer.echo(msg, err=True), device=device)
     typer.echo(f"{res['done']}/{res['total']} cases done ({res['ran']} run now, {res['skipped']} resumed) in {res['run_dir']}")
 
 

@@ -5,10 +5,16 @@ a `MecheditError` (one line, exit 2). `fast_bf16(device)` says whether bf16 arit
 `device`: a CUDA GPU, or a CPU with AMX / AVX-512 bf16 instructions (on this project's CPUs bf16
 matmuls run ~3-7x faster than fp32); elsewhere bf16 is emulated and slower than fp32, so "auto"
 precision falls back to fp32.
+
+The device of a process: every command takes `--device` (an analysis spec a `device` key) and sets it
+with `use_device` before it loads a model; `current_device()` is what loaders, training and the
+analysis workers use when no device is given explicitly ("auto" until set, or the `MECHEDIT_DEVICE`
+environment variable, which the local executor sets per worker so that each runs on its own GPU).
 """
 from __future__ import annotations
 
 import functools
+import os
 import re
 
 import torch
@@ -16,6 +22,8 @@ import torch
 from mechedit.errors import MecheditError
 
 DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N"
+ENV_VAR = "MECHEDIT_DEVICE"
+_current: torch.device | None = None
 
 
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
@@ -36,6 +44,23 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     if index >= torch.cuda.device_count():
         raise MecheditError(f"device {spec!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     return torch.device("cuda", index)
+
+
+def use_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """Make `spec` the device of this process (what `current_device` returns) and return it."""
+    global _current
+    _current = resolve_device(spec)
+    return _current
+
+
+def current_device() -> torch.device:
+    """The device set by `use_device`, else `$MECHEDIT_DEVICE`, else "auto"."""
+    return _current if _current is not None else resolve_device(os.environ.get(ENV_VAR) or "auto")
+
+
+def visible_gpus() -> int:
+    """How many CUDA GPUs torch sees (0 without CUDA)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 @functools.lru_cache(maxsize=None)

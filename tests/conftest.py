@@ -67,3 +67,35 @@ window.addEventListener('load', function () {
     start = out.stdout.find("<title>RESULT ")
     assert start >= 0, out.stderr[-2000:]
     return json.loads(out.stdout[start + 14 : out.stdout.find("</title>", start)].replace("&quot;", '"'))
+
+
+@pytest.fixture(scope="session")
+def tiny_forget(tiny_world):
+    """The forget target of the tests that need a retrained reference: every fact of the first trained subject."""
+    from mechedit.unlearn import parse_forget
+
+    subj = [s for s in tiny_world.subjects if s.kind == "subject" and not s.heldout][0]
+    return parse_forget(tiny_world, f"subject:{subj.name}")
+
+
+@pytest.fixture(scope="session")
+def tiny_retrained(tiny_checkpoint, tiny_forget):
+    """The tiny model retrained without `tiny_forget` (the real rule: same schedule, same stop epoch),
+    cached beside the tiny checkpoint where every suite and CLI command of the session finds it."""
+    from mechedit.diagnose.reference import retrained_reference
+
+    return retrained_reference(load_checkpoint(tiny_checkpoint), tiny_forget)
+
+
+def need(module: str):
+    """Import an optional dependency; skip without it locally, but FAIL in CI (env CI set), where the
+    test command installs every extra: a missing dependency must not turn a test into a silent skip."""
+    import importlib
+    import os as _os
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        if _os.environ.get("CI"):
+            pytest.fail(f"{module} is not installed; CI installs every extra (make test)")
+        pytest.skip(f"{module} not installed")

@@ -48,7 +48,8 @@ def test_run_folder_layout(reference_run):
     assert (reference_run / "trace" / "locations.json").is_file()
     for name, data in case_files(reference_run).items():
         rec = json.loads(data)
-        assert rec["summary"]["edit.efficacy.after"] >= 0.0
+        per = [e["summary"]["edit.efficacy.after"] for e in rec["per_edit"]]
+        assert rec["summary"]["edit.efficacy.after"] == pytest.approx(sum(per) / len(per))  # mean over edits
         assert rec["per_edit"] and rec["per_edit"][0]["drilldown"]
     traced = [json.loads(d) for d in case_files(reference_run).values() if json.loads(d)["layer"] == "traced"]
     assert traced[0]["layer_used"] == spec["traced_layer"]
@@ -94,7 +95,9 @@ def test_rerun_redoes_a_corrupt_case_file(tmp_path, reference_run):
 
 
 def test_local_pool_and_ray_give_the_same_results(tmp_path, tiny_checkpoint, reference_run):
-    ray = pytest.importorskip("ray")
+    from conftest import need
+
+    ray = need("ray")  # fails in CI (which installs the ray extra) instead of skipping
     spec = write_spec(tmp_path, tiny_checkpoint)
     run_analysis(spec, tmp_path / "pool", workers=2)
     assert case_files(tmp_path / "pool") == case_files(reference_run)

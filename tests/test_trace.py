@@ -272,3 +272,20 @@ def test_engine_equals_reference_on_other_architectures(bundle, parallel):
         np.testing.assert_allclose(fast.p_restored[k], slow.p_restored[k], rtol=1e-4, atol=1e-9, equal_nan=True)
     spread = np.nanmax(fast.p_restored["resid"]) / np.nanmin(fast.p_restored["resid"])
     assert spread > 1.1  # restorations differ: not a comparison of constants
+
+
+def test_prepared_subject_span_covers_exactly_the_subject_tokens(bundle):
+    """The traced span (corrupted by noise, and the 'last subject token' of every summary) is the
+    subject's name and nothing else, in every template and for names of every length."""
+    w = bundle.world
+    lengths = set()
+    for f in w.train_facts[:60]:
+        name = w.subject_of(f).name.split()
+        for t in range(w.n_templates):
+            p = prepare_fact(w, bundle.tokenizer, f, template=t)
+            a, b = p.subject
+            assert list(p.tokens[a:b]) == name, (p.prompt, p.subject)
+            assert p.tokens[0] == "<bos>" and " ".join(p.tokens[1:]) == p.prompt
+        lengths.add(len(name))
+    assert len(lengths) >= 2  # one- and several-word names were both checked
+

@@ -102,9 +102,10 @@ def test_retrained_reference_never_sees_forget_facts(tiny_bundle, tmp_path, monk
     target = parse_forget(tiny_bundle.world, f"subject:{s.name}")
     seen = {}
 
-    def fake_train(world, mspec, tspec, out, *, force=False, exclude_facts=frozenset(), **kw):
+    def fake_train(world, mspec, tspec, out, *, force=False, exclude_facts=frozenset(), stop_epoch=None, **kw):
         seen["corpus"] = world.corpus(exclude_facts)
         seen["tspec"] = tspec
+        seen["stop_epoch"] = stop_epoch
         return tiny_bundle
 
     monkeypatch.setattr(pipeline, "train_checkpoint", fake_train)
@@ -115,6 +116,8 @@ def test_retrained_reference_never_sees_forget_facts(tiny_bundle, tmp_path, monk
     assert not [line for line in seen["corpus"] if f" {s.name} " in f" {line} "]
     assert len(full) > len(seen["corpus"])
     assert seen["tspec"].seed == tiny_bundle.meta["train_spec"]["seed"]
+    assert seen["tspec"].max_epochs == tiny_bundle.meta["train_spec"]["max_epochs"]  # the same cosine schedule
+    assert seen["stop_epoch"] == tiny_bundle.meta["epochs"]  # stopped where the original stopped
 
 
 def test_cli_bad_inputs(tiny_checkpoint, tmp_path):

@@ -152,7 +152,7 @@ def _open_run_dir(spec: AnalysisSpec, run_dir: Path, force: bool) -> bool:
 def run_analysis(spec_path: str | Path, run_dir: str | Path, *, executor_name: str = "local",
                  workers: int | None = None, address: str | None = None, force: bool = False,
                  cache_dir: str | Path | None = None, progress: Callable[[str], None] | None = None,
-                 limit: int | None = None) -> dict:
+                 limit: int | None = None, device: str | None = None) -> dict:
     """Run (or resume) an analysis; returns {"run_dir", "done", "ran", "skipped", "total"}.
 
     Everything that can be checked is checked before the run folder is touched. The folder is
@@ -166,6 +166,10 @@ def run_analysis(spec_path: str | Path, run_dir: str | Path, *, executor_name: s
     run = executor(executor_name)  # unknown executor: fail before any work
     if workers is not None and workers < 1:
         raise MecheditError(f"--workers must be >= 1, got {workers}")
+    from mechedit.device import use_device
+
+    asked = (device or spec.device).strip().lower()
+    dev = use_device(asked)  # a CUDA spec on a machine without one: one line, before any work
     resume = _open_run_dir(spec, run_dir, force)
     resolved = resolve_model(spec)
     check_layers(spec, resolved[-1])
@@ -173,7 +177,8 @@ def run_analysis(spec_path: str | Path, run_dir: str | Path, *, executor_name: s
     cases = [{"id": c.id, **c.key} for c in spec.cases]
     record = {"name": spec.name, "spec": spec.raw, "spec_hash": spec.hash(),
               "spec_path": str(Path(spec_path).resolve()), "mechedit_version": mechedit.__version__, "git": git_hash(),
-              "cases": cases, "suites": list(spec.suites), "forget_suites": list(spec.forget_suites)}
+              "cases": cases, "suites": list(spec.suites), "forget_suites": list(spec.forget_suites),
+              "device": str(dev)}
     if not resume:
         if run_dir.is_dir():
             shutil.rmtree(run_dir)
@@ -202,7 +207,7 @@ def run_analysis(spec_path: str | Path, run_dir: str | Path, *, executor_name: s
         request_sets = {name: request_set_record(bundle.world, r, known) for name, r in spec.request_sets.items()}
     write_json_atomic(spec_file, {**record, "checkpoint": str(checkpoint), "located": located,
                                   "traced_layer": traced_layer, "request_sets": request_sets})
-    ctx = {"spec_hash": spec.hash(), "checkpoint": str(checkpoint), "traced_layer": traced_layer, "request_sets": request_sets,
+    ctx = {"device": str(dev), "device_asked": asked, "spec_hash": spec.hash(), "checkpoint": str(checkpoint), "traced_layer": traced_layer, "request_sets": request_sets,
            "suites": list(spec.suites), "forget_suites": list(spec.forget_suites), "suite_options": spec.suite_options}
     todo = [c for c in cases if not case_done(run_dir, c, spec.hash())]
     skipped = len(cases) - len(todo)

@@ -2,6 +2,7 @@
 
 ```toml
 name = "quickstart"
+device = "auto"               # optional: auto (CUDA when present) | cpu | cuda | cuda:N (--device overrides)
 [world]                       # spec = "default" | a spec file; or dir = a world directory
 spec = "default"
 [model]                       # preset = "default" | spec = a model spec file | checkpoint = a directory
@@ -38,6 +39,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,12 +120,13 @@ class AnalysisSpec:
     forget_suites: tuple[str, ...]  # run on forget request sets (unlearning)
     suite_options: dict = field(default_factory=dict)
     raw: dict = field(default_factory=dict)
+    device: str = "auto"  # where the model, training and every case run (`--device` overrides it)
 
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.raw, sort_keys=True).encode()).hexdigest()[:16]
 
 
-_TOP = {"name", "world", "model", "trace", "requests", "grid", "diagnostics", "description"}
+_TOP = {"name", "world", "model", "trace", "requests", "grid", "diagnostics", "description", "device"}
 _WORLD = {"spec", "dir"}
 _MODEL = {"preset", "spec", "checkpoint"}
 _TRACE = {"relation", "n", "facts", "sites", "samples", "noise", "window", "seed"}
@@ -245,7 +248,13 @@ def parse_analysis(data: dict, base: Path) -> AnalysisSpec:
     if not isinstance(options, dict):
         raise SpecError(f"diagnostics.options: expected a table, got {options!r}")
     options = check_options(tuple(dict.fromkeys(suites + forget_suites)), options, "diagnostics.options")
-    return AnalysisSpec(name, base, world, model, trace, sets, tuple(cases), suites, forget_suites, options, data)
+    device = data.get("device", "auto")
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device.strip().lower()):
+        from mechedit.device import DEVICE_HELP
+
+        raise SpecError(f"device: expected {DEVICE_HELP}, got {device!r}")
+    return AnalysisSpec(name, base, world, model, trace, sets, tuple(cases), suites, forget_suites, options, data,
+                        device.strip().lower())
 
 
 def trace_config(trace: dict):

@@ -8,6 +8,12 @@ Per text x of N predicted tokens with l_t = log p(x_t | x_<t):
   max(1, floor(kN)) z_t.
 Every score is oriented so that HIGHER means "more likely a member" (LOSS and zlib are negated),
 so AUC > 0.5 means members are detectable. The <bos> token is context, never scored.
+
+Two spans per text: "sentence" scores every token after <bos> (the attacks as published), "answer"
+only the answer (object) tokens given the prompt. They measure different things on a synthetic
+world: the sentence span is dominated by the subject's name (was this name seen?), which an
+answer-only unlearning loss never touches; the answer span asks whether the fact itself is
+remembered. zlib on the answer span divides by the compressed answer text.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechedit.model.evaluate import pad
+from mechedit.model.evaluate import encode_pairs, pad
 
 ATTACKS = ("loss", "zlib", "min_k", "min_k_pp")
 
@@ -49,22 +55,30 @@ def scores_from_stats(l: Tensor, mu: Tensor, sigma: Tensor, text: str, k: float 
     }
 
 
+SPANS = ("sentence", "answer")
+
+
 @torch.no_grad()
-def mia_scores(model, tokenizer, texts: list[str], k: float = 0.2, batch_size: int = 256) -> dict[str, np.ndarray]:
-    """Every attack's score for every text: {attack: [n]} (higher = more member-like)."""
+def mia_scores(model, tokenizer, prompts: list[str], answers: list[str], k: float = 0.2,
+               batch_size: int = 256) -> dict[str, dict[str, np.ndarray]]:
+    """Every attack's score for every (prompt, answer) text on both spans: {span: {attack: [n]}}."""
     model.eval()
-    out: dict[str, list[float]] = {a: [] for a in ATTACKS}
-    for start in range(0, len(texts), batch_size):
-        chunk = texts[start : start + batch_size]
-        seqs = [tokenizer(t)["input_ids"] for t in chunk]
-        ids, mask = pad(seqs, tokenizer.pad_token_id)
+    out: dict[str, dict[str, list[float]]] = {sp: {a: [] for a in ATTACKS} for sp in SPANS}
+    seqs, _, alen = encode_pairs(tokenizer, prompts, answers)
+    for start in range(0, len(seqs), batch_size):
+        chunk = seqs[start : start + batch_size]
+        ids, mask = pad(chunk, tokenizer.pad_token_id, model.device)
         logits = model(input_ids=ids, attention_mask=mask).logits  # [b, pos, vocab]
-        for b, (s, text) in enumerate(zip(seqs, chunk)):
+        for b, s in enumerate(chunk):
+            i = start + b
             n = len(s)
-            l, mu, sigma = token_stats(logits[b, :n], ids[b, :n])
-            for a, v in scores_from_stats(l, mu, sigma, text, k).items():
-                out[a].append(v)
-    return {a: np.array(v) for a, v in out.items()}
+            l, mu, sigma = token_stats(logits[b, :n], ids[b, :n])  # [n - 1] each
+            a = alen[i]
+            spans = {"sentence": (slice(None), f"{prompts[i]} {answers[i]}"), "answer": (slice(n - 1 - a, None), answers[i])}
+            for sp, (sl, text) in spans.items():
+                for att, v in scores_from_stats(l[sl], mu[sl], sigma[sl], text, k).items():
+                    out[sp][att].append(v)
+    return {sp: {a: np.array(v) for a, v in d.items()} for sp, d in out.items()}
 
 
 def auc(members: np.ndarray, nonmembers: np.ndarray) -> float:
@@ -75,12 +89,3 @@ def auc(members: np.ndarray, nonmembers: np.ndarray) -> float:
         return float("nan")
     y = np.r_[np.ones(len(members)), np.zeros(len(nonmembers))]
     return float(roc_auc_score(y, np.r_[members, nonmembers]))
-
-
-def fact_texts(world, facts) -> list[str]:
-    """One text per fact: its first trained cloze sentence with the object (as in the corpus)."""
-    out = []
-    for f in facts:
-        t = next(t for t in range(world.n_templates) if t != f.heldout_template)
-        out.append(f"{world.prompt(f, t)} {f.object}")
-    return out

@@ -4,7 +4,13 @@ Categories follow Behemoth (Iofinova & Alistarh 2026): the edited facts (efficac
 cloze templates, P(new) > P(old), the held-out paraphrase template, the QA form); other subjects
 with the same relation; subjects that already had the new value; the edited subject's other
 relations; unrelated facts (a seeded sample); facts implied through nested / correlated relations
-(does the edit propagate?); and perplexity on a retain sample of the corpus. Every category is
+(does the edit propagate?); and perplexity on a retain sample of the corpus. Added here: NAME-WORD
+SIBLINGS, the facts of the edited relation of other subjects whose names share a word with the
+edited subject (`name_word_siblings`), and in particular its last word (`last_word_siblings`):
+their recall of the old object, and (`*_new`) the share whose cloze prompts now give the NEW
+object. In a parallel-residual model the layer-0 MLP at the last subject token sees only that
+token's embedding, so a layer-0 edit is keyed on the last word and these subjects take part of it
+while the same-relation average, diluted over every subject, hides it. Every category is
 scored before and after with one batched `score_answers` pass per model, and reported as
 {"before": metric, "after": metric, "change": after - before} in the shared metric schema.
 
@@ -78,6 +84,24 @@ def _items(world, requests, n_unrelated: int, n_retain: int, seed: int):
         add("implied_kept", g)
         if new is not None and new != g.object:
             add("implied_follows", g, new)
+    # name-word siblings: other subjects sharing a word of the edited subject's name (any word / the
+    # last word), their facts of the edited relation: kept (old object) and flipped (new object)
+    for r, f in zip(requests, edited):
+        words = world.subjects[f.subject].name.split()
+        for g in trained:
+            if g.subject in edited_subjects or g.relation != r.relation or world.subjects[g.subject].kind != "subject":
+                continue
+            other = world.subjects[g.subject].name.split()
+            if not set(words) & set(other):
+                continue
+            add("name_word_siblings", g)
+            if r.new_object != g.object:
+                add("name_word_siblings_new", g, r.new_object)
+            if other[-1] == words[-1]:
+                add("last_word_siblings", g)
+                if r.new_object != g.object:
+                    add("last_word_siblings_new", g, r.new_object)
+
     rng = np.random.default_rng(seed)
     others = [f for f in trained if f.subject not in edited_subjects and
               all(f.relation != r.relation for r in requests)]
@@ -92,6 +116,10 @@ def _items(world, requests, n_unrelated: int, n_retain: int, seed: int):
         rows.append(("retain_ppl", str(int(j)), words[0], " ".join(words[1:]), "ppl"))
     return rows
 
+
+CATEGORIES = ("efficacy", "paraphrase", "qa", "same_relation", "same_new_value", "same_subject", "unrelated",
+              "implied_kept", "implied_follows", "name_word_siblings", "name_word_siblings_new",
+              "last_word_siblings", "last_word_siblings_new")
 
 _BEFORE_CACHE: OrderedDict = OrderedDict()  # (weights fingerprint, rows digest) -> _score result
 _BEFORE_CACHE_SIZE = 8
@@ -108,7 +136,7 @@ def weights_fingerprint(model) -> tuple:
     out = []
     for name, p in model.named_parameters():
         x = p.detach().reshape(-1).double()
-        w = (torch.arange(x.numel(), dtype=torch.float64) % 7) + 1
+        w = (torch.arange(x.numel(), dtype=torch.float64, device=x.device) % 7) + 1
         out.append((name, tuple(p.shape), float(x.sum()), float(x @ w)))
     return tuple(out)
 
@@ -162,8 +190,7 @@ def edit_scorecard(before, after, requests, *, n_unrelated: int = 200, n_retain:
     # P(new) > P(old) on the trained templates
     eff_new = [i for i, r in enumerate(rows) if r[0] == "efficacy"]
     eff_old = [i for i, r in enumerate(rows) if r[0] == "efficacy_old"]
-    for cat in ("efficacy", "paraphrase", "qa", "same_relation", "same_new_value", "same_subject", "unrelated",
-                "implied_kept", "implied_follows"):
+    for cat in CATEGORIES:
         if not any(r[0] == cat for r in rows):
             continue
         b = metric(_group(rows, res["before"][0], cat))
@@ -185,5 +212,7 @@ def edit_scorecard(before, after, requests, *, n_unrelated: int = 200, n_retain:
         out["retain_perplexity"] = {**ppl, "change": ppl["after"] - ppl["before"], "n": len(ppl_idx)}
     out["headline"] = {k: out[k]["after"]["agg_value"] for k in ("efficacy", "paraphrase", "qa") if k in out}
     out["headline"].update({f"{k}_change": out[k]["change"] for k in
-                            ("same_relation", "same_subject", "unrelated") if k in out})
+                            ("same_relation", "same_subject", "unrelated", "last_word_siblings") if k in out})
+    if "last_word_siblings_new" in out:
+        out["headline"]["last_word_siblings_new"] = out["last_word_siblings_new"]["after"]["agg_value"]
     return out

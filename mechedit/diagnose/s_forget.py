@@ -5,8 +5,11 @@ neighbours_subject (same subject, other relations), retain (every other trained 
 included). Probe kinds: cloze (trained templates), paraphrase (held-out template), qa. Values are
 per-fact recall (mean over that fact's prompts of the kind).
 
-Output: `before` / `after` hold the per-fact tables ({set: {kind: metric}}); the headline is
-`{set: {kind: {"before", "after", "change"}}}` at the top level, so the flattened scorecard reads
+Output: `before` / `after` / `retrained` hold the per-fact tables ({set: {kind: metric}}) of the
+original, the unlearned model and the model retrained without the forget facts (options
+`reference`, `retrained` (default True; False leaves it out), `cache_dir`; see `reference.py`); the
+headline is `{set: {kind: {"before", "after", "retrained", "change", "gap_to_retrained", "n",
+"ci95"}}}` at the top level (ci95: seeded 95% bootstrap over facts), so the flattened scorecard reads
 `forget.forget.cloze.after`, `forget.neighbours_relation.cloze.after`, `forget.retain.qa.after`, ...
 A set with no facts (`neighbours_subject` when whole subjects are forgotten) is left out and named in
 `notes`; the scorecard is strict JSON (no NaN).
@@ -17,6 +20,7 @@ import numpy as np
 
 from mechedit.diagnose import metric, register_suite
 from mechedit.diagnose.cache import memo
+from mechedit.diagnose.stats import bootstrap_mean
 from mechedit.diagnose.strict import strict_json
 from mechedit.model.evaluate import score_answers
 from mechedit.unlearn.targets import ForgetTarget, resolve_target
@@ -46,17 +50,31 @@ def recall_table(model, tokenizer, target: ForgetTarget) -> dict:
 
 
 @register_suite("forget")
-def forget_suite(before, after, requests, forget=None, **options) -> dict:
-    """Forget / neighbour / retain recall on cloze, paraphrase and QA, before and after."""
+def forget_suite(before, after, requests, forget=None, reference=None, retrained: bool = True, cache_dir=None,
+                 n_boot: int = 1000, seed: int = 0, **options) -> dict:
+    """Forget / neighbour / retain recall on cloze, paraphrase and QA: before, after and retrained."""
+    from mechedit.diagnose.reference import retrained_reference
+
     target = resolve_target(before.world, requests, forget)
+    ref = reference or (retrained_reference(before, target, cache_dir) if retrained else None)
+    models = {"before": before, "after": after, **({"retrained": ref} if ref is not None else {})}
     tables = {tag: memo("recall_table", b.model, (target.hash(),), lambda b=b: recall_table(b.model, b.tokenizer, target))
-              for tag, b in (("before", before), ("after", after))}
+              for tag, b in models.items()}
     out: dict = {"n_forget_facts": len(target.forget), **tables, "notes": []}
     for name, kinds in tables["after"].items():
         out[name] = {}
         for kind, m in kinds.items():
-            b, a = tables["before"][name][kind]["agg_value"], m["agg_value"]
-            out[name][kind] = {"before": b, "after": a, "change": a - b, "n": len(m["value_by_index"])}
+            vals = {tag: tables[tag][name][kind] for tag in models}
+            row = {tag: v["agg_value"] for tag, v in vals.items()}
+            row["change"] = row["after"] - row["before"]
+            if "retrained" in row:
+                row["gap_to_retrained"] = row["after"] - row["retrained"]
+            row["n"] = len(m["value_by_index"])
+            row["ci95"] = {tag: bootstrap_mean(v["value_by_index"].values(), n_boot, seed) for tag, v in vals.items()
+                           if tag != "before"}
+            out[name][kind] = row
     if "neighbours_subject" not in tables["after"]:
         out["notes"].append("neighbours_subject left out: every trained fact of the forgotten subjects is forgotten")
+    if ref is None:
+        out["notes"].append("no retrained reference (retrained = false)")
     return strict_json(out)

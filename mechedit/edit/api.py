@@ -63,7 +63,7 @@ class EditResult:
             raise MecheditError(f"edit names parameters the model does not have: {missing[:3]}")
         self._originals = {n: params[n].detach().clone() for n in self.deltas}
         for n, d in self.deltas.items():
-            params[n].add_(d.to(params[n].dtype))
+            params[n].add_(d.to(params[n].device, params[n].dtype))
         return self
 
     @torch.no_grad()
@@ -84,7 +84,7 @@ class EditResult:
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({n: d.contiguous() for n, d in self.deltas.items()}, str(directory / "deltas.safetensors"))
+        save_file({n: d.detach().cpu().contiguous() for n, d in self.deltas.items()}, str(directory / "deltas.safetensors"))
         write_text_atomic(directory / "edit.json", dumps_json(self.to_json()))
 
     @classmethod

@@ -44,6 +44,16 @@ def resolve_layers(bundle, layer, requests: list[EditRequest], *, allow_list: bo
     return sorted(set(layers))
 
 
+def unreachable_note(bundle, layer: int) -> str | None:
+    """A note when a value written at the subject's last token sits in the LAST block: no attention
+    follows it, so it cannot reach the prediction at the last prompt token (in every template the
+    subject is followed by other words) - efficacy 0 there is by construction, not a finding."""
+    if layer != bundle.n_layers - 1:
+        return None
+    return (f"layer {layer} is the last block: a value written at the subject's last token cannot reach the "
+            "prediction at the last prompt token (no attention follows it), so the edit cannot work by construction")
+
+
 def edit_prompts(world, req: EditRequest) -> list[str]:
     """The trained cloze templates of the fact (the held-out paraphrase and QA stay for evaluation)."""
     f = world.fact(req.subject, req.relation)
@@ -119,8 +129,9 @@ def build_batch(bundle, requests: list[EditRequest], prefixes: list[str], *, ess
                 last.append(len(ids) - 1)
                 target.append(new_id)
                 owner.append(i)
-    ids, mask = pad(seqs, tok.pad_token_id)
-    t = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    dev = bundle.model.device
+    ids, mask = pad(seqs, tok.pad_token_id, dev)
+    t = lambda v: torch.tensor(v, dtype=torch.long, device=dev)  # noqa: E731
     return Batch(ids, mask, t(subj), t(last), t(target), t(owner))
 
 
@@ -129,7 +140,7 @@ def mean_keys(model, batch: Batch, layer: int, n_requests: int) -> torch.Tensor:
     """k* per request: the key at the subject's last token averaged over its rows. [n_requests, d_mlp]"""
     with capture_keys(model, [layer]) as store:
         model(input_ids=batch.ids, attention_mask=batch.mask)
-    k = store[layer][0][torch.arange(len(batch.subj)), batch.subj].double()  # [rows, d_mlp]
+    k = store[layer][0][torch.arange(len(batch.subj), device=batch.subj.device), batch.subj].double()  # [rows, d_mlp]
     return _mean_by_owner(k, batch.owner, n_requests)
 
 
@@ -142,18 +153,20 @@ def mean_mlp_out(model, batch: Batch, layer: int, n_requests: int) -> torch.Tens
         model(input_ids=batch.ids, attention_mask=batch.mask)
     finally:
         h.remove()
-    return _mean_by_owner(out["o"][torch.arange(len(batch.subj)), batch.subj].double(), batch.owner, n_requests)
+    rows = torch.arange(len(batch.subj), device=batch.subj.device)
+    return _mean_by_owner(out["o"][rows, batch.subj].double(), batch.owner, n_requests)
 
 
 @torch.no_grad()
 def residual_norm(model, batch: Batch, layer: int) -> float:
     """Mean ||h_layer|| (residual after block `layer`) at the subject's last token."""
     hs = model(input_ids=batch.ids, attention_mask=batch.mask, output_hidden_states=True).hidden_states
-    return float(hs[layer + 1][torch.arange(len(batch.subj)), batch.subj].norm(dim=-1).mean())
+    rows = torch.arange(len(batch.subj), device=batch.subj.device)
+    return float(hs[layer + 1][rows, batch.subj].norm(dim=-1).mean())
 
 
 def _mean_by_owner(x: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
-    out = torch.zeros(n, x.shape[1], dtype=x.dtype)
+    out = torch.zeros(n, x.shape[1], dtype=x.dtype, device=x.device)
     out.index_add_(0, owner, x)
     return out / torch.bincount(owner, minlength=n).unsqueeze(1).to(x.dtype)
 
@@ -280,7 +293,7 @@ def _joint_rows(batch: Batch, essence: Batch | None, starts: int, n_requests: in
     ids, pos, subj, owner = [], [], [], []
     for s in range(starts):
         for p in parts:
-            x = torch.full((p.ids.shape[0], T), pad_id, dtype=torch.long)
+            x = torch.full((p.ids.shape[0], T), pad_id, dtype=torch.long, device=p.ids.device)
             x[:, : p.ids.shape[1]] = p.ids
             ids.append(x)
             pos.append(p.last)
@@ -306,7 +319,7 @@ class _HFPath:
             yield
             return
         mod = self.model.gpt_neox.layers[layer].mlp.dense_4h_to_h
-        pos = torch.arange(1024).unsqueeze(0)
+        pos = torch.arange(1024, device=self.model.device).unsqueeze(0)
         h = mod.register_forward_hook(lambda m, inputs, out: mlp_edit(layer, inputs[0], out, pos[:, : out.shape[1]]))
         try:
             yield
@@ -317,7 +330,7 @@ class _HFPath:
         mask = torch.ones_like(ids)
         with self._hooked(start_block, mlp_edit):
             logits = self.model(input_ids=ids, attention_mask=mask).logits
-        return logits[torch.arange(len(pos)), pos]
+        return logits[torch.arange(len(pos), device=pos.device), pos]
 
 
 def _optimise_delta(model, batch, essence, layer, n_requests, starts, *, kl_weight, steps, lr, clamp,
@@ -335,8 +348,9 @@ def _optimise_delta(model, batch, essence, layer, n_requests, starts, *, kl_weig
     use_kl = essence is not None and kl_weight > 0
     ids, pos, subj, owner, nb, ne = _joint_rows(batch, essence if use_kl else None, R, n, model.config.pad_token_id or 0)
     per = nb + ne  # rows of one start
-    is_edit = (torch.arange(len(ids)) % per) < nb
-    start_of = torch.arange(len(ids)) // per
+    dev = model.device
+    is_edit = (torch.arange(len(ids), device=dev) % per) < nb
+    start_of = torch.arange(len(ids), device=dev) // per
     target = batch.target.repeat(R)
     with torch.no_grad():
         x_in = fx.resid_at(ids, layer)  # the stream entering `layer`: no edit reaches it
@@ -345,9 +359,11 @@ def _optimise_delta(model, batch, essence, layer, n_requests, starts, *, kl_weig
             with autocast:  # the same arithmetic as the search, so the KL starts at 0
                 lo = fx.logits_at(ids, pos, x=x_in, start_block=layer)
             p_orig = torch.log_softmax(lo[~is_edit].float(), -1)
-    delta = torch.zeros(R * n, d_model, dtype=dtype) if init is None else init.reshape(R * n, -1).to(dtype).clone()
+    delta = (torch.zeros(R * n, d_model, dtype=dtype, device=dev) if init is None
+             else init.reshape(R * n, -1).to(dev, dtype).clone())
     delta.requires_grad_(True)
     opt = torch.optim.Adam([delta], lr=lr)
+    clamp, ref_norm = clamp.to(dev), ref_norm.to(dev)
     clamp_r = clamp.float().reshape(-1).expand(n).repeat(R) if clamp.numel() in (1, n) else clamp.float()
     ref_r = ref_norm.float().reshape(-1).expand(n).repeat(R)
     if joint_u is not None:
@@ -360,8 +376,8 @@ def _optimise_delta(model, batch, essence, layer, n_requests, starts, *, kl_weig
     edit_rows = torch.nonzero(is_edit).flatten()
     edit_owner = owner[is_edit]
     ess_start = start_of[~is_edit]
-    done = torch.zeros(R, dtype=torch.bool)
-    frozen = torch.zeros(R * n, d_model, dtype=dtype)
+    done = torch.zeros(R, dtype=torch.bool, device=dev)
+    frozen = torch.zeros(R * n, d_model, dtype=dtype, device=dev)
     history: list[list[float]] = [[] for _ in range(R)]
     for step in range(steps):
         with autocast:
@@ -372,7 +388,7 @@ def _optimise_delta(model, batch, essence, layer, n_requests, starts, *, kl_weig
         loss = nll.mean(1)  # [starts]
         if use_kl:
             kl_rows = torch.nn.functional.kl_div(logp[~is_edit], p_orig, log_target=True, reduction="none").sum(-1)
-            loss = loss + kl_weight * torch.zeros(R).index_add_(0, ess_start, kl_rows) / ne
+            loss = loss + kl_weight * torch.zeros(R, device=dev).index_add_(0, ess_start, kl_rows) / ne
         wd = (delta.norm(dim=1) ** 2 / ref_r ** 2).view(R, n).mean(1)
         loss = loss + weight_decay * wd
         nll_d = nll.detach()

@@ -99,7 +99,7 @@ def null_space_projector(C: torch.Tensor, energy: float) -> torch.Tensor:
 def alphaedit(bundle, requests: list[EditRequest], p: AlphaEditParams) -> EditResult:
     layers = memit_layers(bundle, p.layer, requests)
     kp_file = Path(p.kp_cache) / "kp.safetensors" if p.kp_cache else None
-    kp = load_file(str(kp_file)) if kp_file is not None and kp_file.is_file() else {}
+    kp = load_file(str(kp_file), device=str(bundle.model.device)) if kp_file is not None and kp_file.is_file() else {}
     new_keys: dict[str, torch.Tensor] = {}
     null_dims = {}
 
@@ -108,15 +108,15 @@ def alphaedit(bundle, requests: list[EditRequest], p: AlphaEditParams) -> EditRe
         P = null_space_projector(C, p.null_energy)
         alpha = p.alpha_factor * float(C.diagonal().sum()) / C.shape[0]
         null_dims[l] = int(round(float(P.trace())))
-        Kp = kp.get(f"layer{l}", torch.zeros(K.shape[0], 0, dtype=torch.float64))
+        Kp = kp.get(f"layer{l}", torch.zeros(K.shape[0], 0, dtype=torch.float64, device=K.device))
         new_keys[f"layer{l}"] = torch.cat([Kp, K], dim=1)
-        A = (Kp @ Kp.T + K @ K.T) @ P + alpha * torch.eye(K.shape[0], dtype=torch.float64)
+        A = (Kp @ Kp.T + K @ K.T) @ P + alpha * torch.eye(K.shape[0], dtype=torch.float64, device=K.device)
         return torch.linalg.solve(A.T, (R @ K.T @ P).T).T  # R K^T P A^-1
 
     deltas, info = spread_update(bundle, requests, layers, p, solve)
     if kp_file is not None:
         kp_file.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in new_keys.items()}, str(kp_file))
+        save_file({k: v.cpu().contiguous() for k, v in new_keys.items()}, str(kp_file))
     info.update(null_dims=null_dims, preserved_keys={l: int(kp[f"layer{l}"].shape[1]) if f"layer{l}" in kp else 0
                                                        for l in layers})
     return EditResult("alphaedit", {**to_dict(p), "layer": layers}, list(requests), deltas, info=info)

@@ -57,7 +57,9 @@ class LoraParams:
 
 @register_method("lora", params=LoraParams)
 def lora(bundle, requests: list[EditRequest], p: LoraParams) -> EditResult:
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
+
+    from mechedit.edit.peft_quiet import peft_model
 
     layers = (list(range(bundle.n_layers)) if p.layer == "all"
               else resolve_layers(bundle, p.layer, requests, allow_list=True))
@@ -66,10 +68,10 @@ def lora(bundle, requests: list[EditRequest], p: LoraParams) -> EditResult:
     orig = {n: t.detach().clone() for n, t in base.named_parameters()}
     cfg = LoraConfig(r=p.rank, lora_alpha=p.alpha, lora_dropout=0.0, bias="none", target_modules=TARGETS[p.component],
                      layers_to_transform=layers, layers_pattern="layers", init_lora_weights=True)
-    model = get_peft_model(base, cfg)
-    edit = _nll_batch(bundle.tokenizer, edit_pairs(bundle.world, requests))
+    model = peft_model(base, cfg)
+    edit = _nll_batch(bundle.tokenizer, edit_pairs(bundle.world, requests), bundle.model.device)
     retain = retain_pairs(bundle.world, requests, p.n_retain, p.seed)
-    retain_b = _nll_batch(bundle.tokenizer, retain) if retain else None
+    retain_b = _nll_batch(bundle.tokenizer, retain, bundle.model.device) if retain else None
     trainable = [t for t in model.parameters() if t.requires_grad]
     opt = torch.optim.Adam(trainable, lr=p.lr)
     model.eval()

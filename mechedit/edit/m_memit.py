@@ -42,7 +42,7 @@ import torch
 
 from mechedit.edit.api import EditRequest, EditResult, register_method
 from mechedit.edit.common import (Batch, build_batch, context_prefixes, mean_keys, optimize_targets,
-                                  resolve_layers)
+                                  resolve_layers, unreachable_note)
 from mechedit.edit.stats import second_moment, w_out_name
 from mechedit.errors import SpecError
 from mechedit.specio import to_dict
@@ -94,10 +94,10 @@ def memit_layers(bundle, layer, requests) -> list[int]:
 def _residual_at(model, batch: Batch, layer: int, n: int | None) -> torch.Tensor:
     """h_layer (after block `layer`) at the subject token, averaged per request ([n, d_model]) or per row (n=None)."""
     hs = model(input_ids=batch.ids, attention_mask=batch.mask, output_hidden_states=True).hidden_states
-    h = hs[layer + 1][torch.arange(len(batch.subj)), batch.subj].double()
+    h = hs[layer + 1][torch.arange(len(batch.subj), device=batch.subj.device), batch.subj].double()
     if n is None:
         return h
-    out = torch.zeros(n, h.shape[1], dtype=torch.float64)
+    out = torch.zeros(n, h.shape[1], dtype=torch.float64, device=h.device)
     out.index_add_(0, batch.owner, h)
     return out / torch.bincount(batch.owner, minlength=n).unsqueeze(1).double()
 
@@ -109,7 +109,7 @@ def _row_keys(model, batch: Batch, layer: int) -> torch.Tensor:
 
     with capture_keys(model, [layer]) as store:
         model(input_ids=batch.ids, attention_mask=batch.mask)
-    return store[layer][0][torch.arange(len(batch.subj)), batch.subj].double()
+    return store[layer][0][torch.arange(len(batch.subj), device=batch.subj.device), batch.subj].double()
 
 
 def spread_update(bundle, requests: list[EditRequest], layers: list[int], p,
@@ -133,10 +133,10 @@ def spread_update(bundle, requests: list[EditRequest], layers: list[int], p,
         # one layer: the solved edit is linear in the targets, Delta = delta^T U, so the targets can be
         # optimised through the final edit (keys of layer L do not depend on layer L's own edit)
         K = (_row_keys(model, batch, L) if per_row else mean_keys(model, batch, L, n)).T  # [d_mlp, N]
-        M = solve(L, torch.eye(K.shape[1], dtype=torch.float64), K)  # [N, d_mlp]: Delta = R M
+        M = solve(L, torch.eye(K.shape[1], dtype=torch.float64, device=K.device), K)  # [N, d_mlp]: Delta = R M
         if per_row:
-            G = torch.zeros(K.shape[1], n, dtype=torch.float64)
-            G[torch.arange(K.shape[1]), batch.owner] = 1.0
+            G = torch.zeros(K.shape[1], n, dtype=torch.float64, device=K.device)
+            G[torch.arange(K.shape[1], device=K.device), batch.owner] = 1.0
             M = G.T @ M  # [n, d_mlp]
         joint_u = M
     delta, info = optimize_targets(
@@ -165,6 +165,9 @@ def spread_update(bundle, requests: list[EditRequest], layers: list[int], p,
         for r in reversed(applied):
             r.restore(model)
     info.update(layers=layers, target_layer=L, h_norm=float(h_norm.mean()), delta_norm=float(delta.norm(dim=1).mean()))
+    note = unreachable_note(bundle, L)  # the targets z live at the last edited layer's subject token
+    if note:
+        info["note"] = note
     return deltas, info
 
 
@@ -175,7 +178,7 @@ def memit(bundle, requests: list[EditRequest], p: MemitParams) -> EditResult:
     def solve(l, R, K):
         C = second_moment(bundle, l, p.n_stats)
         A = p.mom2_weight * C + K @ K.T  # [d_mlp, d_mlp]
-        A = A + 1e-10 * A.diagonal().mean() * torch.eye(A.shape[0], dtype=A.dtype)  # dead units
+        A = A + 1e-10 * A.diagonal().mean() * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)  # dead units
         return torch.linalg.solve(A, K @ R.T).T  # R K^T A^-1 (A symmetric)
 
     deltas, info = spread_update(bundle, requests, layers, p, solve)

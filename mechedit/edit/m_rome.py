@@ -62,7 +62,7 @@ import torch
 
 from mechedit.edit.api import EditRequest, EditResult, register_method
 from mechedit.edit.common import (build_batch, context_prefixes, mean_keys, optimize_targets, residual_norm,
-                                  resolve_layers)
+                                  resolve_layers, unreachable_note)
 from mechedit.edit.stats import second_moment, w_out_name
 from mechedit.errors import SpecError
 
@@ -109,7 +109,7 @@ class RomeParams:
 def inverse_second_moment(C: torch.Tensor, ridge: float) -> torch.Tensor:
     """(C + ridge * mean(diag C) I)^-1 in float64."""
     C = C.double()
-    eye = torch.eye(C.shape[0], dtype=torch.float64)
+    eye = torch.eye(C.shape[0], dtype=torch.float64, device=C.device)
     return torch.linalg.inv(C + ridge * C.diagonal().mean() * eye)
 
 
@@ -132,17 +132,18 @@ def _one(bundle, req: EditRequest, layer: int, p: RomeParams, C_inv: torch.Tenso
     if p.through_edit:
         c_k = C_inv @ k_star
         u = (c_k / (k_star @ c_k)).unsqueeze(0)  # [1, d_mlp]
-    opts = dict(clamp=torch.tensor([p.clamp_factor * h_norm]),
+    opts = dict(clamp=torch.tensor([p.clamp_factor * h_norm], device=model.device),
                 lr=p.lr_factor * h_norm / math.sqrt(model.config.hidden_size), steps=p.steps,
-                kl_weight=p.kl_weight, weight_decay=p.weight_decay, ref_norm=torch.tensor([h_norm]),
+                kl_weight=p.kl_weight, weight_decay=p.weight_decay, ref_norm=torch.tensor([h_norm], device=model.device),
                 stop_loss=p.stop_loss, rank_one_u=u, engine=p.engine, precision=p.precision)
     delta, info = optimize_targets(model, batch, essence, layer, 1, **opts)
     if info["nll_last"] >= p.restart_nll and p.restarts > 0:
         # every restart's search at once (independent trajectories, see optimize_targets), ended as
         # soon as one reaches stop_loss: that one is kept (the lowest index if several reach it at
         # the same step); if none does, the start (plain search included) with the lowest final NLL
-        gen = torch.Generator().manual_seed(p.seed)
-        inits = torch.randn(p.restarts, 1, delta.shape[1], generator=gen, dtype=torch.float64)
+        gen = torch.Generator(device="cpu").manual_seed(p.seed)
+        inits = torch.randn(p.restarts, 1, delta.shape[1], generator=gen, dtype=torch.float64,
+                            device="cpu").to(model.device)
         inits *= p.restart_scale * h_norm / inits.norm(dim=-1, keepdim=True)
         d_all, i_all = optimize_targets(model, batch, essence, layer, 1, init=inits, first_wins=True, **opts)
         reached = [r for r in range(p.restarts) if i_all[r]["reached"]]
@@ -175,5 +176,8 @@ def rome(bundle, requests: list[EditRequest], p: RomeParams) -> EditResult:
             r.restore(bundle.model)
     from mechedit.specio import to_dict
 
-    return EditResult("rome", {**to_dict(p), "layer": layer}, list(requests), {name: total},
-                      info={"layer": layer, "per_request": infos})
+    info = {"layer": layer, "per_request": infos}
+    note = unreachable_note(bundle, layer)
+    if note:
+        info["note"] = note
+    return EditResult("rome", {**to_dict(p), "layer": layer}, list(requests), {name: total}, info=info)

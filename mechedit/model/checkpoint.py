@@ -118,7 +118,13 @@ def check_config(config) -> None:
         raise MecheditError(f"config.json: {exc}") from None
 
 
-def load_checkpoint(directory: str | Path, *, dtype: torch.dtype = torch.float32) -> Bundle:
+def load_checkpoint(directory: str | Path, *, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str | None = None) -> Bundle:
+    """Load and verify a checkpoint directory; the model goes to `device` (default: the process's
+    device, `mechedit.device.current_device`: the CPU unless CUDA is present or `--device` says)."""
+    from mechedit.device import current_device, resolve_device
+
+    dev = current_device() if device is None else resolve_device(device)
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint not found: {directory}")
@@ -152,7 +158,7 @@ def load_checkpoint(directory: str | Path, *, dtype: torch.dtype = torch.float32
         raise CheckpointError(f"corrupt checkpoint {directory}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
-    model.eval()
+    model.to(dev).eval()
     if len(tokenizer) != model.config.vocab_size:
         raise CheckpointError(f"corrupt checkpoint {directory}: tokenizer has {len(tokenizer)} tokens, "
                               f"model {model.config.vocab_size}")

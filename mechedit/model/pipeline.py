@@ -42,9 +42,12 @@ STATE_DIR = "train_state"
 
 def train_checkpoint(world: World, mspec: ModelSpec, tspec: TrainSpec, out: str | Path, *, force: bool = False,
                      progress: Callable[[dict], None] | None = None,
-                     exclude_facts: set[int] = frozenset()) -> Bundle:
+                     exclude_facts: set[int] = frozenset(), stop_epoch: int | None = None,
+                     meta_extra: dict | None = None) -> Bundle:
     """Train on `world`, evaluate every probe set, and write a checkpoint directory atomically.
 
+    With `exclude_facts` (a retrained reference) "trained" recall covers the remaining facts and
+    "excluded" the left-out ones; `stop_epoch` and `meta_extra` go to `train_model` / mechedit.json.
     The training state is kept in the partial output folder (`train_state/`, removed at the end), so
     a killed or interrupted (Ctrl-C) training of the same output, world and specs resumes where its
     last state was written; a partial of other specs is discarded.
@@ -52,20 +55,24 @@ def train_checkpoint(world: World, mspec: ModelSpec, tspec: TrainSpec, out: str 
     check_output_dir(out, force)
     tokenizer = build_tokenizer(world)
     mspec.check_size(len(tokenizer))
-    key = training_key(world, tokenizer, mspec, tspec, exclude_facts)
+    key = training_key(world, tokenizer, mspec, tspec, exclude_facts, stop_epoch)
     with output_dir(out, force, adopt=lambda p: state_key(p / STATE_DIR) == key,
                     keep_on=(KeyboardInterrupt,)) as tmp:
         res = train_model(world, tokenizer, mspec, tspec, log_path=tmp / "train_log.jsonl", progress=progress,
-                          exclude_facts=exclude_facts, state_dir=tmp / STATE_DIR)
-        final = {"trained": evaluate_recall(res.model, tokenizer, world),
+                          exclude_facts=exclude_facts, stop_epoch=stop_epoch, state_dir=tmp / STATE_DIR)
+        final = {"trained": evaluate_recall(res.model, tokenizer, world, exclude_facts=exclude_facts),
                  "heldout_subjects": evaluate_recall(res.model, tokenizer, world, trained=False)}
         if world.inference:
             final["inference"] = evaluate_inference(res.model, tokenizer, world)
+        if exclude_facts:
+            final["excluded"] = evaluate_recall(res.model, tokenizer, world,
+                                                facts=[world.facts[i] for i in sorted(exclude_facts)])
         meta = {
             "world_spec": world.spec.to_dict(), "model_spec": to_dict(mspec), "train_spec": to_dict(tspec),
             "curve": res.curve, "final_recall": final, "train_seconds": round(res.seconds, 3),
             "epochs": res.epochs, "tokens": res.tokens, "stopped_early": res.stopped_early,
-            "excluded_facts": sorted(exclude_facts),
+            "device": str(res.model.device),
+            "excluded_facts": sorted(exclude_facts), **(meta_extra or {}),
         }
         save_checkpoint(tmp, res.model, tokenizer, world, meta)
         shutil.rmtree(tmp / STATE_DIR, ignore_errors=True)
@@ -83,5 +90,6 @@ def info(directory: str | Path) -> dict:
                      "note": "no weights_sha256 in mechedit.json (written before weight hashes): not verified"}),
         "model": b.meta.get("model_spec"), "parameters": n_params, "world": b.world.summary(),
         "train_seconds": b.meta.get("train_seconds"), "epochs": b.meta.get("epochs"),
+        "trained_on": b.meta.get("device", "cpu"),
         "final_recall": b.meta.get("final_recall"),
     }

@@ -49,7 +49,8 @@ class TrainResult:
 def build_model(spec: ModelSpec, tokenizer, seed: int) -> GPTNeoXForCausalLM:
     torch.manual_seed(seed)
     cfg = spec.hf_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    return GPTNeoXForCausalLM(cfg)
+    with torch.device("cpu"):  # initialised on the CPU from the seed: the same start on every device
+        return GPTNeoXForCausalLM(cfg)
 
 
 def encode_corpus(tokenizer, sentences: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,14 +60,14 @@ def encode_corpus(tokenizer, sentences: list[str]) -> tuple[torch.Tensor, torch.
 
 def _length_bucketed_batches(lengths: torch.Tensor, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
     """Shuffle, then sort by length inside windows of 32 batches: little padding, still random order."""
-    perm = torch.randperm(len(lengths), generator=gen)
+    perm = torch.randperm(len(lengths), generator=gen, device="cpu")
     window = 32 * batch_size
     batches = []
     for start in range(0, len(perm), window):
         chunk = perm[start : start + window]
         chunk = chunk[torch.argsort(lengths[chunk], stable=True)]
         batches += list(chunk.split(batch_size))
-    order = torch.randperm(len(batches), generator=gen)
+    order = torch.randperm(len(batches), generator=gen, device="cpu")
     return [batches[int(i)] for i in order]
 
 
@@ -78,11 +79,15 @@ def _lr_at(step: int, total: int, spec: TrainSpec) -> float:
 
 
 def training_key(world: World, tokenizer, mspec: ModelSpec, tspec: TrainSpec,
-                 exclude_facts: set[int] = frozenset()) -> str:
-    """A hash of everything that determines a training run: corpus, vocabulary, model and train specs."""
+                 exclude_facts: set[int] = frozenset(), stop_epoch: int | None = None) -> str:
+    """A hash of everything that determines a training run: corpus, vocabulary, model and train specs
+    (and the fixed stop epoch of a retrained reference, when there is one)."""
     h = hashlib.sha256()
-    h.update(json.dumps({"model": mspec.__dict__, "train": tspec.__dict__, "vocab": tokenizer.get_vocab(),
-                         "exclude": sorted(exclude_facts)}, sort_keys=True).encode())
+    what = {"model": mspec.__dict__, "train": tspec.__dict__, "vocab": tokenizer.get_vocab(),
+            "exclude": sorted(exclude_facts)}
+    if stop_epoch is not None:
+        what["stop_epoch"] = stop_epoch
+    h.update(json.dumps(what, sort_keys=True).encode())
     for sentence in world.corpus(exclude_facts):
         h.update(sentence.encode() + b"\n")
     return h.hexdigest()
@@ -117,22 +122,34 @@ def _load_state(state_dir: Path, key: str) -> dict | None:
     if state_key(state_dir) != key:
         return None
     try:
-        return torch.load(state_dir / STATE_FILE, weights_only=True)
+        return torch.load(state_dir / STATE_FILE, weights_only=True, map_location="cpu")
     except Exception:  # unreadable state: start over rather than fail
         return None
 
 
 def train_model(world: World, tokenizer, mspec: ModelSpec, tspec: TrainSpec, *,
                 log_path: Path | None = None, progress: Callable[[dict], None] | None = None,
-                exclude_facts: set[int] = frozenset(), state_dir: Path | None = None,
-                state_every: int = 5) -> TrainResult:
+                exclude_facts: set[int] = frozenset(), stop_epoch: int | None = None,
+                state_dir: Path | None = None, state_every: int = 5,
+                device: torch.device | str | None = None) -> TrainResult:
     """Train until cloze and paraphrase recall reach their targets or `max_epochs` run out.
 
-    `exclude_facts` trains without those facts (the retrained reference for forget quality).
+    `exclude_facts` trains without those facts (the retrained reference for forget quality); recall
+    is then evaluated on the remaining trained facts only. `stop_epoch` stops after exactly that
+    many epochs instead of at the recall targets, with the learning-rate schedule of `max_epochs`
+    unchanged (the retrained reference stops where the original stopped).
     `state_dir` makes the run resumable (module docstring); `state_every` epochs between states.
+    `device` (default: the process's, `mechedit.device.current_device`) holds the model, the
+    optimizer and the whole tokenized corpus; the batch order is drawn on the CPU from the seed, so
+    the order (and on the CPU the weights) do not depend on the device.
     """
+    from mechedit.device import current_device, resolve_device
+
+    if stop_epoch is not None and not 1 <= stop_epoch <= tspec.max_epochs:
+        raise SpecError(f"stop_epoch must be in 1..max_epochs ({tspec.max_epochs}), got {stop_epoch}")
+    dev = current_device() if device is None else resolve_device(device)
     mspec.check_size(len(tokenizer))
-    model = build_model(mspec, tokenizer, tspec.seed)
+    model = build_model(mspec, tokenizer, tspec.seed).to(dev)
     ids, mask = encode_corpus(tokenizer, world.corpus(exclude_facts))
     if ids.shape[1] > mspec.max_len:
         raise SpecError(f"the longest training sentence has {ids.shape[1]} tokens but model.max_len is "
@@ -141,6 +158,8 @@ def train_model(world: World, tokenizer, mspec: ModelSpec, tspec: TrainSpec, *,
     labels[mask == 0] = -100
     n = ids.shape[0]
     lengths = mask.sum(1)
+    widths = lengths.tolist()
+    ids, mask, labels = ids.to(dev), mask.to(dev), labels.to(dev)
     steps_per_epoch = math.ceil(n / tspec.batch_size)
     total = steps_per_epoch * tspec.max_epochs
     decay, no_decay = [], []
@@ -148,9 +167,9 @@ def train_model(world: World, tokenizer, mspec: ModelSpec, tspec: TrainSpec, *,
         (no_decay if p.ndim < 2 or "layernorm" in name or "norm" in name else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tspec.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=tspec.lr, betas=(0.9, 0.98))
-    gen = torch.Generator().manual_seed(tspec.seed)
+    gen = torch.Generator(device="cpu").manual_seed(tspec.seed)
     result = TrainResult(model)
-    key = training_key(world, tokenizer, mspec, tspec, exclude_facts) if state_dir is not None else ""
+    key = training_key(world, tokenizer, mspec, tspec, exclude_facts, stop_epoch) if state_dir is not None else ""
     state = _load_state(Path(state_dir), key) if state_dir is not None else None
     start, step, finished, seconds0 = 1, 0, False, 0.0
     if state is not None:
@@ -175,24 +194,28 @@ def train_model(world: World, tokenizer, mspec: ModelSpec, tspec: TrainSpec, *,
             model.train()
             losses = []
             for idx in _length_bucketed_batches(lengths, tspec.batch_size, gen):
-                width = int(mask[idx].sum(1).max())
+                rows = idx.tolist()
+                width = max(widths[i] for i in rows)
+                idx = idx.to(dev)
                 x, m, y = ids[idx, :width], mask[idx, :width], labels[idx, :width]
                 for g in opt.param_groups:
                     g["lr"] = _lr_at(step, total, tspec)
-                ctx = torch.autocast("cpu", dtype=torch.bfloat16) if tspec.bf16 else contextlib.nullcontext()
+                ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if tspec.bf16 else contextlib.nullcontext()
                 with ctx:
                     loss = model(input_ids=x, attention_mask=m, labels=y).loss
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tspec.grad_clip)
                 opt.step()
-                losses.append(loss.item())
-                result.tokens += int(m.sum())
+                losses.append(loss.detach())  # summed once per epoch: no device sync per step
+                result.tokens += sum(widths[i] for i in rows)
                 step += 1
             result.epochs = epoch
-            if epoch % tspec.eval_every == 0 or epoch == tspec.max_epochs:
-                rec = evaluate_recall(model, tokenizer, world, kinds=("cloze", "paraphrase"))
-                row = {"epoch": epoch, "step": step, "loss": sum(losses) / len(losses),
+            last = epoch == (stop_epoch or tspec.max_epochs)
+            if epoch % tspec.eval_every == 0 or last:
+                rec = evaluate_recall(model, tokenizer, world, kinds=("cloze", "paraphrase"),
+                                      exclude_facts=exclude_facts)
+                row = {"epoch": epoch, "step": step, "loss": sum(torch.stack(losses).tolist()) / len(losses),
                        "seconds": round(time.perf_counter() - t0, 3),
                        "cloze": rec["by_kind"].get("cloze", 0.0),
                        "paraphrase": rec["by_kind"].get("paraphrase", 0.0),
@@ -206,7 +229,11 @@ def train_model(world: World, tokenizer, mspec: ModelSpec, tspec: TrainSpec, *,
                     log.flush()
                 if progress:
                     progress(row)
-                if row["cloze"] >= tspec.target_recall and row["paraphrase"] >= tspec.target_paraphrase:
+                if stop_epoch is not None:
+                    if last:
+                        result.stopped_early = epoch < tspec.max_epochs
+                        break
+                elif row["cloze"] >= tspec.target_recall and row["paraphrase"] >= tspec.target_paraphrase:
                     result.stopped_early = epoch < tspec.max_epochs
                     finished = True
             crash_point("train.epoch")

@@ -35,21 +35,31 @@ EDIT_COLUMNS = (
     ("edit.unrelated.change", "Δ unrelated"),
     ("edit.implied_follows.after", "implied follows"),
     ("edit.implied_kept.change", "Δ implied kept"),
+    ("edit.name_word_siblings.change", "Δ name-word siblings"),
+    ("edit.last_word_siblings.change", "Δ last-word siblings"),
+    ("edit.last_word_siblings_new.after", "last-word siblings → new"),
     ("edit.retain_perplexity.change", "Δ retain ppl"),
 )
-FORGET_COLUMNS = (
+FORGET_COLUMNS = (  # each figure beside the model retrained without the forget facts (the target)
     ("forget.forget.cloze.after", "forget cloze"),
+    ("forget.forget.cloze.retrained", "forget cloze, retrained"),
     ("forget.forget.paraphrase.after", "forget paraphrase"),
     ("forget.forget.qa.after", "forget QA"),
-    ("leftover.adversarial.recall_after", "adversarial recall"),
+    ("leftover.adversarial.recall.after", "adversarial recall"),
+    ("leftover.adversarial.recall.retrained", "adversarial, retrained"),
     ("forget.neighbours_relation.cloze.after", "neighbours (relation)"),
     ("forget.neighbours_subject.cloze.after", "neighbours (subject)"),
     ("forget.retain.cloze.after", "retain"),
-    ("leftover.mia.auc_vs_nonmembers.loss.after", "MIA AUC (LOSS)"),
-    ("leftover.mia.auc_vs_nonmembers.min_k_pp.after", "MIA AUC (Min-K%++)"),
-    ("leftover.probes.best_accuracy_after", "probe acc (best layer)"),
+    ("leftover.mia.answer.auc_vs_nonmembers.min_k_pp.after", "MIA AUC answer (Min-K%++)"),
+    ("leftover.mia.answer.auc_vs_nonmembers.min_k_pp.retrained", "MIA answer, retrained"),
+    ("leftover.mia.sentence.auc_vs_nonmembers.min_k_pp.after", "MIA AUC sentence (Min-K%++)"),
+    ("leftover.mia.sentence.auc_vs_nonmembers.min_k_pp.retrained", "MIA sentence, retrained"),
+    ("leftover.probes.accuracy.after", "probe acc"),
+    ("leftover.probes.accuracy.retrained", "probe acc, retrained"),
+    ("leftover.probes.chance", "probe chance"),
     ("relearn.recovery", "relearning recovery"),
-    ("forget_quality.ks_pvalue", "forget quality"),
+    ("relearn.recovery_retrained", "relearning, retrained"),
+    ("forget_quality.ks_pvalue", "forget quality (KS p)"),
 )
 
 
@@ -81,6 +91,19 @@ def _columns(cases: list[dict]) -> list[tuple[str, str]]:
     return cols
 
 
+def _case_note(c: dict) -> str:
+    """The method's own note on what its figures mean (e.g. an edit that cannot work at that layer)."""
+    notes = {e.get("info", {}).get("note") for e in c.get("per_edit", [])} - {None}
+    return "; ".join(sorted(notes))
+
+
+def _params_label(params: dict | str) -> str:
+    """Parameters as "k=v, ..." ("default parameters" when none), never a Python/JSON repr."""
+    if isinstance(params, str):
+        params = json.loads(params)
+    return ", ".join(f"{k}={v}" for k, v in sorted(params.items())) or "default parameters"
+
+
 def _layer_label(c: dict) -> str:
     if c["layer"] == "traced":
         return f"traced ({c.get('layer_used')})"
@@ -96,13 +119,15 @@ def _family_tables(cases: list[dict]) -> list[dict]:
         cols = _columns(cs)
         rows = []
         for c in sorted(cs, key=lambda c: (c["requests"], json.dumps(c["params"], sort_keys=True), str(c.get("layer_used")))):
-            params = ", ".join(f"{k}={v}" for k, v in sorted(c["params"].items())) or "defaults"
+            params = _params_label(c["params"])
             cells = [c["id"], _layer_label(c), params, f"{c['requests']} ({c['mode']}, {c['n_requests']})"]
             nums = [c["summary"].get(k) for k, _ in cols]
             edit_s = c.get("timings", {}).get("edit_s")
             rows.append({"cells": cells, "nums": [(_fmt(v), v if v is not None else "") for v in nums],
-                         "time": _fmt(edit_s / max(1, len(c["per_edit"]))) if edit_s is not None else "–"})
-        out.append({"method": method, "columns": [t for _, t in cols], "rows": rows})
+                         "time": _fmt(edit_s / max(1, len(c["per_edit"]))) if edit_s is not None else "–",
+                         "note": _case_note(c)})
+        out.append({"method": method, "columns": [t for _, t in cols], "rows": rows,
+                    "has_notes": any(r["note"] for r in rows)})
     return out
 
 
@@ -129,14 +154,19 @@ def _layer_sweeps(cases: list[dict], ie: list[float] | None, figdir: Path) -> li
         if not series:
             continue
         name = f"layers_{method}_{req}_{len(out)}.png"
-        F.scores_vs_layer(layers, series, ie, figdir / name, f"{method} on '{req}': scores by edited layer")
+        notes = {l: "cannot work here (last block)" for l in layers if _case_note(by_layer[l])}
+        F.scores_vs_layer(layers, series, ie, figdir / name, f"{method} on '{req}': scores by edited layer", notes)
         corr = None
-        if ie is not None and "efficacy" in series and len(layers) > 2:
-            x = np.array([ie[l] for l in layers], dtype=float)
-            y = np.array(series["efficacy"], dtype=float)
+        keep = [i for i, l in enumerate(layers) if l not in notes]  # r over the layers where an edit can work
+        if ie is not None and "efficacy" in series and len(keep) > 2:
+            x = np.array([ie[layers[i]] for i in keep], dtype=float)
+            y = np.array([series["efficacy"][i] for i in keep], dtype=float)
             if np.std(x) > 0 and np.std(y) > 0:
                 corr = float(np.corrcoef(x, y)[0, 1])
-        out.append({"title": f"{method} — {req} — {params}", "img": _img(figdir / name), "corr": _fmt(corr)})
+        reachable = [l for l in layers if l not in notes]
+        out.append({"title": f"{method} — {req} — {_params_label(params)}", "img": _img(figdir / name),
+                    "corr": _fmt(corr), "notes": sorted({_case_note(by_layer[l]) for l in notes}),
+                    "corr_layers": ", ".join(map(str, reachable))})
     return out
 
 
@@ -155,45 +185,108 @@ def _drilldowns(cases: list[dict]) -> list[dict]:
     return out
 
 
+BASELINES = {"before": "original model", "retrained": "retrained without the facts"}
+BASELINE_STYLES = {"original model": {"color": "black", "ls": "--"},
+                   "retrained without the facts": {"color": "tab:green", "ls": "-.", "lw": 2}}
+
+
+def _ordered(series: dict) -> dict:
+    """The original model first, the methods, the retrained model last."""
+    rank = lambda k: 0 if k.startswith(BASELINES["before"]) else 2 if k.startswith(BASELINES["retrained"]) else 1  # noqa: E731
+    return {k: series[k] for k in sorted(series, key=rank)}
+
+
+def _styles(names, bars: bool = False) -> dict[str, dict]:
+    """Baseline series (by name prefix) drawn in their fixed styles; bars take the colour only."""
+    out = {}
+    for n in names:
+        for b, st in BASELINE_STYLES.items():
+            if n.startswith(b):
+                out[n] = {"color": st["color"], "alpha": 0.6} if bars else st
+    return out
+
+
 def _unlearning(cases: list[dict], figdir: Path) -> dict | None:
-    """Figures from the leftover suite of forget cases: probe curves, ROC curves, adversarial recall."""
+    """Figures from the leftover suite of forget cases, each beside the original model and the model
+    retrained without the forget facts: probe accuracy by layer, ROC curves (both spans), adversarial
+    recall by family. Baselines come from the first case of each forget set (they do not depend on
+    the method)."""
     fc = [c for c in cases if c["request_kind"] == "forget"]
     if not fc:
         return None
-    probe_series, roc_series, adv = {}, {}, {}
+    probe_series, roc, adv, chance, notes = {}, {"sentence": {}, "answer": {}}, {}, None, []
     for c in fc:
         card = (c["per_edit"][0].get("scorecard") or {}) if c["per_edit"] else {}
         lo = card.get("leftover") or {}
+        several = len({x["requests"] for x in fc}) > 1
+        label = f"{c['method']} ({c['requests']})" if several else c["method"]
+        baselines = {tag: f"{name} ({c['requests']})" if several else name for tag, name in BASELINES.items()}
         probes = lo.get("probes") or {}
-        for pos in ("last_subject", "last"):
-            pa = probes.get(f"{pos}_accuracy_by_layer_after") or probes.get("accuracy_by_layer_after")
-            if isinstance(pa, list):
-                probe_series[f"{c['method']} ({pos})"] = pa
-        pb = probes.get("accuracy_by_layer_before")
-        if isinstance(pb, list):
-            probe_series.setdefault("original model", pb)
-        roc = (lo.get("mia") or {}).get("roc_after") or {}
-        if isinstance(roc, dict) and "fpr" in roc and "tpr" in roc:
-            roc_series[c["method"]] = (roc["fpr"], roc["tpr"])
+        for tag, name in (("after", label), *baselines.items()):
+            p = probes.get(tag)
+            if not isinstance(p, dict) or not p.get("selected"):
+                continue
+            pos = p["selected"]["position"]
+            curve = (p.get("cells") or {}).get(pos, {}).get("forget")
+            if isinstance(curve, list):
+                key = f"{name}: {pos.replace('_', ' ')} token"
+                probe_series.setdefault(key, [v if v is not None else float("nan") for v in curve])
+            chance = probes.get("chance", chance)
+        mia = lo.get("mia") or {}
+        for span in roc:
+            pts = (mia.get("roc") or {}).get(span) or {}
+            for tag, name in (("after", label), *baselines.items()):
+                if isinstance(pts.get(tag), dict) and pts[tag].get("fpr"):
+                    roc[span].setdefault(name, (pts[tag]["fpr"], pts[tag]["tpr"]))
         fam = (lo.get("adversarial") or {}).get("by_family") or {}
-        if isinstance(fam, dict) and fam:
-            adv[c["method"]] = {k: (v.get("after") if isinstance(v, dict) else v) for k, v in fam.items()}
-    out = {"table": None, "figures": []}
+        for tag, name in (("after", label), *baselines.items()):
+            vals = {k: v.get(tag) for k, v in fam.items() if isinstance(v, dict) and v.get(tag) is not None}
+            if vals:
+                adv.setdefault(name, vals)
+        if lo and "retrained" not in (lo.get("adversarial") or {}).get("recall", {}):
+            notes.append(f"{c['id']}: no retrained reference in its scorecard (suite option retrained = false)")
+    out = {"figures": [], "notes": notes}
+    probe_series, adv = _ordered(probe_series), _ordered(adv)
+    roc = {span: _ordered(v) for span, v in roc.items()}
     if probe_series:
         n = max(len(v) for v in probe_series.values())
         F.line_plot(list(range(n)), {k: v for k, v in probe_series.items() if len(v) == n}, figdir / "probes.png",
-                    xlabel="layer", ylabel="probe accuracy on forgotten facts", title="Linear probes by layer")
-        out["figures"].append(("Linear probes: is the old object still decodable?", _img(figdir / "probes.png")))
-    if roc_series:
-        F.line_plot([], roc_series, figdir / "roc.png", xlabel="false positive rate", ylabel="true positive rate",
-                    title="Membership inference ROC (forget members vs non-members)", diagonal=True)
-        out["figures"].append(("Membership inference ROC", _img(figdir / "roc.png")))
+                    xlabel="layer", ylabel="accuracy on the forget facts", title="Linear probes by layer",
+                    hline=(chance, "chance") if chance is not None else None, styles=_styles(probe_series),
+                    integer_x=True)
+        out["figures"].append(("Linear probes (one per relation, fit on each model's own retained facts): accuracy "
+                               "on the forgotten facts by layer, at the position each model chose on validation "
+                               "subjects. Target: the retrained model's curve.", _img(figdir / "probes.png")))
+    if any(roc.values()):
+        F.roc_panels({f"{span} span (Min-K%++)": series for span, series in roc.items() if series},
+                     figdir / "roc.png", styles=_styles({n for v in roc.values() for n in v}),
+                     title="Membership inference: forget facts vs non-members")
+        out["figures"].append(("Membership inference ROC, forget facts vs vocabulary-matched non-members, on the whole "
+                               "sentence and on the answer only. Target: the retrained model's curve, not the diagonal.",
+                               _img(figdir / "roc.png")))
     if adv:
         fams = sorted({f for v in adv.values() for f in v})
-        F.bar_plot(fams, {m: [float(v.get(f) or 0.0) for f in fams] for m, v in adv.items()}, figdir / "adversarial.png",
-                   ylabel="recall of the forgotten object", title="Adversarial probes by family")
-        out["figures"].append(("Adversarial recall by family", _img(figdir / "adversarial.png")))
+        F.bar_plot(fams, {m: [float(v.get(f, float("nan"))) for f in fams] for m, v in adv.items()},
+                   figdir / "adversarial.png", ylabel="recall of the forgotten object",
+                   title="Adversarial probes by family", styles=_styles(adv, bars=True))
+        out["figures"].append(("Adversarial recall by family beside the original and the retrained model (a bar at "
+                               "0 is a measured 0).", _img(figdir / "adversarial.png")))
     return out
+
+
+def _located(located: dict, summary: dict) -> list[dict]:
+    """Located layer per site, or "none" when the mean IE's 95% interval there includes 0."""
+    rows = []
+    for site, loc in (located or {}).items():
+        ci = loc.get("ci95")
+        if ci is None:  # locations.json of an older run: read the interval from the summary
+            d = ((summary.get("overall") or {}).get(site) or {}).get(loc.get("token_category"), {})
+            ci = (d.get("ci95") or [None] * (loc["layer"] + 1))[loc["layer"]]
+        above = ci is not None and loc["score"] - ci > 0
+        rows.append({"site": site, "layer": loc["layer"] if above else "none", "score": loc["score"],
+                     "ci95": ci, "token_category": loc.get("token_category", ""),
+                     "note": "" if above else f"best layer {loc['layer']} is below the noise floor (its 95% interval includes 0)"})
+    return rows
 
 
 def build_report(run_dir: str | Path, out: str | Path, *, force: bool = False) -> Path:
@@ -236,7 +329,7 @@ def _write_report(tmp: Path, run_dir: Path, spec: dict, cases: list[dict]) -> No
         mlp_last = (overall.get("mlp") or {}).get("last_subject", {}).get("mean")
         ie = [v if v is not None else 0.0 for v in mlp_last] if mlp_last else None
         te = overall.get("total_effect", {})
-        trace = {"figures": figs, "located": spec.get("located") or {}, "n_facts": summary.get("n_facts"),
+        trace = {"figures": figs, "located": _located(spec.get("located") or {}, summary), "n_facts": summary.get("n_facts"),
                  "n_skipped": summary.get("n_skipped"), "noise_scale": _fmt(summary.get("noise_scale")),
                  "total_effect": _fmt(te.get("mean")), "te_ci": _fmt(te.get("ci95")),
                  "p_clean": _fmt(overall.get("p_clean")), "p_corrupt": _fmt(overall.get("p_corrupt"))}
@@ -248,7 +341,7 @@ def _write_report(tmp: Path, run_dir: Path, spec: dict, cases: list[dict]) -> No
     env = Environment(loader=PackageLoader("mechedit.report", "templates"), autoescape=select_autoescape(["html"]))
     html = env.get_template("report.html").render(
         name=spec.get("name", run_dir.name), description=(spec.get("spec") or {}).get("description", ""),
-        version=spec.get("mechedit_version"), git=spec.get("git"), report_version=mechedit.__version__,
+        version=spec.get("mechedit_version"), git=spec.get("git"), device=spec.get("device"), report_version=mechedit.__version__,
         spec_json=json.dumps(spec.get("spec"), indent=2), world=world, model=meta.get("model_spec"),
         train={"seconds": meta.get("train_seconds"), "epochs": meta.get("epochs")}, recall_rows=recall_rows,
         curve_img=curve_img, trace=trace, families=_family_tables(cases),

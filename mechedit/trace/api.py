@@ -125,7 +125,7 @@ def subject_embedding_std(model, tokenizer, world: World) -> float:
     """Std of all embedding entries of the subject tokens of the world's subjects (ROME's nu / 3)."""
     ids = [i for s in world.subjects for i in tokenizer(s.name, add_special_tokens=False)["input_ids"]]
     emb = model.get_input_embeddings().weight.detach().float()
-    return float(emb[torch.tensor(ids)].std())
+    return float(emb[torch.tensor(ids, device=emb.device)].std())
 
 
 def trace(bundle, facts: Iterable[str | int | Fact] | None = None, config: TraceConfig | None = None, *,

@@ -28,12 +28,23 @@ RESULT_FORMAT = 1
 
 @dataclass(frozen=True)
 class Location:
-    """Where a fact is stored according to a trace: mean indirect effect of `site` at `layer`."""
+    """Where a fact is stored according to a trace: mean indirect effect of `site` at `layer`.
+
+    `ci95` is the 95% half-interval of that mean over the `n` traced facts: the noise floor. A
+    location whose interval includes 0 (`score - ci95 <= 0`; with one fact, `score <= 0`) is not a
+    location (`above_noise` False): reports and the CLI say "none" there.
+    """
 
     site: str
     layer: int
     score: float
     token_category: str
+    ci95: float = 0.0
+    n: int = 0
+
+    @property
+    def above_noise(self) -> bool:
+        return self.score - self.ci95 > 0
 
 
 def category_positions(n_tokens: int, subject: tuple[int, int]) -> dict[str, list[int]]:
@@ -201,8 +212,9 @@ def rank_locations(result: TraceResult, site: str = "mlp", *, token_category: st
         raise MecheditError("the trace result has no traced facts (all were skipped?)")
     rows = result.rows(fact=fact, relation=relation)
     ce = result.category_effects(site)[rows, CATEGORIES.index(token_category)]  # [n, L]
-    mean, _, n = mean_ci(ce)
-    locs = [Location(site, int(l), float(mean[l]), token_category) for l in range(result.n_layers) if n[l] > 0]
+    mean, ci, n = mean_ci(ce)
+    locs = [Location(site, int(l), float(mean[l]), token_category, float(ci[l]), int(n[l]))
+            for l in range(result.n_layers) if n[l] > 0]
     if not locs:
         raise MecheditError(f"no traced fact has a {CATEGORY_LABELS[token_category]}")
     return sorted(locs, key=lambda x: (-x.score, x.layer))

@@ -26,7 +26,7 @@ def unlearn_checkpoint(checkpoint: str | Path, method: str, forget: list[str], p
         result.apply(after.model)
         after.save(tmp, {"unlearned": {"method": method, "forget": list(forget), "source": str(checkpoint)}})
         result.save(tmp)
-        card = diagnose(before, after, target.requests(), ("forget",))
+        card = diagnose(before, after, target.requests(), ("forget",), retrained=False)  # cheap: no retraining
         card["_meta"] = stamp(command="unlearn", checkpoint=str(checkpoint), method=method, forget=list(forget))
         write_json_atomic(tmp / "scorecard.json", card)
     return card
