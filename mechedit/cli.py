@@ -187,6 +187,10 @@ def train(
     typer.echo(f"trained {bundle.meta['epochs']} epochs in {bundle.meta['train_seconds']:.0f} s; recall on trained "
                "facts: " + ", ".join(f"{k} {v:.3f}" for k, v in rec.items())
                + f"; held-out subjects (chance): cloze {held.get('cloze', float('nan')):.3f}")
+    inference = bundle.meta["final_recall"].get("inference")
+    if inference:
+        typer.echo("held-out inference facts (never trained): " + ", ".join(
+            f"{k} {v['cloze']:.3f} cloze / {v['qa']:.3f} QA (n={v['n_facts']})" for k, v in inference.items()))
     typer.echo(f"checkpoint written to {out}")
 
 

@@ -12,6 +12,10 @@ Rules every spec field gets for free (so new fields are checked without code of 
 - an `int` field named `seed` or `*_seed` is a seed: 0 <= seed <= 2**63 - 1 (what numpy and torch take);
 - `Annotated[int | float, Range(lo, hi)]` states another range (`Seed` is one);
 - `bool` is never accepted for a number, nor a number for a `bool`; a string is never a number.
+
+A field declared with `metadata=OMIT_DEFAULT` is left out of `to_dict` while it holds its default:
+a key added to a spec later then leaves the serialised form (and every file hashed from it) of
+existing specs unchanged.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from mechedit.errors import SpecError
 
 T = TypeVar("T")
 
+OMIT_DEFAULT = {"omit_default": True}
 MAX_COUNT = 1_000_000
 SEED_MAX = 2**63 - 1
 
@@ -52,7 +57,8 @@ class _Mismatch(SpecError):
 
 def to_dict(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not (f.metadata.get("omit_default") and getattr(obj, f.name) == f.default)}
     if isinstance(obj, (list, tuple)):
         return [to_dict(x) for x in obj]
     if isinstance(obj, dict):

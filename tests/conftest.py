@@ -64,6 +64,41 @@ def tiny_bpe_bundle(tiny_bpe_checkpoint):
     return load_checkpoint(tiny_bpe_checkpoint)
 
 
+def render_in_chromium(index, tmp_path) -> dict | None:
+    """Open a report in headless Chromium: {"errors": [...], "images": n, "broken": n, "shrunk": [...]}
+    (figures shown smaller than their own size in a 1400 px window, every <details> open), or None without Chromium
+    (on CI, where `make test` installs it, a missing Chromium fails the calling test)."""
+    import json
+    import shutil
+    import subprocess
+
+    browser = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: the test command installs it (make test)")
+        return None
+    probe = """<script>
+window.__errors = [];
+window.addEventListener('error', function (e) { window.__errors.push(String(e.message || e.target && e.target.src)); }, true);
+var _ce = console.error; console.error = function () { window.__errors.push(Array.from(arguments).join(' ')); _ce.apply(console, arguments); };
+window.addEventListener('load', function () {
+  var imgs = Array.from(document.images);
+  var bad = imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); }).length;
+  document.querySelectorAll('details').forEach(function (d) { d.open = true; });
+  var shrunk = imgs.filter(function (i) { return i.getBoundingClientRect().width < i.naturalWidth - 1; })
+                   .map(function (i) { return i.alt + ' ' + i.naturalWidth; });
+  document.title = 'RESULT ' + JSON.stringify({errors: window.__errors, images: imgs.length, broken: bad, shrunk: shrunk});
+});
+</script>"""
+    page = tmp_path / "probe.html"
+    page.write_text(index.read_text().replace("<head>", "<head>" + probe, 1))
+    out = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
+                          "--window-size=1400,2000", "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    start = out.stdout.find("<title>RESULT ")
+    assert start >= 0, out.stderr[-2000:]
+    return json.loads(out.stdout[start + 14 : out.stdout.find("</title>", start)].replace("&quot;", '"'))
+
+
 @pytest.fixture(scope="session")
 def tiny_forget(tiny_world):
     """The forget target of the tests that need a retrained reference: every fact of the first trained subject."""

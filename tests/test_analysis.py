@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from clitools import invoke as cli  # in-process; the kill test needs a real process
+from conftest import render_in_chromium
 
 from mechedit.analysis import load_analysis, run_analysis
 from mechedit.errors import SpecError
@@ -139,13 +140,6 @@ def test_bad_analysis_specs_exit_2_naming_the_key(tmp_path, tiny_checkpoint, edi
     assert len(r.stderr.strip().splitlines()) == 1
 
 
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
 def test_report_renders_in_headless_chromium(tmp_path, reference_run):
     r = cli("report", reference_run, "-o", tmp_path / "report")
     assert r.returncode == 0, r.stderr
@@ -155,32 +149,9 @@ def test_report_renders_in_headless_chromium(tmp_path, reference_run):
     for section in ("Analysis spec", "World and model", "Causal tracing", "Methods", "Cases", "rome", "memit"):
         assert section in html
     assert cli("report", reference_run, "-o", tmp_path / "report").returncode == 2  # no overwrite without --force
-    browser = _chromium()
-    if browser is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is missing: the test command installs it (make test)")
+    result = render_in_chromium(index, tmp_path)
+    if result is None:
         pytest.skip("chromium not installed")
-    probe = """<script>
-window.__errors = [];
-window.addEventListener('error', function (e) { window.__errors.push(String(e.message || e.target && e.target.src)); }, true);
-var _ce = console.error; console.error = function () { window.__errors.push(Array.from(arguments).join(' ')); _ce.apply(console, arguments); };
-window.addEventListener('load', function () {
-  var imgs = Array.from(document.images);
-  var bad = imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); }).length;
-  document.querySelectorAll('details').forEach(function (d) { d.open = true; });
-  var shrunk = imgs.filter(function (i) { return i.getBoundingClientRect().width < i.naturalWidth - 1; })
-                   .map(function (i) { return i.alt + ' ' + i.naturalWidth; });
-  document.title = 'RESULT ' + JSON.stringify({errors: window.__errors, images: imgs.length, broken: bad, shrunk: shrunk});
-});
-</script>"""
-    test_page = tmp_path / "report" / "probe.html"
-    test_page.write_text(html.replace("<head>", "<head>" + probe, 1))
-    out = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
-                          "--window-size=1400,2000", "--dump-dom", test_page.as_uri()],
-                         capture_output=True, text=True, timeout=120)
-    start = out.stdout.find("<title>RESULT ")
-    assert start >= 0, out.stderr[-2000:]
-    result = json.loads(out.stdout[start + 14 : out.stdout.find("</title>", start)].replace("&quot;", '"'))
     assert result["errors"] == []
     assert result["images"] >= 3 and result["broken"] == 0
     # every figure is shown at its own size in a 1400 px window (100% zoom): none is scaled down

@@ -151,3 +151,44 @@ def test_training_keeps_its_device(tiny_world):
     assert drop(got.curve) == drop(ref.curve)
     for (n, a), (_, b) in zip(ref.model.state_dict().items(), got.model.state_dict().items()):
         assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("method,params", [
+    ("grace", dict(steps=20, lr_factor=0.5)),
+    ("wise", dict(steps=20)),
+    ("repe", dict(layer=[0, 1], mode="subtract", alpha=1.0)),
+])
+def test_adaptor_methods_keep_the_models_device(tiny_bundle, method, params):
+    """GRACE / WISE / RepE build and run their hooked adaptors on the model's device: the edited model's
+    logits are the same with stray tensors sent to "meta"."""
+    from mechedit.edit import run_method
+    from mechedit.model.evaluate import pad
+
+    reqs = [request(tiny_bundle, 0), request(tiny_bundle, 3)]
+    texts = [p.prompt for p in tiny_bundle.world.probes(tiny_bundle.world.train_facts[:6], ("cloze",))]
+    ids, mask = pad([tiny_bundle.tokenizer(t)["input_ids"] for t in texts], tiny_bundle.tokenizer.pad_token_id)
+
+    def edited_logits():
+        torch.manual_seed(0)
+        res = run_method(tiny_bundle, reqs, method, **params).apply(tiny_bundle.model)
+        try:
+            with torch.no_grad():
+                return tiny_bundle.model(input_ids=ids, attention_mask=mask).logits
+        finally:
+            res.restore(tiny_bundle.model)
+
+    ref = edited_logits()
+    with strays_on_meta():
+        got = edited_logits()
+    assert got.device == ref.device
+    torch.testing.assert_close(got, ref)
+
+
+def test_entity_geometry_keeps_the_models_device(tiny_bundle):
+    from mechedit.diagnose.geometry import entity_representations, ring_sets
+
+    (rs,) = ring_sets(tiny_bundle.world)
+    ref = entity_representations(tiny_bundle.model, tiny_bundle.tokenizer, tiny_bundle.world, rs)
+    with strays_on_meta():
+        got = entity_representations(tiny_bundle.model, tiny_bundle.tokenizer, tiny_bundle.world, rs)
+    np.testing.assert_array_equal(got, ref)

@@ -269,6 +269,112 @@ def test_profile_sentences_list_every_object_of_a_subject_after_its_name():
     assert all(Counter(p.split()[n:]) == kept for p in left)
 
 
+# ---- several cyclic orders over one entity pool, held-out inference facts (issue 10) ----------------
+
+def _ring_world(**kw):
+    cyc = {"name": "ring", "n_entities": 10, "hops": [1, 2, 3], "orders": 3, "logical_heldout": 0.2,
+           "compositional_heldout": 0.2, **kw}
+    return generate_world(WorldSpec.from_dict({"seed": 4, "n_subjects": 12, "relations": [{"name": "a", "n_objects": 4}],
+                                               "cyclic": [cyc]}))
+
+
+def test_default_world_bytes_are_unchanged():
+    """The embedded default and the tiny test world (both hold a ring) serialise exactly as before the
+    multi-order keys existed (hashes taken on main before issue 10; the version field left out)."""
+    import hashlib
+
+    from mechedit.fileio import dumps_json
+
+    for spec, digest in ((default_world_spec(), "ee7d568f048d72a89b66dd522ae3be13a41966e1e492cca1474145234af85ad0"),
+                         (tiny_world_spec(), "f22845d7c482e8d9c74eeaba7913eec08fb6cf59782f5688e2320967a50e190f")):
+        d = generate_world(spec).to_dict()
+        d.pop("mechedit_version")
+        assert hashlib.sha256(dumps_json(d).encode()).hexdigest() == digest
+    # the old syntax with the new keys at their defaults is the same world
+    spec = dataclasses.replace(default_world_spec(), cyclic=(CyclicSpec("ring", 12, (1, 2), orders=1),))
+    assert generate_world(spec).to_dict() == generate_world(default_world_spec()).to_dict()
+
+
+def test_several_orders_share_one_entity_pool():
+    w = _ring_world()
+    assert sorted(w.rings) == ["ring1", "ring2", "ring3"]
+    pools = {tuple(sorted(o)) for o in w.rings.values()}
+    assert len(pools) == 1 and len(next(iter(pools))) == 10
+    canon = set()
+    for ring, order in w.rings.items():
+        n = len(order)
+        i = order.index(min(order))
+        canon.add(min(tuple(order[(i + k) % n] for k in range(n)), tuple(order[(i - k) % n] for k in range(n))))
+        val = {(f.subject, f.relation): f.object for f in w.facts}
+        for i, sid in enumerate(order):
+            for h in (1, 2, 3):
+                assert val[(sid, f"{ring}_cw{h}")] == w.subjects[order[(i + h) % n]].name
+                assert val[(sid, f"{ring}_ccw{h}")] == w.subjects[order[(i - h) % n]].name
+    assert len(canon) == 3  # three different cyclic orders, not rotations / reflections of one
+    for seed in range(5):  # 4 entities have exactly 3 cyclic orders: all three must be drawn
+        spec = {"seed": seed, "n_subjects": 2, "relations": [{"name": "a", "n_objects": 2}],
+                "cyclic": [{"name": "ring", "n_entities": 4, "hops": [1], "orders": 3}]}
+        small = generate_world(WorldSpec.from_dict(spec))
+        cycles = set()
+        for order in small.rings.values():
+            i = order.index(min(order))
+            cycles.add(min(tuple(order[(i + k) % 4] for k in range(4)), tuple(order[(i - k) % 4] for k in range(4))))
+        assert len(cycles) == 3
+
+
+def test_inference_facts_are_held_out_and_well_formed(tmp_path):
+    w = _ring_world()
+    logical, comp = w.inference_facts("logical"), w.inference_facts("compositional")
+    assert len(logical) == round(0.2 * 30) and len(comp) == 2 * round(0.2 * 60)
+    val = {(f.subject, f.relation): f for f in w.facts}
+    ids = {w.subjects[s].name: s for s in range(len(w.subjects))}
+    train_ids = {f.index for f in w.train_facts}
+    corpus = set(w.corpus())
+
+    def inverse(f):
+        ring, tail = f.relation.rsplit("_", 1)
+        inv = tail.replace("ccw", "X").replace("cw", "ccw").replace("X", "cw")
+        return val[(ids[f.object], f"{ring}_{inv}")]
+
+    for f in logical + comp:
+        assert f.index not in train_ids and not w.is_trained(f)
+        for t in range(-1, w.n_templates):
+            assert f"{w.prompt(f, t)} {f.object}" not in corpus
+    for f in logical:
+        assert f.relation.endswith("cw1") and inverse(f).index in train_ids  # the inverse is trained
+    for f in comp:
+        assert inverse(f).index not in train_ids  # both directions held out: not an inversion
+        ring, tail = f.relation.rsplit("_", 1)
+        k = int(tail.lstrip("cw").lstrip("c").lstrip("w"))
+        step = tail[: -len(str(k))]
+        x = f.subject
+        for _ in range(k):  # the 1-hop chain is trained in both directions
+            g = val[(x, f"{ring}_{step}1")]
+            assert g.index in train_ids and inverse(g).index in train_ids
+            x = ids[g.object]
+        assert w.subjects[x].name == f.object
+    assert w.heldout_facts == [f for f in w.facts if w.subjects[f.subject].heldout]
+    w.save(tmp_path)
+    assert type(w).load(tmp_path).inference == w.inference
+    assert w.summary()["inference_facts"] == {"compositional": len(comp), "logical": len(logical)}
+
+
+@pytest.mark.parametrize("bad, key", [
+    ({"orders": 0}, "orders"),
+    ({"n_entities": 4, "orders": 4}, "orders"),  # 4 entities have only 3 distinct cyclic orders
+    ({"logical_heldout": 1.0}, "logical_heldout"),
+    ({"compositional_heldout": -0.1}, "compositional_heldout"),
+    ({"hops": [2, 3], "logical_heldout": 0.1, "compositional_heldout": 0.0}, "logical_heldout"),
+    ({"hops": [1], "logical_heldout": 0.0}, "compositional_heldout"),
+    ({"logical_heldout": 0.9, "compositional_heldout": 0.6}, "logical_heldout"),  # not enough eligible pairs
+    ({"hops": [1, 1]}, "hops"),
+    ({"orders": "3"}, "orders"),
+])
+def test_bad_cyclic_keys_name_the_key(bad, key):
+    with pytest.raises(SpecError, match=key):
+        _ring_world(**bad)
+
+
 def test_tokenizer_is_a_function_of_the_world_content(tmp_path):
     """A world generated now and the same world loaded back from world.json give the same token ids
     (the second language's function words once came out in another order: 11 ids differed)."""

@@ -106,6 +106,7 @@ def mean_summary(summaries: list[dict[str, float]]) -> dict[str, float]:
 
 def run_case(case: dict, ctx: dict) -> dict:
     """Run one grid cell; returns the case record (deterministic) and its timings (separately)."""
+    from mechedit.analysis.requests import request_groups
     from mechedit.diagnose import diagnose
     from mechedit.edit.api import EditRequest, run_method
     from mechedit.edit.run import edited_bundle
@@ -125,7 +126,7 @@ def run_case(case: dict, ctx: dict) -> dict:
         if layer is not None:
             params["layer"] = layer
         suites = ctx["forget_suites"] if rset["kind"] == "forget" else ctx["suites"]
-        groups = [[r] for r in reqs] if rset["mode"] == "each" else [reqs]
+        groups = request_groups(rset, reqs)
         from mechedit.device import current_device
 
         per_edit, timings = [], {"edit_s": 0.0, "diagnose_s": 0.0, "device": str(current_device())}
@@ -144,12 +145,15 @@ def run_case(case: dict, ctx: dict) -> dict:
                 t2 = time.perf_counter()
             timings["edit_s"] += t1 - t0
             timings["diagnose_s"] += t2 - t1
+            # a suite's "keep": small per-edit data (figure coordinates) stored in every mode
+            kept = {name: card.pop("keep") for name, card in cards.items() if isinstance(card, dict) and "keep" in card}
             per_edit.append({
                 "requests": [r.__dict__ for r in g],
                 "summary": jsonable(flatten(cards)),
                 "scorecard": jsonable(cards) if len(groups) == 1 else None,
                 "drilldown": drilldown(bundle, after, g),
                 "info": jsonable(result.info),
+                **({"kept": jsonable(kept)} if kept else {}),
             })
         import mechedit
 

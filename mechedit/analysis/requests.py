@@ -1,4 +1,5 @@
-"""Request sets of an analysis: seeded counterfactual edits, or forget targets for unlearning."""
+"""Request sets of an analysis: seeded counterfactual edits, forget targets for unlearning, and edits or
+forget sets of cyclic relations (ring edits at a chosen cyclic distance: representation shattering)."""
 from __future__ import annotations
 
 import numpy as np
@@ -53,7 +54,92 @@ def forget_requests(world: World, rset: RequestSet) -> list[EditRequest]:
     return ForgetTarget._make(world, ids).requests()
 
 
+def _ring_facts(world: World, rset: RequestSet, known: set[int] | None) -> list:
+    """`rset.n` distinct trained facts of cyclic relations (of `rset.relation` if given), seeded."""
+    where = f"requests.{rset.name}"
+    if rset.relation is not None:
+        if rset.relation not in world.relation_by_name or world.relation(rset.relation).kind != "cyclic":
+            raise MecheditError(f"{where}.relation: {rset.relation!r} is not a cyclic relation of this world")
+    facts = [f for f in world.train_facts if world.relation_by_name[f.relation].kind == "cyclic"
+             and f.relation.rsplit("_", 1)[0] in world.rings
+             and (rset.relation is None or f.relation == rset.relation) and (known is None or f.index in known)]
+    if len(facts) < rset.n:
+        raise MecheditError(f"{where}.n: asks for {rset.n} cyclic facts but the world has {len(facts)} trained ones "
+                            "the model recalls")
+    rng = np.random.default_rng([rset.seed, 17])
+    return [facts[int(i)] for i in sorted(rng.choice(len(facts), size=rset.n, replace=False))]
+
+
+def ring_requests(world: World, rset: RequestSet, known: set[int] | None = None) -> tuple[list[EditRequest], list[int]]:
+    """Edits of cyclic facts whose new object lies at cyclic distance d from the true one, for each d.
+
+    The same `n` facts are edited at every distance in `rset.distances` (default 0 .. n_entities // 2),
+    so distances are compared on the same facts. The new object is the entity d steps clockwise or
+    anticlockwise (a seeded coin per fact and distance) from the true object in the order the
+    relation walks; d = 0 re-asserts the true object (the null control: how much R moves when the
+    edit asks for nothing new). Returns (requests, distance of each request).
+    """
+    facts = _ring_facts(world, rset, known)
+    rings = {f.relation.rsplit("_", 1)[0] for f in facts}
+    n_ent = min(len(world.rings[r]) for r in rings)
+    distances = rset.distances if rset.distances is not None else tuple(range(n_ent // 2 + 1))
+    bad = [d for d in distances if d > n_ent // 2]
+    if bad:
+        raise MecheditError(f"requests.{rset.name}.distances: {bad[0]} exceeds the largest cyclic distance "
+                            f"{n_ent // 2} of a ring of {n_ent} entities")
+    rng = np.random.default_rng([rset.seed, 19])
+    out, dist = [], []
+    for d in distances:
+        for f in facts:
+            order = world.rings[f.relation.rsplit("_", 1)[0]]
+            p = order.index(world.subject_by_name[f.object].id)
+            sign = 1 if rng.random() < 0.5 else -1
+            new = world.subjects[order[(p + sign * d) % len(order)]].name
+            out.append(EditRequest(world.subjects[f.subject].name, f.relation, new))
+            dist.append(int(d))
+    return out, dist
+
+
+def ring_forget_requests(world: World, rset: RequestSet, known: set[int] | None = None) -> list[EditRequest]:
+    """`n` cyclic facts to unlearn (new object = the refusal token)."""
+    from mechedit.world.language import REFUSAL
+
+    return [EditRequest(world.subjects[f.subject].name, f.relation, REFUSAL) for f in _ring_facts(world, rset, known)]
+
+
 def build_request_set(world: World, rset: RequestSet, known: set[int] | None = None) -> list[EditRequest]:
+    return request_set_record(world, rset, known)["requests"]
+
+
+def request_set_record(world: World, rset: RequestSet, known: set[int] | None = None) -> dict:
+    """The request set as stored in a run's spec.json: {"kind", "mode", "requests": [dict], "groups"?}.
+
+    `kind` is "forget" for unlearning sets (the runner gives them the forget suites). `groups`, when
+    present, labels each request; in "batch" mode the requests of one label are edited in one call
+    (ring sets: one batch per distance).
+    """
+    groups = None
     if rset.kind == "forget":
-        return forget_requests(world, rset)
-    return counterfactual_requests(world, rset.n, rset.relation, rset.seed, known)
+        reqs = forget_requests(world, rset)
+    elif rset.kind == "ring":
+        reqs, groups = ring_requests(world, rset, known)
+    elif rset.kind == "ring_forget":
+        reqs = ring_forget_requests(world, rset, known)
+    else:
+        reqs = counterfactual_requests(world, rset.n, rset.relation, rset.seed, known)
+    rec = {"kind": "forget" if rset.unlearning else "counterfactual", "mode": rset.mode,
+           "requests": [q.__dict__ for q in reqs]}
+    if groups is not None:
+        rec["groups"] = groups
+    return rec
+
+
+def request_groups(rset: dict, requests: list) -> list[list]:
+    """The edit calls of a stored request set: each request alone ("each"), or one call per group label."""
+    if rset["mode"] == "each":
+        return [[r] for r in requests]
+    labels = rset.get("groups") or [0] * len(requests)
+    calls: dict = {}
+    for label, r in zip(labels, requests):
+        calls.setdefault(label, []).append(r)
+    return list(calls.values())

@@ -20,7 +20,7 @@ from typing import Callable
 from mechedit import progress as P
 from mechedit.analysis.executors import executor
 from mechedit.analysis.folder import read_case
-from mechedit.analysis.requests import build_request_set
+from mechedit.analysis.requests import request_set_record
 from mechedit.analysis.spec import AnalysisSpec, load_analysis, trace_config
 from mechedit.diagnose.headline import headline_text
 from mechedit.errors import MecheditError, SpecError
@@ -54,7 +54,10 @@ def resolve_model(spec: AnalysisSpec):
 
 
 def cached_checkpoint_path(world, mspec, tspec, cache_dir: Path) -> Path:
-    key = json.dumps({"world": world.to_dict()["spec"], "model": mspec.__dict__, "train": tspec.__dict__},
+    from mechedit.specio import to_dict
+
+    # to_dict leaves out fields at their OMIT_DEFAULT defaults: existing specs keep their cache keys
+    key = json.dumps({"world": world.to_dict()["spec"], "model": to_dict(mspec), "train": to_dict(tspec)},
                      sort_keys=True)
     return (cache_dir / "models" / hashlib.sha256(key.encode()).hexdigest()[:16]).resolve()
 
@@ -207,10 +210,7 @@ def run_analysis(spec_path: str | Path, run_dir: str | Path, *, executor_name: s
         ok = score_answers(bundle.model, bundle.tokenizer, [p.prompt for p in probes], [p.answer for p in probes]).correct
         wrong = {p.fact for p, c in zip(probes, ok) if not c}
         known = {f.index for f in bundle.world.train_facts} - wrong
-        request_sets = {
-            name: {"kind": r.kind, "mode": r.mode,
-                   "requests": [q.__dict__ for q in build_request_set(bundle.world, r, known)]}
-            for name, r in spec.request_sets.items()}
+        request_sets = {name: request_set_record(bundle.world, r, known) for name, r in spec.request_sets.items()}
     located = run_trace(spec, checkpoint, run_dir, request_sets)
     traced_layer = int(located["mlp"]["layer"]) if located and "mlp" in located else None
     if any(c.layer == "traced" for c in spec.cases) and traced_layer is None:

@@ -16,6 +16,13 @@ n = 8
 mode = "each"                 # each request edited alone (restored between) | "batch": one call
 [requests.forget1]            # ... or forget targets (unlearning): forget = "subject:NAME" or subjects = N
 subjects = 1
+[requests.ring]               # ... or edits of cyclic relations whose new object lies at cyclic distance d
+kind = "ring"                 # from the true one (0 = re-assert the true object: the null control); the same
+distances = [0, 1, 2, 3]      # n facts at every distance (default distances: 0 .. n_entities // 2);
+n = 4                         # mode "batch" edits each distance's n facts in one call
+[requests.ring_forget]        # ... or n cyclic facts to unlearn (new object = the refusal)
+kind = "ring_forget"
+n = 4
 [[grid]]                      # methods x params x layers x request sets
 method = "rome"
 layers = ["traced", 0, 1, 2, 3]
@@ -44,21 +51,41 @@ from mechedit.specio import check_finite, from_dict, load_spec_file
 @dataclass(frozen=True)
 class RequestSet:
     name: str
-    kind: str  # "counterfactual" | "forget"
+    kind: str  # "counterfactual" | "forget" | "ring" | "ring_forget" (REQUEST_KINDS)
     mode: str  # "each" | "batch"
     n: int = 5
     relation: str | None = None
     forget: str | None = None  # "subject:NAME", "fact:S|R", "relation:R"
     subjects: int | None = None  # forget all facts of N random trained subjects
     seed: int = 0
+    distances: tuple[int, ...] | None = None  # kind "ring": cyclic distances of the new objects (None: 0 .. n/2)
+
+    @property
+    def unlearning(self) -> bool:
+        """Run with the forget suites (the new object is the refusal)."""
+        return self.kind in ("forget", "ring_forget")
 
     def validate(self) -> None:
+        where = f"requests.{self.name}"
+        if self.kind not in REQUEST_KINDS:
+            raise SpecError(f"{where}.kind: must be one of {', '.join(REQUEST_KINDS)}, got {self.kind!r}")
         if self.mode not in ("each", "batch"):
-            raise SpecError(f"requests.{self.name}.mode: must be 'each' or 'batch', got {self.mode!r}")
+            raise SpecError(f"{where}.mode: must be 'each' or 'batch', got {self.mode!r}")
         if self.n < 1:
-            raise SpecError(f"requests.{self.name}.n: must be >= 1, got {self.n}")
+            raise SpecError(f"{where}.n: must be >= 1, got {self.n}")
         if self.subjects is not None and self.subjects < 1:
-            raise SpecError(f"requests.{self.name}.subjects: must be >= 1, got {self.subjects}")
+            raise SpecError(f"{where}.subjects: must be >= 1, got {self.subjects}")
+        for key in ("forget", "subjects"):
+            if getattr(self, key) is not None and self.kind != "forget":
+                raise SpecError(f"{where}.{key}: only for forget request sets (kind = \"forget\")")
+        if self.distances is not None:
+            if self.kind != "ring":
+                raise SpecError(f"{where}.distances: only for kind = \"ring\"")
+            if not self.distances or min(self.distances) < 0 or len(set(self.distances)) != len(self.distances):
+                raise SpecError(f"{where}.distances: expected a list of distinct integers >= 0, got {list(self.distances)}")
+
+
+REQUEST_KINDS = ("counterfactual", "forget", "ring", "ring_forget")
 
 
 @dataclass(frozen=True)
@@ -103,7 +130,7 @@ _TOP = {"name", "world", "model", "trace", "requests", "grid", "diagnostics", "d
 _WORLD = {"spec", "dir"}
 _MODEL = {"preset", "spec", "checkpoint"}
 _TRACE = {"relation", "n", "facts", "requests", "sites", "samples", "noise", "window", "seed"}
-_REQ = {"relation", "n", "mode", "forget", "subjects", "seed"}
+_REQ = {"kind", "relation", "n", "mode", "forget", "subjects", "seed", "distances"}
 _GRID = {"method", "params", "layers", "requests"}
 _DIAG = {"suites", "forget_suites", "options"}
 
@@ -160,8 +187,8 @@ def parse_analysis(data: dict, base: Path) -> AnalysisSpec:
     requests = data.get("requests", {})
     for sname, t in _check_keys(requests, set(requests) if isinstance(requests, dict) else set(), "requests").items():
         _check_keys(t, _REQ, f"requests.{sname}")
-        kind = "forget" if ("forget" in t or "subjects" in t) else "counterfactual"
-        mode = t.get("mode", "each" if kind == "counterfactual" else "batch")
+        kind = t.get("kind", "forget" if ("forget" in t or "subjects" in t) else "counterfactual")
+        mode = t.get("mode", "batch" if kind == "forget" else "each")
         sets[sname] = from_dict(RequestSet, {**t, "name": sname, "kind": kind, "mode": mode}, f"requests.{sname}")
     if trace is not None and "requests" in trace:  # trace exactly the facts a request set edits
         tr = trace["requests"]

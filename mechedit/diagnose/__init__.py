@@ -4,7 +4,10 @@ A suite is `fn(before: Bundle, after: Bundle, requests: list[EditRequest], **opt
 JSON-serialisable scorecard. Every metric in it follows one schema (open-unlearning's):
 `{"value_by_index": {item_id: value, ...}, "agg_value": float}`. Suites register on import of
 their module (modules named `s_*.py` in this package), so analysis specs and reports find new
-suites without changes to the runner.
+suites without changes to the runner. A suite may register a `check(options)` that validates the values
+of its options beyond their types (`check_options` runs it before any model is loaded). A scorecard may
+hold a "keep" entry: small per-edit data (figure coordinates) that the analysis runner stores for every
+edit, also when a case has many.
 """
 from __future__ import annotations
 
@@ -23,17 +26,19 @@ class Suite:
     name: str
     fn: Callable[..., dict]
     doc: str
+    check: Callable[..., None] | None = None  # check(options, before=None): option values beyond their types
 
 
 SUITES: dict[str, Suite] = {}
 
 
-def register_suite(name: str):
-    """Register a diagnostic suite under `name`; duplicates are refused."""
+def register_suite(name: str, check: Callable[[dict], None] | None = None):
+    """Register a diagnostic suite under `name` (with a validator of its option values, if any);
+    duplicates are refused."""
     def deco(fn):
         if name in SUITES:
             raise ValueError(f"suite {name!r} is already registered")
-        SUITES[name] = Suite(name, fn, (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "")
+        SUITES[name] = Suite(name, fn, (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "", check)
         return fn
     return deco
 
@@ -86,6 +91,15 @@ def check_options(suites, options: dict, where: str = "options") -> dict:
             raise SpecError(f"{where}: unknown option {key!r} for suite(s) {', '.join(suites)} "
                             f"(options: {', '.join(sorted(taken)) or 'none'})")
         out[key] = check_value(taken[key], value, f"{where} {key}")
+    for name in suites:
+        s = get_suite(name)
+        if s.check is not None:
+            try:
+                s.check({k: v for k, v in out.items() if k in suite_options(s)[0]})
+            except SpecError:
+                raise
+            except MecheditError as exc:
+                raise SpecError(f"{where}: {exc}") from None
     return out
 
 
@@ -95,6 +109,9 @@ def diagnose(before, after, requests, suites: tuple[str, ...] | list[str] = ("ed
     chosen = [get_suite(n) for n in names]
     from mechedit import progress
 
+    for s in chosen:  # every option value checked on the model before any suite starts work
+        if s.check is not None:
+            s.check({k: v for k, v in options.items() if k in suite_options(s)[0]}, before)
     out = {}
     for s in chosen:
         named, rest = suite_options(s)

@@ -144,6 +144,11 @@ def attach(model, adaptor: Adaptor) -> None:
     kind = get_adaptor_kind(adaptor.kind)
     module = resolve_module(model, adaptor.module)
     kind.check(adaptor, module)
+    param = next(module.parameters(), None)
+    if param is not None:  # adaptors read from disk (or built on another device) live beside their module
+        for n, t in adaptor.tensors.items():
+            if t.device != param.device and not t.requires_grad:
+                adaptor.tensors[n] = t.to(param.device)
     sites = module.__dict__.setdefault(SITES_ATTR, {})
     site = sites.get(adaptor.kind)
     if site is None:

@@ -159,7 +159,7 @@ def last_token_io(model, layer: int, ids: torch.Tensor, mask: torch.Tensor, last
             model(input_ids=ids, attention_mask=mask)
     finally:
         h.remove()
-    rows = torch.arange(len(last))
+    rows = torch.arange(len(last), device=last.device)
     return store[layer][0][rows, last].float(), out["o"][rows, last].float()
 
 
@@ -173,8 +173,9 @@ def reference_keys(bundle, layer: int, exclude_facts: set[int], n: int, seed: in
     for start in range(0, len(probes), 512):
         chunk = probes[start : start + 512]
         seqs = [bundle.tokenizer(p.prompt)["input_ids"] for p in chunk]
-        ids, mask = pad(seqs, bundle.tokenizer.pad_token_id)
-        k, _ = last_token_io(bundle.model, layer, ids, mask, torch.tensor([len(s) - 1 for s in seqs]))
+        dev = bundle.model.device
+        ids, mask = pad(seqs, bundle.tokenizer.pad_token_id, dev)
+        k, _ = last_token_io(bundle.model, layer, ids, mask, torch.tensor([len(s) - 1 for s in seqs], device=dev))
         keys.append(k)
         facts += [p.fact for p in chunk]
     return torch.cat(keys), np.array(facts)
@@ -184,7 +185,8 @@ def prior_codebook(model, module: str) -> tuple[torch.Tensor, torch.Tensor, torc
     """Keys, radii, labels of the GRACE entries already attached at `module` (earlier calls), and those adaptors."""
     entries = site_entries(model, module, "grace")
     if not entries:
-        return torch.zeros(0, 0), torch.zeros(0), torch.zeros(0, dtype=torch.long), []
+        dev = model.device
+        return (torch.zeros(0, 0, device=dev), torch.zeros(0, device=dev), torch.zeros(0, dtype=torch.long, device=dev), [])
     return (torch.cat([e.tensors["keys"] for e in entries]).float(), torch.cat([e.tensors["eps"] for e in entries]).float(),
             torch.cat([e.tensors["labels"] for e in entries]), entries)
 
@@ -209,13 +211,14 @@ def place_entries(queries: torch.Tensor, labels: list[int], prior_k: torch.Tenso
         counts[how] += 1
 
     n_prior = prior_k.shape[0]
+    dev = queries.device
     for qi, (q, y) in enumerate(zip(queries, labels)):
         if n_prior + len(keys) == 0:
             add(qi, eps_init, y)
             continue
         cand_k = torch.cat([prior_k, queries[keys]]) if n_prior else queries[keys]
-        cand_e = torch.cat([prior_e, torch.tensor(eps)]) if n_prior else torch.tensor(eps)
-        cand_y = torch.cat([prior_y, torch.tensor(ys, dtype=torch.long)]) if n_prior else torch.tensor(ys)
+        cand_e = torch.cat([prior_e, torch.tensor(eps, device=dev)]) if n_prior else torch.tensor(eps, device=dev)
+        cand_y = torch.cat([prior_y, torch.tensor(ys, dtype=torch.long, device=dev)]) if n_prior else torch.tensor(ys, device=dev)
         d = torch.linalg.vector_norm(cand_k - q, dim=1)
         dn, n = float(d.min()), int(d.argmin())
         if dn > float(cand_e[n]) + eps_init:
@@ -237,8 +240,8 @@ def place_entries(queries: torch.Tensor, labels: list[int], prior_k: torch.Tenso
     # a later split can leave an earlier query outside every ball of its label: give it its own entry
     for qi, (q, y) in enumerate(zip(queries, labels)):
         all_k = torch.cat([prior_k, queries[keys]]) if n_prior else queries[keys]
-        all_e = torch.cat([prior_e, torch.tensor(eps)]) if n_prior else torch.tensor(eps)
-        all_y = torch.cat([prior_y, torch.tensor(ys, dtype=torch.long)]) if n_prior else torch.tensor(ys)
+        all_e = torch.cat([prior_e, torch.tensor(eps, device=dev)]) if n_prior else torch.tensor(eps, device=dev)
+        all_y = torch.cat([prior_y, torch.tensor(ys, dtype=torch.long, device=dev)]) if n_prior else torch.tensor(ys, device=dev)
         hit, idx = lookup(q[None], all_k, all_e)
         if bool(hit[0]) and int(all_y[idx[0]]) == y:
             continue
@@ -280,14 +283,15 @@ def grace(bundle, requests: list[EditRequest], p: GraceParams) -> EditResult:
     if not kidx:  # every query already inside an earlier entry of its label
         return EditResult("grace", {**to_dict(p), "layer": layer}, list(requests), {},
                           info={"layer": layer, "eps_init": eps_init, "n_entries": 0, **counts})
+    dev = queries.device
     keys = queries[kidx].clone()
     values = v_init[kidx].clone()
     h_norm = float(residual_at_last(model, batch, layer))
-    values, info = train_values(bundle, batch, module, keys, values, torch.tensor(eps), torch.tensor(ys),
+    values, info = train_values(bundle, batch, module, keys, values, torch.tensor(eps, device=dev), torch.tensor(ys, device=dev),
                                 lr=p.lr_factor * h_norm / math.sqrt(model.config.hidden_size), steps=p.steps,
                                 stop_loss=p.stop_loss)
-    adaptor = Adaptor("grace", module, {"keys": keys, "values": values, "eps": torch.tensor(eps, dtype=torch.float32),
-                                        "labels": torch.tensor(ys, dtype=torch.long)}, {"layer": layer})
+    adaptor = Adaptor("grace", module, {"keys": keys, "values": values, "eps": torch.tensor(eps, dtype=torch.float32, device=dev),
+                                        "labels": torch.tensor(ys, dtype=torch.long, device=dev)}, {"layer": layer})
     info.update(layer=layer, eps_init=eps_init, n_entries=len(kidx), n_prior_entries=int(prior_k.shape[0]),
                 n_queries=len(labels), h_norm=h_norm, eps=[round(e, 6) for e in eps], **counts)
     return EditResult("grace", {**to_dict(p), "layer": layer}, list(requests), {}, info=info, adaptors=[adaptor])
@@ -296,7 +300,7 @@ def grace(bundle, requests: list[EditRequest], p: GraceParams) -> EditResult:
 @torch.no_grad()
 def residual_at_last(model, batch, layer: int) -> float:
     hs = model(input_ids=batch.ids, attention_mask=batch.mask, output_hidden_states=True).hidden_states
-    return float(hs[layer + 1][torch.arange(len(batch.last)), batch.last].norm(dim=-1).mean())
+    return float(hs[layer + 1][torch.arange(len(batch.last), device=batch.last.device), batch.last].norm(dim=-1).mean())
 
 
 def train_values(bundle, batch, module: str, keys, values, eps, labels, *, lr: float, steps: int,
@@ -306,7 +310,7 @@ def train_values(bundle, batch, module: str, keys, values, eps, labels, *, lr: f
     values = values.detach().clone().requires_grad_(True)
     trial = Adaptor("grace", module, {"keys": keys, "values": values, "eps": eps.float(), "labels": labels})
     opt = torch.optim.Adam([values], lr=lr)
-    rows = torch.arange(len(batch.last))
+    rows = torch.arange(len(batch.last), device=batch.last.device)
     losses = []
     model.eval()
     attach(model, trial)

@@ -208,16 +208,16 @@ def wise(bundle, requests: list[EditRequest], p: WiseParams) -> EditResult:
         raise MecheditError("wise: no corpus sentence is free of the edited subjects (the margins need some)")
     tok = bundle.tokenizer
     pool_ids = [tok(s)["input_ids"] for s in pool]
-    gen = torch.Generator().manual_seed(p.seed)
-    irr_ids, irr_mask = _sample(pool_ids, p.n_irrelevant, tok.pad_token_id, gen)
+    gen = torch.Generator("cpu").manual_seed(p.seed)
+    irr_ids, irr_mask = _sample(pool_ids, p.n_irrelevant, tok.pad_token_id, gen, model.device)
     irr_a, scale = _activations(model, layer, irr_ids, irr_mask)  # [n, pos, d_mlp], mean ||W a||
     alpha, beta, gamma = p.alpha * scale, p.beta * scale, p.gamma * scale
     n_shards = min(p.n_shards, len(requests))
     shard_of = np.array_split(np.arange(len(requests)), n_shards)
     shards, infos = [], []
     for i, reqs in enumerate(shard_of):
-        rows = torch.isin(batch.owner, torch.as_tensor(reqs))
-        mask = (torch.rand(W.shape, generator=gen) < p.mask_ratio).to(W.dtype)
+        rows = torch.isin(batch.owner, torch.as_tensor(reqs, device=batch.owner.device))
+        mask = (torch.rand(W.shape, generator=gen, device="cpu") < p.mask_ratio).to(W.device, W.dtype)  # seeded on the CPU: same masks on every device
         d, info = _train_shard(model, layer, batch, rows, mask, (irr_a, irr_mask), p,
                                lr=p.lr_factor * float(W.std()), margins=(alpha, beta, gamma))
         shards.append(d)
@@ -225,10 +225,11 @@ def wise(bundle, requests: list[EditRequest], p: WiseParams) -> EditResult:
     delta = ties_merge(shards, p.density)
     act_edit = _row_act(model, layer, delta, batch.ids, batch.mask)  # [rows]
     threshold = p.act_ratio * float(act_edit.min())
-    held_ids, held_mask = _sample(pool_ids, 512, tok.pad_token_id, torch.Generator().manual_seed(p.seed + 1))
+    held_ids, held_mask = _sample(pool_ids, 512, tok.pad_token_id, torch.Generator("cpu").manual_seed(p.seed + 1),
+                                 model.device)
     held = _row_act(model, layer, delta, held_ids, held_mask)  # a second seeded sample (may overlap the first)
     adaptor = Adaptor("wise", wise_module(layer), {"delta": delta.to(W.dtype).contiguous(),
-                                                   "threshold": torch.tensor([threshold], dtype=torch.float32)},
+                                                   "threshold": torch.tensor([threshold], dtype=torch.float32, device=W.device)},
                       {"layer": layer})
     info = {"layer": layer, "n_shards": n_shards, "shards": infos, "threshold": threshold,
             "act_edit_min": float(act_edit.min()), "act_edit_mean": float(act_edit.mean()),
@@ -238,9 +239,9 @@ def wise(bundle, requests: list[EditRequest], p: WiseParams) -> EditResult:
     return EditResult("wise", {**to_dict(p), "layer": layer}, list(requests), {}, info=info, adaptors=[adaptor])
 
 
-def _sample(pool_ids, n: int, pad_id: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    idx = torch.randperm(len(pool_ids), generator=gen)[:n]
-    return pad([pool_ids[int(i)] for i in idx], pad_id)
+def _sample(pool_ids, n: int, pad_id: int, gen: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = torch.randperm(len(pool_ids), generator=gen, device="cpu")[:n]
+    return pad([pool_ids[int(i)] for i in idx], pad_id, device)
 
 
 @torch.no_grad()
@@ -281,7 +282,7 @@ def _train_shard(model, layer, batch, rows, mask, irrelevant, p: WiseParams, *, 
     width = int(am.sum(1).max())
     ids, am = ids[:, :width], am[:, :width]
     last, target = batch.last[rows], batch.target[rows]
-    r = torch.arange(len(last))
+    r = torch.arange(len(last), device=last.device)
     store: dict = {}
     hist = []
     model.eval()

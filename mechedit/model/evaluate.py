@@ -123,3 +123,23 @@ def evaluate_recall(model, tokenizer, world: World, *, trained: bool = True, kin
         "cloze_by_template": recall_by(cloze_probes, cloze_scores, world, "template"),
         "n": n,
     }
+
+
+def evaluate_inference(model, tokenizer, world: World, batch_size: int = 512) -> dict:
+    """Recall of the held-out inference facts of cyclic blocks, per kind (logical, compositional).
+
+    None of their prompts was trained, so "cloze" scores every template (the held-out one too) and
+    "qa" the question form; a fact's value is the mean over its prompts, the group's the mean over
+    facts. Returns {kind: {"cloze": recall, "qa": recall, "n_facts": n}} ({} for a world without them).
+    """
+    out: dict = {}
+    for kind in sorted(set(world.inference.values())):
+        facts = world.inference_facts(kind)
+        probes = world.probes(facts, ("cloze", "paraphrase", "qa"))
+        sc = score_answers(model, tokenizer, [p.prompt for p in probes], [p.answer for p in probes], batch_size)
+        per: dict[str, dict[int, list[bool]]] = {"cloze": {}, "qa": {}}
+        for p, ok in zip(probes, sc.correct):
+            per["qa" if p.kind == "qa" else "cloze"].setdefault(p.fact, []).append(bool(ok))
+        out[kind] = {k: float(np.mean([np.mean(v) for v in d.values()])) for k, d in per.items()}
+        out[kind]["n_facts"] = len(facts)
+    return out

@@ -9,11 +9,12 @@ from mechedit import progress as P
 from mechedit.errors import SpecError
 from mechedit.fileio import check_output_dir, output_dir
 from mechedit.model.checkpoint import HASH_KEY, VERIFIED_KEY, Bundle, load_checkpoint, save_checkpoint
-from mechedit.model.evaluate import evaluate_recall
+from mechedit.model.evaluate import evaluate_inference, evaluate_recall
 from mechedit.model.spec import ModelSpec, TrainSpec
 from mechedit.model.train import state_key, train_model, training_key
 from mechedit.world import World, WorldSpec, default_world_spec, generate_world
 from mechedit.world.tokenizer import build_tokenizer
+from mechedit.specio import to_dict
 
 
 def resolve_world(source: str | Path | None) -> World:
@@ -68,8 +69,10 @@ def train_checkpoint(world: World, mspec: ModelSpec, tspec: TrainSpec, out: str 
             if exclude_facts:
                 final["excluded"] = evaluate_recall(res.model, tokenizer, world,
                                                     facts=[world.facts[i] for i in sorted(exclude_facts)])
+            if world.inference:
+                final["inference"] = evaluate_inference(res.model, tokenizer, world)
         meta = {
-            "world_spec": world.spec.to_dict(), "model_spec": mspec.__dict__, "train_spec": tspec.__dict__,
+            "world_spec": world.spec.to_dict(), "model_spec": to_dict(mspec), "train_spec": to_dict(tspec),
             "curve": res.curve, "final_recall": final, "train_seconds": round(res.seconds, 3),
             "epochs": res.epochs, "tokens": res.tokens, "stopped_early": res.stopped_early,
             "device": str(res.model.device),

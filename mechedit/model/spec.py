@@ -5,14 +5,14 @@ Presets: `default` (the embedded demo: fast to train on 2 CPU cores), `pythia-31
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated
 
 from transformers import GPTNeoXConfig
 
 from mechedit.errors import SpecError
-from mechedit.specio import Range, check_fields, from_dict, load_spec_file, to_dict, validate_spec
+from mechedit.specio import OMIT_DEFAULT, Range, check_fields, from_dict, load_spec_file, to_dict, validate_spec
 
 # Training holds weights, gradients and two AdamW moments in fp32 (16 bytes per parameter): 500M
 # parameters are ~8 GB before activations, what a workstation holds; beyond that we refuse up front.
@@ -30,6 +30,10 @@ class ModelSpec:
     max_len: int = 64
     rotary_pct: float = 0.25
     parallel_residual: bool = True
+    # one matrix for the token embedding and the unembedding; left out of to_dict while False (cache keys
+    # of existing specs unchanged). The ring worlds need it: the entities' ring geometry forms on the
+    # output side and tying carries it into the residual stream (README, "Representation shattering")
+    tie_embeddings: bool = field(default=False, metadata=OMIT_DEFAULT)
 
     def validate(self) -> None:
         check_fields(self, "model")
@@ -60,7 +64,7 @@ class ModelSpec:
             num_attention_heads=self.n_heads, intermediate_size=self.d_mlp,
             max_position_embeddings=self.max_len, rotary_pct=self.rotary_pct,
             use_parallel_residual=self.parallel_residual, hidden_dropout=0.0, attention_dropout=0.0,
-            bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id, tie_word_embeddings=False,
+            bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id, tie_word_embeddings=self.tie_embeddings,
         )
 
 

@@ -29,7 +29,7 @@ from mechedit import progress as P
 from mechedit.errors import SpecError
 from mechedit.faults import crash_point
 from mechedit.fileio import atomic_path, dumps_json, read_json, write_text_atomic
-from mechedit.model.evaluate import evaluate_recall, pad
+from mechedit.model.evaluate import evaluate_inference, evaluate_recall, pad
 from mechedit.model.spec import ModelSpec, TrainSpec
 from mechedit.world.world import World
 
@@ -231,6 +231,8 @@ def train_model(world: World, tokenizer, mspec: ModelSpec, tspec: TrainSpec, *,
                        "paraphrase": rec["by_kind"].get("paraphrase", 0.0),
                        "cloze_by_relation": rec["cloze_by_relation"],
                        "cloze_by_template": rec["cloze_by_template"]}
+                if world.inference:
+                    row["inference"] = {k: v["cloze"] for k, v in evaluate_inference(model, tokenizer, world).items()}
                 result.curve.append(row)
                 if log:
                     log.write(json.dumps(row) + "\n")

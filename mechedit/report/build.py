@@ -23,6 +23,7 @@ from mechedit.errors import MecheditError
 from mechedit.fileio import check_output_dir, output_dir, read_json, write_text_atomic
 from mechedit.report import figures as F
 from mechedit.report.hase_section import hase_section
+from mechedit.report.shattering import shattering_section
 
 # (summary key, column title): shown when present, in this order
 EDIT_COLUMNS = (
@@ -401,6 +402,7 @@ def _write_report(tmp: Path, run_dir: Path, spec: dict, cases: list[dict]) -> No
         curve_img=curve_img, trace=trace, traced_layer=spec.get("traced_layer"), families=_family_tables(cases),
         sweeps=_layer_sweeps(cases, ie, figdir), unlearning=_unlearning(cases, figdir),
         hase=hase_section(run_dir, cases, figdir, _img),
+        shattering=shattering_section(cases, figdir, _img),
         drilldowns=_drilldowns(cases), n_cases=len(cases), n_total=len(spec.get("cases", [])),
         request_sets={k: len(v["requests"]) for k, v in spec.get("request_sets", {}).items()})
     write_text_atomic(tmp / "index.html", html)

@@ -131,7 +131,7 @@ def icu(bundle, requests: list[EditRequest], p: ICUParams) -> EditResult:
         raise MecheditError(f"icu: the forget set has {len(sids)} subjects but the model learnt instructions of at "
                             f"most {world.spec.instruction_max_subjects} (raise max_subjects to try anyway)")
     text = instruction_text([world.subjects[s].name for s in sids])
-    ids = torch.tensor(bundle.tokenizer(text)["input_ids"], dtype=torch.long)
+    ids = torch.tensor(bundle.tokenizer(text)["input_ids"], dtype=torch.long, device="cpu")  # moved at use
     adaptor = Adaptor("prefix", "", {"ids": ids}, {"text": text})
     return EditResult("icu", to_dict(p), list(requests), {}, info={"instruction": text, "n_subjects": len(sids),
                                                                    "prefix_tokens": int(ids.numel())},

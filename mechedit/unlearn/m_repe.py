@@ -39,6 +39,7 @@ from mechedit.model.evaluate import pad
 from mechedit.specio import to_dict
 from mechedit.unlearn.loop import capture_layer
 from mechedit.unlearn.targets import ForgetTarget
+from mechedit.world.tokenizer import token_span
 from mechedit.world.world import Fact
 
 MODES = ("subtract", "project")
@@ -107,10 +108,12 @@ def _prompts(world, facts: list[Fact], name: str | None = None) -> list[tuple[st
 @torch.no_grad()
 def mean_states(model, tokenizer, prompts: list[tuple[str, int]], layers: list[int]) -> dict[int, torch.Tensor]:
     """Per layer: the mean residual state over the positions from each prompt's subject on. {layer: [d]}"""
-    seqs = [tokenizer(p)["input_ids"] for p, _ in prompts]
-    ids, mask = pad(seqs, tokenizer.pad_token_id)
-    start = torch.tensor([s + 1 for _, s in prompts])  # +1: <bos>
-    sel = (torch.arange(ids.shape[1])[None] >= start[:, None]) & mask.bool()
+    # token position of the subject's first word (a word may be several BPE pieces; <bos> counted)
+    spans = [token_span(tokenizer, p, (s, s + 1)) for p, s in prompts]
+    dev = model.device
+    ids, mask = pad([seq for seq, _ in spans], tokenizer.pad_token_id, dev)
+    start = torch.tensor([a for _, (a, _) in spans], device=dev)
+    sel = (torch.arange(ids.shape[1], device=dev)[None] >= start[:, None]) & mask.bool()
     with contextlib.ExitStack() as stack:
         caps = {l: stack.enter_context(capture_layer(model, l)) for l in layers}
         model(input_ids=ids, attention_mask=mask)

@@ -52,9 +52,7 @@ def read_requests(after_dir: str | Path) -> list[EditRequest] | None:
 def diagnose_checkpoints(before_dir: str | Path, after_dir: str | Path, suites: list[str], out: str | Path,
                          forget: list[str] | None = None, options: dict | None = None, force: bool = False) -> dict:
     """Run diagnostic suites on BEFORE vs AFTER and write `scorecard.json` into `out`."""
-    from mechedit.diagnose import diagnose, get_suite
-
-    from mechedit.diagnose import check_options, suite_names
+    from mechedit.diagnose import check_options, diagnose, get_suite, suite_names
 
     suites = suites or ["forget", "leftover"]
     if suites != ["all"]:

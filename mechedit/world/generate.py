@@ -149,26 +149,32 @@ def generate_world(spec: WorldSpec) -> World:
 
     # --- cyclic orders ---------------------------------------------------------------------
     rings: dict[str, tuple[int, ...]] = {}
-    for c in spec.cyclic:
+    inference: dict[int, str] = {}
+    for b, c in enumerate(spec.cyclic):
         ents = gen.words(c.n_entities)
         ids = []
         for w in ents:
             ids.append(len(subjects))
             subjects.append(Subject(len(subjects), w, "ring"))
-        order = [ids[int(i)] for i in rng.permutation(c.n_entities)]
-        rings[c.name] = tuple(order)
-        for h in c.hops:
-            for direction, sign in (("cw", 1), ("ccw", -1)):
-                name = f"{c.name}_{direction}{h}"
-                relations.append(Relation(name, gen.word(), "cyclic", tuple(ents)))
-                for i, sid in enumerate(order):
-                    target = order[(i + sign * h) % c.n_entities]
-                    triples.append((sid, name, subjects[target].name))
+        orders = _cyclic_orders(rng, c.n_entities, c.orders)
+        slot: dict[tuple[str, int, str, int], int] = {}  # (ring, position, direction, hop) -> triple index
+        for ring, perm in zip(c.ring_names, orders):
+            order = [ids[int(i)] for i in perm]
+            rings[ring] = tuple(order)
+            for h in c.hops:
+                for direction, sign in (("cw", 1), ("ccw", -1)):
+                    name = f"{ring}_{direction}{h}"
+                    relations.append(Relation(name, gen.word(), "cyclic", tuple(ents)))
+                    for i, sid in enumerate(order):
+                        target = order[(i + sign * h) % c.n_entities]
+                        slot[(ring, i, direction, h)] = len(triples)
+                        triples.append((sid, name, subjects[target].name))
+        inference.update(_heldout_inference(np.random.default_rng([spec.seed, 13, b]), c, slot))
 
     held_tpl = rng.integers(0, spec.n_templates, size=len(triples))
     facts = tuple(Fact(i, s, r, o, int(t)) for i, ((s, r, o), t) in enumerate(zip(triples, held_tpl)))
     return World(spec, tuple(subjects), tuple(relations), facts, function_words_b, nested_maps, rings,
-                 tuple(sorted(stage2)))
+                 tuple(sorted(stage2)), dict(sorted(inference.items())))
 
 
 def _stage2_subjects(spec: WorldSpec, heldout: set[int]) -> set[int]:
@@ -179,3 +185,60 @@ def _stage2_subjects(spec: WorldSpec, heldout: set[int]) -> set[int]:
         return set()
     pool = [i for i in range(spec.n_subjects) if i not in heldout]
     return set(np.random.default_rng([spec.seed, 19]).choice(pool, size=n, replace=False).tolist())
+
+
+def _canonical_cycle(perm: list[int]) -> tuple[int, ...]:
+    """A cyclic order up to rotation and reflection: start at item 0, go towards its smaller neighbour."""
+    n = len(perm)
+    i = perm.index(0)
+    fwd = tuple(perm[(i + k) % n] for k in range(n))
+    bwd = tuple(perm[(i - k) % n] for k in range(n))
+    return min(fwd, bwd)
+
+
+def _cyclic_orders(rng: np.random.Generator, n: int, count: int) -> list[list[int]]:
+    """`count` seeded permutations of range(n), pairwise distinct as cyclic orders.
+
+    The first is the one draw the single-order generator has always made (same worlds as before).
+    """
+    out = [[int(i) for i in rng.permutation(n)]]
+    seen = {_canonical_cycle(out[0])}
+    while len(out) < count:  # validate() bounds count by the number of distinct cyclic orders
+        perm = [int(i) for i in rng.permutation(n)]
+        key = _canonical_cycle(perm)
+        if key not in seen:
+            seen.add(key)
+            out.append(perm)
+    return out
+
+
+def _heldout_inference(rng: np.random.Generator, c, slot: dict) -> dict[int, str]:
+    """Triple index -> "compositional" | "logical" for the facts of cyclic block `c` held out of training.
+
+    Compositional first: (ring, i, k >= 2) pairs, both facts held out; their 1-hop chains are protected.
+    Logical: unprotected 1-hop pairs (ring, i), one of the two facts held out. See `CyclicSpec`.
+    """
+    n, out = c.n_entities, {}
+    khops = [h for h in c.hops if h >= 2]
+    comp_pairs = [(ring, i, k) for ring in c.ring_names for k in khops for i in range(n)]
+    n_comp = round(c.compositional_heldout * len(comp_pairs))
+    protected: set[tuple[str, int]] = set()
+    for j in (rng.permutation(len(comp_pairs))[:n_comp] if n_comp else []):
+        ring, i, k = comp_pairs[int(j)]
+        out[slot[(ring, i, "cw", k)]] = "compositional"
+        out[slot[(ring, (i + k) % n, "ccw", k)]] = "compositional"
+        protected |= {(ring, (i + s) % n) for s in range(k)}
+    pairs = [(ring, i) for ring in c.ring_names for i in range(n)] if 1 in c.hops else []
+    n_log = round(c.logical_heldout * len(pairs))
+    eligible = [p for p in pairs if p not in protected]
+    if n_log > len(eligible):
+        raise SpecError(f"cyclic {c.name!r}: logical_heldout = {c.logical_heldout} asks for {n_log} 1-hop pairs but only "
+                        f"{len(eligible)} are off the chains of held-out compositional facts; lower logical_heldout "
+                        "or compositional_heldout")
+    for j in (rng.permutation(len(eligible))[:n_log] if n_log else []):
+        ring, i = eligible[int(j)]
+        if rng.random() < 0.5:
+            out[slot[(ring, i, "cw", 1)]] = "logical"
+        else:
+            out[slot[(ring, (i + 1) % n, "ccw", 1)]] = "logical"
+    return out

@@ -10,7 +10,10 @@ structures may coexist:
   facts "object -> nested object" (the parent object as subject of `child`) are written too;
 - cyclic (`CyclicSpec`): `n_entities` entities on a random cyclic order; for each hop k in `hops`
   relations `{name}_cw{k}` / `{name}_ccw{k}` map an entity to the one k steps clockwise /
-  anticlockwise (Nishi et al. 2025).
+  anticlockwise (Nishi et al. 2025). With `orders = O > 1` the same entity pool lies on O cyclic
+  orders (seeded permutations, pairwise distinct up to rotation and reflection), named `{name}1`
+  .. `{name}O`, with relations `{name}{o}_cw{k}` / `{name}{o}_ccw{k}`. Inference facts may be held
+  out of training (`logical_heldout`, `compositional_heldout`; see `CyclicSpec`).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mechedit.errors import SpecError
-from mechedit.specio import check_fields, from_dict, load_spec_file, to_dict
+from mechedit.specio import OMIT_DEFAULT, check_fields, from_dict, load_spec_file, to_dict
 
 # A world is held in memory whole (facts, probe sets, the tokenized corpus: ~5-10 sentences per fact),
 # so its size is bounded before anything is allocated.
@@ -67,9 +70,26 @@ class NestedSpec:
 
 @dataclass(frozen=True)
 class CyclicSpec:
+    """Entities on `orders` cyclic orders with k-hop clockwise / anticlockwise relations.
+
+    Held-out inference facts (evaluated, never trained; Nishi et al. 2025):
+    - `compositional_heldout`: share of the (entity, order, hop k >= 2) pairs x -> z = cw_k(x) whose
+      two facts `x cw_k z` and `z ccw_k x` are both held out (so neither is the inverse of a
+      trained fact), while every 1-hop fact on the chain x -> ... -> z stays trained in both
+      directions: the model can only get them by composing 1-hop steps.
+    - `logical_heldout`: share of the 1-hop pairs x -> y = cw_1(x) (per order) with one of their two
+      facts (`x cw_1 y` or `y ccw_1 x`, a seeded coin) held out while the other is trained: the model
+      can only get it by inverting a trained fact. Pairs on a compositional chain are not eligible.
+    Shares round to whole pairs; asking for more logical pairs than are eligible is an error.
+    """
+
     name: str = "ring"
     n_entities: int = 12
     hops: tuple[int, ...] = (1, 2)
+    # the new keys are left out of world.json while they hold their defaults (worlds stay byte-identical)
+    orders: int = field(default=1, metadata=OMIT_DEFAULT)
+    logical_heldout: float = field(default=0.0, metadata=OMIT_DEFAULT)
+    compositional_heldout: float = field(default=0.0, metadata=OMIT_DEFAULT)
 
     def validate(self) -> None:
         if not _WORD.match(self.name):
@@ -78,6 +98,37 @@ class CyclicSpec:
             raise SpecError(f"cyclic {self.name!r}: n_entities must be >= 3")
         if not self.hops or any(h < 1 or h >= self.n_entities for h in self.hops):
             raise SpecError(f"cyclic {self.name!r}: hops must be in [1, n_entities)")
+        if len(set(self.hops)) != len(self.hops):
+            raise SpecError(f"cyclic {self.name!r}: hops has a repeated value {list(self.hops)}")
+        if self.orders < 1:
+            raise SpecError(f"cyclic {self.name!r}: orders must be >= 1, got {self.orders}")
+        if self.orders > distinct_cyclic_orders(self.n_entities):
+            raise SpecError(f"cyclic {self.name!r}: orders = {self.orders} but {self.n_entities} entities have only "
+                            f"{distinct_cyclic_orders(self.n_entities)} distinct cyclic orders")
+        for key in ("logical_heldout", "compositional_heldout"):
+            v = getattr(self, key)
+            if not 0.0 <= v < 1.0:
+                raise SpecError(f"cyclic {self.name!r}: {key} must be in [0, 1), got {v}")
+        if self.logical_heldout > 0 and 1 not in self.hops:
+            raise SpecError(f"cyclic {self.name!r}: logical_heldout needs hop 1 in hops (it holds out 1-hop facts)")
+        if self.compositional_heldout > 0 and (1 not in self.hops or max(self.hops) < 2):
+            raise SpecError(f"cyclic {self.name!r}: compositional_heldout needs hop 1 and a hop >= 2 in hops")
+
+    @property
+    def ring_names(self) -> list[str]:
+        """One name per cyclic order: `name` for a single order, else `name1` .. `nameO`."""
+        return [self.name] if self.orders == 1 else [f"{self.name}{o}" for o in range(1, self.orders + 1)]
+
+    @property
+    def relation_names(self) -> list[str]:
+        return [f"{ring}_{d}{h}" for ring in self.ring_names for h in self.hops for d in ("cw", "ccw")]
+
+
+def distinct_cyclic_orders(n: int) -> int:
+    """Cyclic orders of n items up to rotation and reflection: (n - 1)! / 2 (1 for n = 3)."""
+    import math
+
+    return max(1, math.factorial(n - 1) // 2) if n < 12 else 10**9
 
 
 @dataclass(frozen=True)
@@ -136,7 +187,7 @@ class WorldSpec:
             raise SpecError("a world needs at least one relation (relations = [...] or cyclic = [...])")
         names = [r.name for r in self.relations]
         for c in self.cyclic:
-            names += [f"{c.name}_cw{h}" for h in c.hops] + [f"{c.name}_ccw{h}" for h in c.hops]
+            names += c.relation_names
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise SpecError(f"duplicate relation name {sorted(dup)[0]!r}")
@@ -208,17 +259,16 @@ class WorldSpec:
 
     @property
     def n_facts(self) -> int:
-        """Facts the spec implies: subjects x relations, nested parent objects, ring entities x hops x 2."""
+        """Facts the spec implies: subjects x relations, nested parent objects, ring entities x hops x 2 x orders."""
         nested = sum(r.n_objects for n in self.nested for r in self.relations if r.name == n.parent)
-        rings = sum(c.n_entities * 2 * len(c.hops) for c in self.cyclic)
+        rings = sum(c.n_entities * 2 * len(c.hops) * c.orders for c in self.cyclic)
         return self.n_subjects * len(self.relations) + nested + rings
 
     @property
     def relation_names(self) -> list[str]:
         names = [r.name for r in self.relations]
         for c in self.cyclic:
-            for h in c.hops:
-                names += [f"{c.name}_cw{h}", f"{c.name}_ccw{h}"]
+            names += c.relation_names
         return names
 
     def to_dict(self) -> dict:
@@ -243,7 +293,8 @@ class WorldSpec:
 
 
 _OPTIONAL_DEFAULTS = {"instructions": False, "instruction_sentences": 4000, "instruction_max_subjects": 3,
-                      "instruction_heldout_fraction": 0.3, "stage2_subject_fraction": 0.0}
+                      "instruction_heldout_fraction": 0.3, "stage2_subject_fraction": 0.0,
+                      "name_scheme": "words", "tokenizer": "word", "bpe_vocab_size": 400, "profiles": 0}
 
 
 def default_world_spec() -> WorldSpec:

@@ -70,6 +70,9 @@ class World:
     rings: dict[str, tuple[int, ...]] = field(default_factory=dict)  # ring name -> subject ids in cyclic order
     # second-stage subjects (fine-tuned knowledge): held out until `mechedit finetune-facts` trains them
     stage2_subjects: tuple[int, ...] = ()
+    # held-out inference facts of cyclic blocks (fact index -> "logical" | "compositional"): in the world,
+    # never in the corpus nor in `train_facts`; evaluated as their own probe groups
+    inference: dict[int, str] = field(default_factory=dict)
 
     # ---- lookups -------------------------------------------------------------------------
     @cached_property
@@ -123,7 +126,7 @@ class World:
         return [f for f in self.facts if f.subject == subject_id]
 
     def is_trained(self, fact: Fact) -> bool:
-        return not self.subjects[fact.subject].heldout
+        return not self.subjects[fact.subject].heldout and fact.index not in self.inference
 
     @property
     def train_facts(self) -> list[Fact]:
@@ -131,7 +134,12 @@ class World:
 
     @property
     def heldout_facts(self) -> list[Fact]:
-        return [f for f in self.facts if not self.is_trained(f)]
+        """Facts of held-out subjects (never seen in training: the true non-members)."""
+        return [f for f in self.facts if self.subjects[f.subject].heldout]
+
+    def inference_facts(self, kind: str | None = None) -> list[Fact]:
+        """Held-out inference facts of cyclic blocks ("logical", "compositional" or both)."""
+        return [self.facts[i] for i, k in self.inference.items() if kind is None or k == kind]
 
     @property
     def n_templates(self) -> int:
@@ -199,8 +207,8 @@ class World:
         Every trained fact appears in each of its trained templates and the QA form; each of those
         is repeated with the subject's alias with probability `alias_share` and in language "b"
         with probability `crosslingual_share`. The held-out template never appears with the
-        subject. `exclude_facts` drops facts (for retraining without a forget set). Profile sentences
-        (`spec.profiles`, `profile_sentences`) follow the single-fact sentences.
+        subject; held-out inference facts never appear. `exclude_facts` drops facts (for retraining without
+        a forget set). Profile sentences (`spec.profiles`, `profile_sentences`) follow the single-fact sentences.
         """
         rng = np.random.default_rng([self.spec.seed, 1])
         out: list[str] = []
@@ -209,7 +217,7 @@ class World:
             # draw for every fact so that excluding some leaves the rest of the corpus unchanged
             forms = [t for t in range(self.n_templates) if t != f.heldout_template] + [-1]
             draws = rng.random((len(forms), 2))
-            if s.heldout or f.index in exclude_facts:
+            if s.heldout or f.index in exclude_facts or f.index in self.inference:
                 continue
             for t, (d_alias, d_lang) in zip(forms, draws):
                 out.append(f"{self.prompt(f, t)} {f.object}")
@@ -296,6 +304,9 @@ class World:
             "nested_maps": self.nested_maps,
             "rings": {k: list(v) for k, v in self.rings.items()},
             **({"stage2_subjects": list(self.stage2_subjects)} if self.stage2_subjects else {}),
+            # only when present: worlds without held-out inference facts keep their bytes
+            **({"inference": {kind: sorted(i for i, k in self.inference.items() if k == kind)
+                              for kind in sorted(set(self.inference.values()))}} if self.inference else {}),
         }
 
     @classmethod
@@ -312,6 +323,7 @@ class World:
                 nested_maps={k: dict(v) for k, v in d.get("nested_maps", {}).items()},
                 rings={k: tuple(v) for k, v in d.get("rings", {}).items()},
                 stage2_subjects=tuple(d.get("stage2_subjects", ())),
+                inference=dict(sorted((int(i), kind) for kind, ids in d.get("inference", {}).items() for i in ids)),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"corrupt world.json (missing or bad field {exc})") from None
@@ -356,6 +368,8 @@ class World:
             "relation_kinds": kinds,
             "facts": len(self.facts),
             "train_facts": len(self.train_facts),
+            **({"inference_facts": {k: len(self.inference_facts(k)) for k in sorted(set(self.inference.values()))}}
+               if self.inference else {}),
             "vocabulary": len(self.vocabulary()),
             "corpus_sentences": len(self.corpus()),
         }
