@@ -41,12 +41,22 @@ def resolve_checkpoint(spec: AnalysisSpec, cache_dir: Path, progress: Callable[[
     key = json.dumps({"world": world.to_dict()["spec"], "model": mspec.__dict__, "train": tspec.__dict__},
                      sort_keys=True)
     path = (cache_dir / "models" / hashlib.sha256(key.encode()).hexdigest()[:16]).resolve()
-    if (path / "mechedit.json").is_file():
+    if not (path / "mechedit.json").is_file():
+        if progress:
+            progress(f"training the model (cached afterwards in {path})")
+        train_checkpoint(world, mspec, tspec, path, force=True)
+    ft = spec.model.get("finetune_facts")
+    if not ft:
         return path
-    if progress:
-        progress(f"training the model (cached afterwards in {path})")
-    train_checkpoint(world, mspec, tspec, path, force=True)
-    return path
+    from mechedit.model.finetune import finetune_checkpoint
+
+    params = ft if isinstance(ft, dict) else {}
+    ft_path = path.with_name(f"{path.name}-ft-{hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]}")
+    if not (ft_path / "mechedit.json").is_file():
+        if progress:
+            progress(f"second stage: finetune-facts (cached afterwards in {ft_path})")
+        finetune_checkpoint(path, ft_path, params, force=True)
+    return ft_path
 
 
 def run_trace(spec: AnalysisSpec, checkpoint: Path, run_dir: Path) -> dict | None:

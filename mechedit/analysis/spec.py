@@ -22,6 +22,11 @@ requests = ["single"]
 params = { steps = [20, 40] } # a list sweeps the values
 [diagnostics]
 suites = ["edit"]
+[[findings]]                  # optional: a claim tested on the cases (mechedit.analysis.findings)
+claim = "ROME at the traced layer takes single edits"
+metric = "edit.efficacy.after"
+where = { method = "rome", layer = "traced" }
+at_least = 0.9
 ```
 Paths are relative to the spec file. Every key is checked; an error names the key.
 """
@@ -49,6 +54,8 @@ class RequestSet:
     forget: str | None = None  # "subject:NAME", "fact:S|R", "relation:R"
     subjects: int | None = None  # forget all facts of N random trained subjects
     seed: int = 0
+    exposure: int | str | None = None  # only facts / subjects seen that many times, or "balanced"
+    knowledge: str = "all"  # forget subjects: "all", "pretrained" (first stage) or "finetuned" (second stage)
 
 
 @dataclass(frozen=True)
@@ -83,16 +90,18 @@ class AnalysisSpec:
     forget_suites: tuple[str, ...]  # run on forget request sets (unlearning)
     suite_options: dict = field(default_factory=dict)
     raw: dict = field(default_factory=dict)
+    findings: tuple = ()  # mechedit.analysis.findings.Finding
 
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.raw, sort_keys=True).encode()).hexdigest()[:16]
 
 
-_TOP = {"name", "world", "model", "trace", "requests", "grid", "diagnostics", "description"}
+KNOWLEDGE = ("all", "pretrained", "finetuned")
+_TOP = {"name", "world", "model", "trace", "requests", "grid", "diagnostics", "description", "findings"}
 _WORLD = {"spec", "dir"}
-_MODEL = {"preset", "spec", "checkpoint"}
+_MODEL = {"preset", "spec", "checkpoint", "finetune_facts"}
 _TRACE = {"relation", "n", "facts", "sites", "samples", "noise", "window", "seed"}
-_REQ = {"relation", "n", "mode", "forget", "subjects", "seed"}
+_REQ = {"relation", "n", "mode", "forget", "subjects", "seed", "exposure", "knowledge"}
 _GRID = {"method", "params", "layers", "requests"}
 _DIAG = {"suites", "forget_suites", "options"}
 
@@ -129,8 +138,12 @@ def parse_analysis(data: dict, base: Path) -> AnalysisSpec:
     if "spec" in world and world["spec"] != "default" and not (base / world["spec"]).is_file():
         raise SpecError(f"world.spec: spec file not found: {base / world['spec']}")
     model = _check_keys(data.get("model", {"preset": "default"}), _MODEL, "model")
-    if len(model) != 1:
+    if len(set(model) - {"finetune_facts"}) != 1:
         raise SpecError("model: give exactly one of preset, spec or checkpoint")
+    ft = model.get("finetune_facts")
+    if ft is not None and (not isinstance(ft, (bool, dict)) or "checkpoint" in model):
+        raise SpecError("model.finetune_facts: true or a table of finetune-facts parameters, with preset or spec "
+                        "(the second stage is trained after the first and cached)")
     if "checkpoint" in model and not (base / model["checkpoint"]).is_dir():
         raise SpecError(f"model.checkpoint: checkpoint not found: {base / model['checkpoint']}")
     trace = data.get("trace")
@@ -143,8 +156,17 @@ def parse_analysis(data: dict, base: Path) -> AnalysisSpec:
         mode = t.get("mode", "each" if kind == "counterfactual" else "batch")
         if mode not in ("each", "batch"):
             raise SpecError(f"requests.{sname}.mode: must be 'each' or 'batch', got {mode!r}")
+        exposure = t.get("exposure")
+        if exposure is not None and exposure != "balanced" and (isinstance(exposure, bool) or not isinstance(exposure, int)
+                                                                or exposure < 1):
+            raise SpecError(f"requests.{sname}.exposure: a count >= 1 or 'balanced', got {exposure!r}")
+        if exposure is not None and "forget" in t:
+            raise SpecError(f"requests.{sname}.exposure: only with n (counterfactual) or subjects (forget)")
+        knowledge = t.get("knowledge", "all")
+        if knowledge not in KNOWLEDGE or (knowledge != "all" and "subjects" not in t):
+            raise SpecError(f"requests.{sname}.knowledge: one of {', '.join(KNOWLEDGE)}, with subjects = N")
         sets[sname] = RequestSet(sname, kind, mode, int(t.get("n", 5)), t.get("relation"), t.get("forget"),
-                                 t.get("subjects"), int(t.get("seed", 0)))
+                                 t.get("subjects"), int(t.get("seed", 0)), exposure, knowledge)
     grid = data.get("grid", [])
     if not isinstance(grid, list) or not grid:
         raise SpecError("grid: the grid is empty (add at least one [[grid]] entry)")
@@ -194,8 +216,11 @@ def parse_analysis(data: dict, base: Path) -> AnalysisSpec:
             get_suite(s)
         except MecheditError as exc:
             raise SpecError(f"diagnostics.suites: {exc}") from None
+    from mechedit.analysis.findings import parse_findings
+
+    findings = parse_findings(data.get("findings"), [c.key for c in cases])
     return AnalysisSpec(name, base, world, model, trace, sets, tuple(cases), suites, forget_suites, dict(diag.get("options", {})),
-                        data)
+                        data, findings)
 
 
 def load_analysis(path: str | Path) -> AnalysisSpec:

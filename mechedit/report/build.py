@@ -21,6 +21,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from mechedit.errors import MecheditError
 from mechedit.fileio import commit_output_dir, prepare_output_dir, read_json, write_text_atomic
 from mechedit.report import figures as F
+from mechedit.report import studies as S
 
 # (summary key, column title): shown when present, in this order
 EDIT_COLUMNS = (
@@ -308,11 +309,12 @@ def build_report(run_dir: str | Path, out: str | Path, *, force: bool = False) -
     figdir.mkdir()
     ckpt = Path(spec["checkpoint"])
     meta = read_json(ckpt / "mechedit.json", "mechedit.json") if (ckpt / "mechedit.json").is_file() else {}
-    world = None
+    world, world_obj = None, None
     if (ckpt / "world.json").is_file():
         from mechedit.world.world import World
 
-        world = World.load(ckpt).summary()
+        world_obj = World.load(ckpt)
+        world = world_obj.summary()
     curve_img = _img(F.training_curve(meta.get("curve", []), figdir / "training_curve.png"))
     # trace
     trace = None
@@ -345,7 +347,8 @@ def build_report(run_dir: str | Path, out: str | Path, *, force: bool = False) -
         train={"seconds": meta.get("train_seconds"), "epochs": meta.get("epochs")}, recall_rows=recall_rows,
         curve_img=curve_img, trace=trace, families=_family_tables(cases),
         sweeps=_layer_sweeps(cases, ie, figdir), unlearning=_unlearning(cases, figdir),
-        drilldowns=_drilldowns(cases), n_cases=len(cases), n_total=len(spec.get("cases", [])),
+        drilldowns=_drilldowns(cases), findings=S.findings_table(spec, cases, world_obj),
+        exposure=S.exposure_tables(cases, world_obj), n_cases=len(cases), n_total=len(spec.get("cases", [])),
         request_sets={k: len(v["requests"]) for k, v in spec.get("request_sets", {}).items()})
     write_text_atomic(tmp / "index.html", html)
     commit_output_dir(tmp, out)
