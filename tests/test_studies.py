@@ -253,6 +253,11 @@ def test_tiny_study_reports_render_findings_and_exposure(tiny_studies, tmp_path,
                 lo, hi = -hi, -lo
             expect = "holds" if lo > 0 else "fails" if hi < 0 else "inconclusive"
         assert row["verdict"] == expect, row
+    if name == "behemoth":  # where each exposure level is recalled, from the run's trace
+        tr = S.trace_by_exposure(tiny_studies[name], world)
+        assert {r["exposure"] for r in tr["rows"]} == {1, 4} and "peak layer" in html
+        assert sum(r["n"] for r in tr["rows"] if r["site"] == "mlp") == len(json.loads(
+            (tiny_studies[name] / "trace" / "trace.json").read_text())["facts"])
     if name == "editing_as_unlearning":  # the second stage was trained and each pool drawn from its stage
         saved = json.loads((tiny_studies[name] / "spec.json").read_text())["request_sets"]
         stage2 = set(world.stage2_subjects)

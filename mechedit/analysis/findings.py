@@ -171,6 +171,9 @@ def _per_item(card: dict, metric: str) -> tuple[dict[str, float] | None, list | 
         swapped = _walk(card, [parts[0], parts[-1], *parts[1:-1]])
         if _is_metric(swapped):
             return swapped["value_by_index"], None
+        by_fact = _walk(card, [*parts[:-2], parts[-1], "by_fact"])  # probes: one value per forget fact
+        if _is_metric(by_fact):
+            return by_fact["value_by_index"], None
         row = _walk(card, parts[:-1])
         if isinstance(row, dict) and isinstance(row.get("ci95"), dict):
             return None, row["ci95"].get(parts[-1])

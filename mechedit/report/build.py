@@ -348,7 +348,7 @@ def build_report(run_dir: str | Path, out: str | Path, *, force: bool = False) -
         curve_img=curve_img, trace=trace, families=_family_tables(cases),
         sweeps=_layer_sweeps(cases, ie, figdir), unlearning=_unlearning(cases, figdir),
         drilldowns=_drilldowns(cases), findings=S.findings_table(spec, cases, world_obj),
-        exposure=S.exposure_tables(cases, world_obj), n_cases=len(cases), n_total=len(spec.get("cases", [])),
+        exposure=S.exposure_tables(cases, world_obj), trace_exposure=S.trace_by_exposure(run_dir, world_obj), n_cases=len(cases), n_total=len(spec.get("cases", [])),
         request_sets={k: len(v["requests"]) for k, v in spec.get("request_sets", {}).items()})
     write_text_atomic(tmp / "index.html", html)
     commit_output_dir(tmp, out)
