@@ -23,7 +23,7 @@ choice was made on).
 Verdict: "holds" when the 95% interval lies wholly on the claimed side (of the threshold; of
 `margin`, default 0, for a difference taken in the claimed direction), "fails" when it lies wholly
 on the other side (the effect is smaller than the claim needs, or reversed), else "inconclusive"
-(at this n).
+(at this n); "not run" while a case it needs is not in the run folder yet.
 """
 from __future__ import annotations
 
@@ -310,7 +310,7 @@ def evaluate(f: Finding, cases: list[dict], world=None) -> dict:
                  "direction": f.direction, "verdict": "inconclusive", "measured": [], "note": ""}
     chosen = select(cases, f.where)
     if not chosen:
-        row["note"] = "the case is not in the run yet"
+        row["verdict"], row["note"] = "not run", "the case is not in the run yet"
         return row
     if f.test in ("at_least", "at_most"):
         s = summarize(units(chosen[0], f.metric, world))
@@ -327,7 +327,7 @@ def evaluate(f: Finding, cases: list[dict], world=None) -> dict:
     if f.test == "than":
         other = select(cases, f.value)
         if not other:
-            row["note"] = "the compared case is not in the run yet"
+            row["verdict"], row["note"] = "not run", "the compared case is not in the run yet"
             return row
         b = other[0]
         ub = units(b, f.metric, world)

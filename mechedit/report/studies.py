@@ -42,7 +42,7 @@ def findings_table(spec: dict, cases: list[dict], world) -> list[dict]:
 
 
 def verdict_counts(rows: list[dict]) -> dict[str, int]:
-    out = {"holds": 0, "fails": 0, "inconclusive": 0}
+    out = {"holds": 0, "fails": 0, "inconclusive": 0, "not run": 0}
     for r in rows:
         out[r["verdict"]] += 1
     return out
@@ -127,3 +127,21 @@ def trace_by_exposure(run_dir, world) -> dict | None:
             rows.append({"site": kind, "exposure": lvl, "n": n, "peak": int(np.nanargmax(m)),
                          "cells": [f"{a:.3f} ± {b:.3f}" for a, b in zip(m, ci)]})
     return {"layers": list(range(res.n_layers)), "rows": rows}
+
+
+def findings_markdown(run_dir) -> str:
+    """The findings table of a run folder as Markdown (for a README or a closing note)."""
+    from pathlib import Path
+
+    from mechedit.report.build import load_run
+    from mechedit.world.world import World
+
+    spec, cases = load_run(Path(run_dir))
+    world = World.load(spec["checkpoint"]) if (Path(spec["checkpoint"]) / "world.json").is_file() else None
+    lines = [f"{spec.get('name')}: {len(cases)} of {len(spec.get('cases', []))} cases finished", "",
+             "| id | claim | measured | difference | verdict |", "|---|---|---|---|---|"]
+    for r in findings_table(spec, cases, world):
+        cell = lambda t: t.replace("|", "/")  # noqa: E731
+        lines.append(f"| {r['id']} | {cell(r['claim'])} | {cell('; '.join(r['measured_text']))} | "
+                     f"{cell(r['difference_text'])} | **{r['verdict']}**{' (' + r['note'] + ')' if r['note'] else ''} |")
+    return "\n".join(lines)
