@@ -27,8 +27,9 @@ demo: setup
 	$(VENV)/bin/mechedit report $(RUNS) -o $(REPORT) --force
 	@echo "open $(REPORT)/index.html"
 
+# prints the 15 slowest tests, so a test that grows slow is seen
 test: setup chromium
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # benchmarks print figures (ratios within one process); they need a trained default model in runs/model
 BENCH_MODEL ?= runs/model

@@ -2,7 +2,7 @@
 
 Usage: OMP_NUM_THREADS=1 python benchmarks/unlearn_table.py [CHECKPOINT] [--methods ga,npo,...]
        [--sizes 1,10,50] [--seeds 0,1,2] [--max-seeds-from 50] [--knowledge all|pretrained|finetuned]
-       [--json out.json]
+       [--json out.json] [--reference retrained|none]
 
 Pretrained vs fine-tuned knowledge (Li et al. 2025), on analyses/worlds/unlearning.toml:
     benchmarks/unlearn_table.py runs/unlearning --knowledge pretrained      (first-stage, never-named subjects)
@@ -15,6 +15,9 @@ set), one seed from `--max-seeds-from` subjects on (the largest sets are costly)
 the original model, the retrained reference (the same training minus the forget facts, same
 schedule, stopped at the original's epoch: `mechedit/diagnose/reference.py`; trained once and
 cached beside the checkpoint as `<checkpoint>.retrain-<hash>`), and every method with its defaults.
+`--reference none` leaves the retrained model out (no retrained row, gaps, relearning or KS columns;
+the set's file and table say so): for when its training cannot be afforded - a table without it
+compares methods with each other and with chance / non-members only.
 
 Columns (one value per fact; [lo, hi] = seeded 95% bootstrap interval over facts, or over members
 and non-members for an AUC; (Δ) = the method's value minus the retrained model's):
@@ -143,19 +146,23 @@ def forget_subjects(world, n: int, seed: int, knowledge: str = "all") -> list[st
     return [subjects[int(i)].name for i in sorted(idx)]
 
 
-def run_set(checkpoint: str, before, n: int, seed: int, methods: list[str], knowledge: str = "all") -> dict:
+def run_set(checkpoint: str, before, n: int, seed: int, methods: list[str], knowledge: str = "all",
+            with_reference: bool = True, diag: dict | None = None) -> dict:
     w = before.world
     names = forget_subjects(w, n, seed, knowledge)
     target = parse_forget(w, [f"subject:{s}" for s in names])
     reqs = target.requests()
     t0 = time.perf_counter()
-    ref = retrained_reference(before, target)
+    ref = retrained_reference(before, target) if with_reference else None
     ref_s = time.perf_counter() - t0
-    print(f"\n## forget {n} subject(s), seed {seed}: {len(target.forget)} facts "
-          f"(retrained reference ready in {ref_s:.0f}s, stopped at epoch {ref.meta.get('epochs')})\n", flush=True)
+    about = (f"retrained reference ready in {ref_s:.0f}s, stopped at epoch {ref.meta.get('epochs')}" if ref is not None
+             else "NO retrained reference (--reference none)")
+    print(f"\n## forget {n} subject(s), seed {seed}: {len(target.forget)} facts ({about})\n", flush=True)
     print_header()
     rows, cards = {}, {}
-    for method in ["original", "retrained", *methods]:
+    suites, options = (SUITES, {"reference": ref}) if ref is not None else (("forget", "leftover"), {"retrained": False})
+    options.update(diag or {})
+    for method in ["original", *(["retrained"] if ref is not None else []), *methods]:
         t1 = time.perf_counter()
         steps = "-"
         if method == "original":
@@ -175,7 +182,7 @@ def run_set(checkpoint: str, before, n: int, seed: int, methods: list[str], know
                 continue
             res.apply(after.model)
             steps = res.info.get("steps_run", "-")
-        card = diagnose(before, after, reqs, SUITES, reference=ref)
+        card = diagnose(before, after, reqs, suites, **options)
         vals = row_values(card)
         rows[method] = {"values": vals, "steps": steps, "sec": round(time.perf_counter() - t1, 1)}
         cards[method] = card
@@ -194,11 +201,13 @@ def run_set(checkpoint: str, before, n: int, seed: int, methods: list[str], know
         "probe_selected": {tag: (lo["probes"].get(tag) or {}).get("selected") for tag in ("before", "retrained")},
         "probe_validation_accuracy": {tag: (lo["probes"].get(tag) or {}).get("validation_accuracy")
                                       for tag in ("before", "retrained")},
-        "relearn_n_scored": cards["original"]["relearn"]["n_scored_facts"],
-        "ks_n_facts": cards["original"]["forget_quality"]["n_facts"],
-        "reference_epochs": ref.meta.get("epochs"), "reference_seconds": round(ref_s, 1),
+        "relearn_n_scored": (cards["original"].get("relearn") or {}).get("n_scored_facts"),
+        "ks_n_facts": (cards["original"].get("forget_quality") or {}).get("n_facts"),
+        "reference": "retrained" if ref is not None else "none",
+        "reference_epochs": ref.meta.get("epochs") if ref is not None else None,
+        "reference_seconds": round(ref_s, 1),
         "reference_recall": {k: (ref.meta.get("final_recall", {}).get(k) or {}).get("by_kind")
-                             for k in ("trained", "excluded")},
+                             for k in ("trained", "excluded")} if ref is not None else None,
     }
     result = {"size": n, "seed": seed, "rows": rows, "sanity": sanity}
     print_checks(result)
@@ -229,29 +238,33 @@ def print_checks(result: dict) -> None:
           f"original, retained vs non-members: sentence {sanity['mia_retain_vs_nonmembers_original']['sentence']:.3f}, "
           f"answer {sanity['mia_retain_vs_nonmembers_original']['answer']:.3f}; probe chance "
           f"{sanity['probe_chance']:.3f}, split {sanity['probe_split']}, chosen {sanity['probe_selected']}; "
-          f"relearn scored on {sanity['relearn_n_scored']} facts; KS n = {sanity['ks_n_facts']} facts per model",
+          f"relearn scored on {sanity['relearn_n_scored']} facts; KS n = {sanity['ks_n_facts']} facts per model; "
+          f"reference: {sanity.get('reference', 'retrained')}",
           flush=True)
 
 
 def cached_set(resume_dir: str, checkpoint: str, before, n: int, seed: int, methods: list[str],
-               knowledge: str = "all") -> dict:
+               knowledge: str = "all", with_reference: bool = True, diag: dict | None = None) -> dict:
     """`run_set`, or its stored result from `resume_dir` (same size, seed and methods): a killed table
     resumes at the first unfinished forget set."""
     import os
 
     name = f"set_{n}_{seed}.json" if knowledge == "all" else f"set_{knowledge}_{n}_{seed}.json"
+    if not with_reference:
+        name = name.replace(".json", "_noref.json")
     path = os.path.join(resume_dir, name) if resume_dir else None
     if path and os.path.isfile(path):
         with open(path) as fh:
             res = json.load(fh)
-        if res.get("methods") == methods:
+        if res.get("methods") == methods and res.get("diagnose_options", {}) == (diag or {}):
             print(f"\n## forget {n} subject(s), seed {seed}: {res['sanity']['n_forget_facts']} facts (stored in {path})\n")
             print_header()
             for m, row in res["rows"].items():
                 print_row(m, row)
             print_checks(res)
             return res
-    res = {**run_set(checkpoint, before, n, seed, methods, knowledge), "methods": methods}
+    res = {**run_set(checkpoint, before, n, seed, methods, knowledge, with_reference, diag), "methods": methods,
+           "diagnose_options": diag or {}}
     if path:
         os.makedirs(resume_dir, exist_ok=True)
         tmp = path + ".tmp"
@@ -281,7 +294,7 @@ def summarize(sets: list[dict], methods: list[str]) -> dict:
                 vals = [s["rows"][m]["values"][c]["value"] for s in runs]
                 vals = [v for v in vals if v is not None]
                 gaps = [s["rows"][m]["values"][c]["value"] - s["rows"]["retrained"]["values"][c]["value"]
-                        for s in runs if s["rows"][m]["values"][c]["value"] is not None
+                        for s in runs if "retrained" in s["rows"] and s["rows"][m]["values"][c]["value"] is not None
                         and s["rows"]["retrained"]["values"][c]["value"] is not None]
                 if not vals:
                     cells.append("-")
@@ -309,7 +322,13 @@ def main() -> None:
     ap.add_argument("--knowledge", default="all", choices=KNOWLEDGE,
                     help="forget-set pool: all trained subjects, pretrained (first stage) or finetuned (second stage)")
     ap.add_argument("--resume-dir", default="", help="store each finished forget set here and reuse it on a rerun")
+    ap.add_argument("--reference", default="retrained", choices=("retrained", "none"),
+                    help="none: no retrained model (no retrained row, gaps, relearning, KS) - see the module doc")
+    ap.add_argument("--probe-max-train", type=int, default=None, help="probe training prompts per relation "
+                    "(the leftover suite's default 3000 when not given)")
+    ap.add_argument("--n-boot", type=int, default=None, help="bootstrap resamples (default 1000)")
     args = ap.parse_args()
+    diag = {k: v for k, v in (("probe_max_train", args.probe_max_train), ("n_boot", args.n_boot)) if v is not None}
     torch.set_num_threads(1)
     methods = [m for m in args.methods.split(",") if m]
     before = mechedit.load(args.checkpoint)
@@ -318,13 +337,15 @@ def main() -> None:
     sets = []
     for n in [int(x) for x in args.sizes.split(",")]:
         for seed in (seeds if n < args.max_seeds_from else seeds[:1]):
-            sets.append(cached_set(args.resume_dir, args.checkpoint, before, n, seed, methods, args.knowledge))
+            sets.append(cached_set(args.resume_dir, args.checkpoint, before, n, seed, methods, args.knowledge,
+                                   args.reference == "retrained", diag))
     summary = summarize(sets, methods)
     total = time.perf_counter() - t0
     print(f"\ntotal {total:.0f}s")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"checkpoint": args.checkpoint, "methods": {m: METHODS.get(m, {}) for m in methods},
+                       "diagnose_options": diag,
                        "sets": sets, "summary": summary, "seconds": round(total, 1)}, fh, indent=1, default=str)
 
 

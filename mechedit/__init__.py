@@ -10,7 +10,10 @@ __version__ = "0.1.0"
 
 
 def load(directory, **kwargs):
-    """Load a checkpoint directory: the HF model, its tokenizer and its world (a `Subject`)."""
+    """Load a checkpoint directory: the HF model, its tokenizer and its world (a `Bundle`).
+
+    Keywords: `device` ("auto", "cpu", "cuda", "cuda:N"; default: the process's device, CUDA when
+    present) and `dtype` (default float32)."""
     from mechedit.model.checkpoint import load_checkpoint
 
     return load_checkpoint(directory, **kwargs)

@@ -1,6 +1,8 @@
 """The `mechedit` command line: thin typer commands over library functions.
 
-Every command turns a `MecheditError` into one line on stderr and exit code 2.
+Every bad input ends in one line on stderr and exit code 2: a `MecheditError` from the library, a
+usage error of the command line itself (unknown option, a value of the wrong type), and, as a last
+resort, running out of memory or an operating-system error while writing outputs.
 """
 from __future__ import annotations
 
@@ -11,21 +13,61 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
 
 from mechedit.errors import MecheditError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+class OneLineErrors(TyperGroup):
+    """Usage errors as one line on stderr (click's default is a usage block, or a rich panel)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.TyperException as exc:  # click's usage errors (typer vendors click)
+            if not (sys.argv[1:] if args is None else args):  # `mechedit` alone: the help, as click shows it
+                exc.show()
+            else:
+                ctx = getattr(exc, "ctx", None)
+                hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+                typer.echo(f"error: {one_line(exc.format_message())}{hint}", err=True)
+            sys.exit(getattr(exc, "exit_code", 2))
+        except typer.Abort:
+            typer.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="mechedit: locate, edit, unlearn and diagnose facts in small GPT-NeoX models "
                        "trained on synthetic worlds.")
 
 
+def device_option():
+    return typer.Option(None, "--device", help="auto (CUDA when present; the default), cpu, cuda or cuda:N.")
+
+
+def use(device: str | None) -> None:
+    """Make `--device` the device of this command (a one-line error if it is not available)."""
+    from mechedit.device import use_device
+
+    use_device(device or "auto")
+
+
 def fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {one_line(message)}", err=True)
     raise typer.Exit(2)
 
 
 def command(*args, **kwargs):
-    """`app.command` whose body turns MecheditError (and Ctrl-C) into one line and exit 2."""
+    """`app.command` whose body turns MecheditError (and Ctrl-C, and what the machine refuses:
+    memory, disk, permissions) into one line and an exit code (2; 130 for Ctrl-C)."""
     def wrap(fn):
         @functools.wraps(fn)
         def inner(*a, **k):
@@ -33,8 +75,14 @@ def command(*args, **kwargs):
                 return fn(*a, **k)
             except MecheditError as exc:
                 fail(str(exc))
+            except MemoryError:
+                fail("out of memory: the requested world, model or run is too large for this machine")
+            except OSError as exc:  # a disk full or a permission change while writing outputs
+                where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+                fail(f"{exc.strerror or type(exc).__name__}{where}")
             except KeyboardInterrupt:
-                typer.echo("interrupted; nothing partial was left in the output", err=True)
+                typer.echo("interrupted; nothing partial was left in the output (a killed training resumes "
+                           "from its last saved state when rerun)", err=True)
                 raise typer.Exit(130)
         return app.command(*args, **kwargs)(inner)
     return wrap
@@ -50,8 +98,10 @@ def world(
 
     Example: mechedit world analyses/worlds/default.toml -o runs/world
     """
+    from mechedit.fileio import check_output_dir
     from mechedit.model.pipeline import resolve_world, write_world
 
+    check_output_dir(out, force)
     w = resolve_world(spec)
     path = write_world(w, out, force)
     typer.echo(json.dumps(w.summary()))
@@ -68,19 +118,23 @@ def train(
     seed: Optional[int] = typer.Option(None, help="Training seed (overrides the spec)."),
     max_epochs: Optional[int] = typer.Option(None, help="Epoch limit (overrides the spec)."),
     bf16: Optional[bool] = typer.Option(None, "--bf16/--fp32", help="bf16 autocast (overrides the spec)."),
+    device: Optional[str] = device_option(),
 ):
     """Train a GPT-NeoX model on a world until it recalls its facts.
 
     Example: mechedit train -o runs/model            (embedded default world and model)
     """
+    use(device)
     from rich.console import Console
 
+    from mechedit.fileio import check_output_dir
     from mechedit.model.pipeline import resolve_world, train_checkpoint
     from mechedit.model.spec import model_spec, with_overrides
 
-    w = resolve_world(world_source)
+    check_output_dir(out, force)
     mspec, tspec = model_spec(model)
     tspec = with_overrides(tspec, seed=seed, max_epochs=max_epochs, bf16=bf16)
+    w = resolve_world(world_source)
     console = Console(stderr=True)
     with console.status("training...") as status:
         def progress(row: dict) -> None:
@@ -116,11 +170,15 @@ def finetune_facts(
 
 
 @command()
-def info(checkpoint: Path = typer.Argument(..., help="Checkpoint directory.")):
+def info(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint directory."),
+    device: Optional[str] = device_option(),
+):
     """Summarise a checkpoint: model, world, training and recall per probe set.
 
     Example: mechedit info runs/model
     """
+    use(device)
     from mechedit.model.pipeline import info as info_fn
 
     typer.echo(json.dumps(info_fn(checkpoint), indent=2))
@@ -137,12 +195,14 @@ def edit(
     param: list[str] = typer.Option([], "--param", help="Method parameter key=value (repeatable)."),
     out: Path = typer.Option(Path("runs/edit"), "-o", "--out", help="Output directory (edited checkpoint)."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty output directory."),
+    device: Optional[str] = device_option(),
 ):
     """Edit facts in a checkpoint; write the edited checkpoint, the deltas (OUT/edit) and OUT/scorecard.json.
 
     Example: mechedit edit runs/model --method rome --fact "SUBJECT|capital" --new OBJECT --layer traced -o runs/edit
     """
-    from mechedit.edit.api import EditRequest, parse_param_value
+    use(device)
+    from mechedit.edit.api import EditRequest, parse_param_value, parse_params
     from mechedit.edit.run import edit_checkpoint, read_requests
 
     if requests_file is not None:
@@ -154,15 +214,11 @@ def edit(
             raise MecheditError(f"a fact is written 'SUBJECT|RELATION', got {fact!r}")
     else:
         raise MecheditError("give --fact SUBJECT|RELATION with --new OBJECT, or --requests FILE.jsonl")
-    params = {}
-    for kv in param:
-        key, sep, value = kv.partition("=")
-        if not sep or not key:
-            raise MecheditError(f"--param takes key=value, got {kv!r}")
-        params[key.strip()] = parse_param_value(value)
+    params = parse_params(param)
     if layer is not None:
         params["layer"] = (layer if layer in ("traced", "all") else
-                           [parse_param_value(x) for x in layer.split(",")] if "," in layer else parse_param_value(layer))
+                           [parse_param_value(x, "--layer") for x in layer.split(",")] if "," in layer
+                           else parse_param_value(layer, "--layer"))
     card = edit_checkpoint(checkpoint, reqs, method, params, out, force=force)
     typer.echo(json.dumps({k: round(v, 4) for k, v in card["headline"].items()}))
     typer.echo(f"edited checkpoint written to {out} (deltas in {out}/edit, scores in {out}/scorecard.json)")
@@ -186,11 +242,13 @@ def trace(
     include_heldout: bool = typer.Option(False, "--include-heldout", help="Also trace held-out subjects' facts."),
     out: Path = typer.Option(Path("runs/trace"), "-o", "--out", help="Run directory."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty run directory."),
+    device: Optional[str] = device_option(),
 ):
     """Causal tracing (ROME): which layer, site and token carry a fact.
 
     Example: mechedit trace runs/model --relation capital --n 50 --severed mlp -o runs/trace_capital
     """
+    use(device)
     from mechedit.trace.api import TraceConfig
     from mechedit.trace.run import trace_run
 
@@ -199,6 +257,8 @@ def trace(
                       samples=samples, window=window, seed=seed, template=template)
     r = trace_run(checkpoint, out, facts=fact, relation=relation, n=n, all_facts=all_facts,
                   include_heldout=include_heldout, config=cfg, force=force)
+    for note in r["notes"]:
+        typer.echo(note, err=True)
     res = r["result"]
     if res.skipped:
         typer.echo(f"skipped {len(res.skipped)} fact(s) the model does not know (clean prediction wrong)")
@@ -224,12 +284,15 @@ def unlearn(
     param: list[str] = typer.Option([], "--param", "-p", help="Method parameter key=value (repeatable)."),
     out: Path = typer.Option(..., "-o", "--out", help="Output directory (unlearned checkpoint + deltas + scorecard)."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty output directory."),
+    device: Optional[str] = device_option(),
 ):
     """Unlearn facts: write the unlearned checkpoint, its deltas (edit.json) and a forget scorecard.
 
     Example: mechedit unlearn runs/model --method npo --forget subject:kavo -p steps=80 -o runs/unlearn
     """
-    from mechedit.unlearn.run import parse_params, unlearn_checkpoint
+    use(device)
+    from mechedit.edit.api import parse_params
+    from mechedit.unlearn.run import unlearn_checkpoint
 
     card = unlearn_checkpoint(checkpoint, method, forget, parse_params(param), out, force)
     after = card["forget"]["after"]
@@ -247,14 +310,17 @@ def diagnose(
     option: list[str] = typer.Option([], "--option", help="Suite option key=value, e.g. k=0.1 (repeatable)."),
     out: Path = typer.Option(..., "-o", "--out", help="Output directory for scorecard.json."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty output directory."),
+    device: Optional[str] = device_option(),
 ):
     """Score AFTER against BEFORE with diagnostic suites (forget, leftover, relearn, forget_quality, edit...).
 
     Example: mechedit diagnose runs/model runs/unlearn --suite leftover -o runs/diag
     """
-    from mechedit.unlearn.run import diagnose_checkpoints, parse_params
+    use(device)
+    from mechedit.edit.api import parse_params
+    from mechedit.unlearn.run import diagnose_checkpoints
 
-    diagnose_checkpoints(before, after, list(suite), out, list(forget), parse_params(option), force)
+    diagnose_checkpoints(before, after, list(suite), out, list(forget), parse_params(option, "--option"), force)
     typer.echo(f"scorecard written to {out}/scorecard.json")
 
 
@@ -266,6 +332,7 @@ def run(
     workers: Optional[int] = typer.Option(None, "--workers", help="Parallel cases (default: the number of cores)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: start a local Ray)."),
     force: bool = typer.Option(False, "--force", help="Start over if the folder holds a run of another spec."),
+    device: Optional[str] = device_option(),
 ):
     """Run an analysis: train or reuse the model, trace, run every case of the grid.
 
@@ -274,7 +341,7 @@ def run(
     from mechedit.analysis import run_analysis
 
     res = run_analysis(spec, out, executor_name=executor, workers=workers, address=address, force=force,
-                       progress=lambda msg: typer.echo(msg, err=True))
+                       progress=lambda msg: typer.echo(msg, err=True), device=device)
     typer.echo(f"{res['done']}/{res['total']} cases done ({res['ran']} run now, {res['skipped']} resumed) in {res['run_dir']}")
 
 

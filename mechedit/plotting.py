@@ -8,6 +8,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from mechedit.faults import crash_point  # noqa: E402
+
 
 def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
     """Lay out, write as PNG and close `fig`; returns the path."""
@@ -15,4 +17,5 @@ def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
+    crash_point("figure")
     return path

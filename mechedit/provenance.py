@@ -16,7 +16,8 @@ def git_hash() -> str | None:
 
 
 def stamp(**extra) -> dict:
-    """The `_meta` block of a result file: mechedit version, git commit and what produced it."""
+    """The `_meta` block of a result file: mechedit version, git commit, device and what produced it."""
     from mechedit import __version__
+    from mechedit.device import current_device
 
-    return {"mechedit_version": __version__, "git": git_hash(), **extra}
+    return {"mechedit_version": __version__, "git": git_hash(), "device": str(current_device()), **extra}

@@ -259,13 +259,14 @@ def test_wise_router_defers_irrelevant_inputs(tiny_bundle):
 
 def test_repe_reading_vector_points_at_the_target(tiny_bundle):
     """The reading vector is target minus contrast: its projection separates the target's prompts, and
-    subtracting it lowers the forgotten objects' probability (a flipped sign raises it instead)."""
+    subtracting it lowers the forgotten objects' probability (a flipped sign raises it instead). The sign
+    matters in "subtract" mode only: "project" removes the span, whatever the basis vectors' signs."""
     from mechedit.model.evaluate import score_answers
     from mechedit.unlearn.m_repe import _prompts, mean_states
 
     w, model = tiny_bundle.world, tiny_bundle.model
     reqs = _forget_requests(w)
-    res = run_method(tiny_bundle, reqs, "repe", layer=[0, 1], alpha=1.0, **FAST["repe"])
+    res = run_method(tiny_bundle, reqs, "repe", layer=[0, 1], mode="subtract", alpha=1.0, **FAST["repe"])
     v = res.adaptors[0].tensors["vectors"][0].double()
     target = parse_forget(w, [f"subject:{reqs[0].subject}"])
     about = mean_states(model, tiny_bundle.tokenizer, _prompts(w, list(target.forget)), [0])[0]
@@ -369,7 +370,7 @@ def test_unlearn_cli_with_adaptor_method(tiny_checkpoint, tmp_path):
     s = [s for s in b.world.subjects if s.kind == "subject" and not s.heldout][0]
     out = tmp_path / "u"
     r = CliRunner().invoke(app, ["unlearn", str(tiny_checkpoint), "--forget", f"subject:{s.name}", "-m", "repe",
-                                 "-p", "alpha=2.0", "-p", "layer=[0, 1]", "-o", str(out)])
+                                 "-p", "mode=subtract", "-p", "alpha=2.0", "-p", "layer=[0, 1]", "-o", str(out)])
     assert r.exit_code == 0, r.output
     card = json.loads((out / "scorecard.json").read_text())["forget"]
     assert card["forget"]["cloze"]["after"] < card["forget"]["cloze"]["before"]
@@ -438,3 +439,37 @@ options = {{ n_unrelated = 20, n_retain = 20, probe_max_train = 200 }}
     index = build_report(tmp_path / "run", tmp_path / "report")
     html = index.read_text()
     assert all(m in html for m in ("grace", "wise", "repe"))
+
+
+def test_forget_defaults_and_query_merging(tiny_bundle):
+    """Refusal targets switch an editor to its forget defaults (explicit values win); query merging makes
+    the requests of one subject ONE rank-one ROME edit (a shared key and one value) instead of one each."""
+    from mechedit.edit.api import get_method
+    from mechedit.edit.stats import w_out_name
+
+    reqs = _forget_requests(tiny_bundle.world)[:3]
+    assert len({r.subject for r in reqs}) == 1 and len(reqs) == 3
+    fast = {"layer": 0, "steps": 10, "restarts": 0}
+    merged = run_method(tiny_bundle, reqs, "rome", **fast)
+    assert merged.info["defaults"] == "forget"
+    assert merged.params["merge_queries"] is True and merged.params["forms"] == "cloze+qa"
+    assert get_method("rome").forget_defaults["merge_queries"] is True
+    dW = merged.deltas[w_out_name(0)].double()
+    assert torch.linalg.matrix_rank(dW, rtol=1e-6) == 1 and len(merged.info["per_request"]) == 1
+    apart = run_method(tiny_bundle, reqs, "rome", merge_queries=False, **fast)
+    assert apart.params["forms"] == "cloze+qa" and len(apart.info["per_request"]) == 3
+    counterfactual = run_method(tiny_bundle, _requests(tiny_bundle.world, 1), "rome", **fast)
+    assert counterfactual.info["defaults"] == "counterfactual" and counterfactual.params["merge_queries"] is False
+    # MEMIT: one target per subject, every row of the subject owned by it
+    from mechedit.edit.common import build_batch, subject_groups
+
+    other = next(r for r in _requests(tiny_bundle.world, 5) if r.subject != reqs[0].subject)
+    assert subject_groups(tiny_bundle.world, reqs + [other]) == [0, 0, 0, 1]
+    b = build_batch(tiny_bundle, reqs, [""], forms="cloze+qa", owners=[0, 0, 0])
+    assert set(b.owner.tolist()) == {0} and len(b.owner) == sum(len(tiny_bundle.world.probes(
+        [tiny_bundle.world.fact(r.subject, r.relation)], kinds=("cloze", "qa"))) for r in reqs)
+    ess = build_batch(tiny_bundle, reqs, [""], essence=True, essence_kind="relations", owners=[0, 0, 0])
+    edited = {q for r in reqs for q in tiny_bundle.world.probes([tiny_bundle.world.fact(r.subject, r.relation)],
+                                                                kinds=("cloze", "qa"))}
+    texts = [tiny_bundle.tokenizer.decode(row[m.bool()][1:]) for row, m in zip(ess.ids, ess.mask)]
+    assert not {p.prompt for p in edited} & set(texts)  # a prompt being edited is never kept by the KL term

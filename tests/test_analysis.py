@@ -7,10 +7,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from clitools import invoke as cli  # in-process; the kill test needs a real process
 
 from mechedit.analysis import load_analysis, run_analysis
 from mechedit.errors import SpecError
@@ -29,8 +29,6 @@ def case_files(run_dir: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(run_dir.glob("case_*.json")) if not p.name.endswith(".timing.json")}
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "mechedit.cli", *map(str, args)], capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -65,21 +63,33 @@ def test_rerun_skips_finished_cases(reference_run, tiny_checkpoint):
 
 
 def test_killed_run_resumes_to_identical_case_files(tmp_path, tiny_checkpoint, reference_run):
+    """kill -9 right after the first case file (a fault-injection point, so no timing is involved)."""
     spec = write_spec(tmp_path, tiny_checkpoint)
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "mechedit.cli", "run", str(spec), "-o", str(run_dir),
-                             "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(run_dir.glob("case_*.timing.json")):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)  # mid-grid: at least one case written, others not
-    proc.wait()
+    proc = subprocess.run([sys.executable, "-m", "mechedit.cli", "run", str(spec), "-o", str(run_dir),
+                           "--workers", "1"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "MECHEDIT_CRASH_AT": "case.written#1"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     partial = case_files(run_dir)
-    assert 1 <= len(partial) < 3
+    assert len(partial) == 1  # the first case file, and not its timing sidecar (written after it)
+    assert not list(run_dir.glob("*.timing.json"))
     for data in partial.values():
         json.loads(data)
     res = run_analysis(spec, run_dir, workers=1)
-    assert res["skipped"] == len(partial) and res["done"] == 3
+    assert res["skipped"] == 1 and res["done"] == 3
+    assert case_files(run_dir) == case_files(reference_run)
+
+
+def test_rerun_redoes_a_corrupt_case_file(tmp_path, reference_run):
+    """A half-written (or foreign) case file is not counted as done: the rerun redoes that case."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run, run_dir)
+    spec = Path(json.loads((run_dir / "spec.json").read_text())["spec_path"])
+    names = sorted(case_files(run_dir))
+    data = (run_dir / names[0]).read_bytes()
+    (run_dir / names[0]).write_bytes(data[: len(data) // 2])
+    res = run_analysis(spec, run_dir, workers=1)
+    assert res["ran"] == 1 and res["skipped"] == 2
     assert case_files(run_dir) == case_files(reference_run)
 
 

@@ -11,14 +11,6 @@ from mechedit.model.fast import FastNeoX, Setter
 from mechedit.model.spec import ModelSpec
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _random_model(parallel: bool, rotary_pct: float, n_layers: int = 3):
     from transformers import GPTNeoXForCausalLM
 
@@ -113,7 +105,7 @@ def _requests(world, n):
 @pytest.mark.parametrize("method, params", [
     ("rome", {"layer": 0, "steps": 15, "restarts": 2, "restart_nll": 10.0}),
     ("rome", {"layer": 0, "steps": 10, "restarts": 0, "through_edit": False}),
-    ("memit", {"layer": [0], "steps": 10}),
+    ("memit", {"layer": [0], "steps": 10, "precision": "float32"}),
 ])
 def test_fast_target_search_equals_hf_modules(tiny_bundle, method, params):
     """The editors give the same deltas on the fast path as through the HF modules (restarts included)."""
@@ -150,3 +142,30 @@ def test_batched_starts_equal_separate_searches(tiny_bundle):
         steps.add(info["steps"])
 
     assert len(steps) > 1  # the starts stopped at different steps: the freezing is exercised
+
+
+def test_device_and_precision_resolution(monkeypatch):
+    from mechedit.device import resolve_device, resolve_precision
+    from mechedit.errors import MecheditError
+
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(MecheditError, match="unknown device"):
+        resolve_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(MecheditError, match="no CUDA GPU"):
+        resolve_device("cuda:0")
+    assert resolve_precision("float32", "cpu") == "float32"
+    assert resolve_precision("auto", "cpu") in ("float32", "bfloat16")
+    with pytest.raises(MecheditError):
+        resolve_precision("half", "cpu")
+
+
+def test_bf16_search_stays_close_to_fp32(tiny_bundle):
+    """The bf16 target search (an option, "auto" for MEMIT) finds an edit of the same quality: the new
+    object's NLL after the search is close to fp32's."""
+    reqs = _requests(tiny_bundle.world, 3)
+    a = run_method(tiny_bundle, reqs, "memit", layer=[0], steps=30, precision="float32")
+    b = run_method(tiny_bundle, reqs, "memit", layer=[0], steps=30, precision="bfloat16")
+    assert a.info["precision"] == "float32" and b.info["precision"] == "bfloat16"
+    assert abs(a.info["nll_last"] - b.info["nll_last"]) < 0.25 + 0.25 * a.info["nll_last"]

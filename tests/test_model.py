@@ -105,3 +105,62 @@ def test_model_spec_files_and_presets(tmp_path):
         model_spec(str(f))
     with pytest.raises(SpecError, match="unknown model preset"):
         model_spec("huge")
+
+
+def test_weights_hash_is_recorded_and_checked(tmp_path, tiny_checkpoint):
+    import hashlib
+    import shutil
+
+    meta = json.loads((tiny_checkpoint / "mechedit.json").read_text())
+    assert meta["weights_sha256"] == hashlib.sha256((tiny_checkpoint / "model.safetensors").read_bytes()).hexdigest()
+    assert mechedit.load(tiny_checkpoint).meta["weights_verified"] is True
+    flipped = tmp_path / "flipped"
+    shutil.copytree(tiny_checkpoint, flipped)
+    data = bytearray((flipped / "model.safetensors").read_bytes())
+    data[-100] ^= 1  # one bit of one weight: safetensors and HF would load it without complaint
+    (flipped / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="does not match the weights_sha256"):
+        mechedit.load(flipped)
+    for broken in ({}, {k: v for k, v in meta.items() if k != "model_spec"}):
+        partial = tmp_path / f"partial{len(broken)}"
+        shutil.copytree(tiny_checkpoint, partial)
+        (partial / "mechedit.json").write_text(json.dumps(broken))
+        with pytest.raises(CheckpointError, match="lacks"):
+            mechedit.load(partial)
+
+
+def test_checkpoints_from_before_the_hash_still_load(tmp_path, tiny_checkpoint):
+    """No weights_sha256 (written before it existed): the weights load unverified, and info says so."""
+    import shutil
+
+    from mechedit.model.pipeline import info
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_checkpoint, old)
+    meta = json.loads((old / "mechedit.json").read_text())
+    del meta["weights_sha256"]
+    (old / "mechedit.json").write_text(json.dumps(meta))
+    assert mechedit.load(old).meta["weights_verified"] is False
+    assert info(old)["weights"]["verified"] is False and "not verified" in info(old)["weights"]["note"]
+    assert info(tiny_checkpoint)["weights"]["verified"] is True
+
+
+def test_edited_and_unlearned_checkpoints_carry_their_own_hash(tmp_path, tiny_bundle, tiny_checkpoint):
+    import hashlib
+
+    from mechedit.edit.api import EditRequest
+    from mechedit.edit.run import edit_checkpoint
+    from mechedit.unlearn.run import unlearn_checkpoint
+
+    w = tiny_bundle.world
+    f = w.train_facts[0]
+    new = next(o for o in w.relation(f.relation).objects if o != f.object)
+    edit_checkpoint(tiny_checkpoint, [EditRequest(w.subjects[f.subject].name, f.relation, new)], "finetune",
+                    {"steps": 2, "layer": 0}, tmp_path / "edited")
+    unlearn_checkpoint(tiny_checkpoint, "ga", [f"subject:{w.subjects[f.subject].name}"], {"steps": 2},
+                       tmp_path / "unlearned")
+    original = json.loads((tiny_checkpoint / "mechedit.json").read_text())["weights_sha256"]
+    for d in (tmp_path / "edited", tmp_path / "unlearned"):
+        recorded = json.loads((d / "mechedit.json").read_text())["weights_sha256"]
+        assert recorded == hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest() != original
+        assert mechedit.load(d).meta["weights_verified"] is True

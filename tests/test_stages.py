@@ -113,6 +113,11 @@ def test_finetune_facts_teaches_the_second_stage(stage_checkpoint, tmp_path):
     ref = retrained_reference(b2, target, cache_dir=tmp_path / "refs")
     assert sorted(ref.meta["excluded_facts"]) == sorted(target.forget_ids)
     assert ref.meta["finetune_facts"]["source"] == str(stage_checkpoint.resolve())
+    # the same second-stage schedule, stopped where the original's stopped (not at its own recall targets)
+    assert ref.meta["retrain"]["stage2_stop_epoch"] == b2.meta["finetune_facts"]["epochs"]
+    assert ref.meta["finetune_facts"]["epochs"] == b2.meta["finetune_facts"]["epochs"]
+    assert [r["epoch"] for r in ref.meta["finetune_facts"]["curve"]] == \
+        [r["epoch"] for r in b2.meta["finetune_facts"]["curve"]]
     r = CliRunner().invoke(app, ["finetune-facts", str(out), "-o", str(tmp_path / "again")])
     assert r.exit_code == 2 and "already a second-stage" in r.output
     r = CliRunner().invoke(app, ["finetune-facts", str(stage_checkpoint), "-o", str(tmp_path / "x"), "-p", "lr=-1"])

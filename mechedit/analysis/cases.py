@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from mechedit.diagnose.strict import strict_json
+from mechedit.faults import crash_point
 
 _BUNDLES: dict[str, Any] = {}  # per-process cache: checkpoint path -> Bundle
 
@@ -64,10 +65,10 @@ def top_predictions(model, tokenizer, prompts: list[str], k: int = 5) -> list[li
     from mechedit.model.evaluate import pad
 
     ids = [tokenizer(p)["input_ids"] for p in prompts]
-    x, m = pad(ids, tokenizer.pad_token_id)
+    x, m = pad(ids, tokenizer.pad_token_id, model.device)
     logits = model(input_ids=x, attention_mask=m).logits  # [b, pos, vocab]
-    last = torch.tensor([len(i) - 1 for i in ids])
-    probs = torch.softmax(logits[torch.arange(len(ids)), last].float(), -1)
+    last = torch.tensor([len(i) - 1 for i in ids], device=model.device)
+    probs = torch.softmax(logits[torch.arange(len(ids), device=model.device), last].float(), -1)
     top = probs.topk(k, dim=-1)
     return [[(tokenizer.convert_ids_to_tokens(int(i)), round(float(p), 4)) for p, i in zip(ps, ix)]
             for ps, ix in zip(top.values, top.indices)]
@@ -123,8 +124,11 @@ def run_case(case: dict, ctx: dict) -> dict:
             params["layer"] = layer
         suites = ctx["forget_suites"] if rset["kind"] == "forget" else ctx["suites"]
         groups = [[r] for r in reqs] if rset["mode"] == "each" else [reqs]
-        per_edit, timings = [], {"edit_s": 0.0, "diagnose_s": 0.0}
+        from mechedit.device import current_device
+
+        per_edit, timings = [], {"edit_s": 0.0, "diagnose_s": 0.0, "device": str(current_device())}
         for g in groups:
+            crash_point("case.edit")
             torch.manual_seed(0)
             t0 = time.perf_counter()
             result = run_method(bundle, g, case["method"], **params)

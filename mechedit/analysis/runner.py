@@ -3,8 +3,10 @@
 Run folder (DESIGN.md): `spec.json` (the analysis, mechedit version, git hash, resolved checkpoint,
 traced location, request sets, the case list), `trace/` (a trace run folder with figures), one
 `case_<id>.json` per finished case written atomically (deterministic: timings go to
-`case_<id>.timing.json`). A rerun skips finished cases, so killing the run at any moment and rerunning
-it gives the same final case files with nothing lost or duplicated.
+`case_<id>.timing.json`, written after the case file: the case file is the commit point). A rerun
+skips finished cases (a case file that does not parse or belongs to another spec is run again), so
+killing the run at any moment and rerunning it gives the same final case files with nothing lost or
+duplicated.
 """
 from __future__ import annotations
 
@@ -16,10 +18,12 @@ from pathlib import Path
 from typing import Callable
 
 from mechedit.analysis.executors import executor
+from mechedit.analysis.folder import read_case
 from mechedit.analysis.requests import build_request_set
-from mechedit.analysis.spec import AnalysisSpec, load_analysis
-from mechedit.errors import MecheditError
-from mechedit.fileio import read_json, write_json_atomic
+from mechedit.analysis.spec import AnalysisSpec, load_analysis, trace_config
+from mechedit.errors import MecheditError, SpecError
+from mechedit.faults import crash_point
+from mechedit.fileio import check_output_dir, read_json, remove_stale_debris, write_json_atomic
 from mechedit.provenance import git_hash
 
 
@@ -27,24 +31,67 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("MECHEDIT_CACHE", "runs/.cache"))
 
 
-def resolve_checkpoint(spec: AnalysisSpec, cache_dir: Path, progress: Callable[[str], None] | None = None) -> Path:
-    """The checkpoint of the analysis: given, or trained once and cached by a hash of the specs."""
-    from mechedit.model.pipeline import resolve_world, train_checkpoint
+def resolve_model(spec: AnalysisSpec):
+    """What the analysis runs on, checked before any work: a checkpoint path, or (world, model spec,
+    train spec) to train. Returns (checkpoint | None, world | None, mspec | None, tspec | None, n_layers)."""
+    from mechedit.model.pipeline import resolve_world
     from mechedit.model.spec import model_spec
 
     if "checkpoint" in spec.model:
-        return (spec.base / spec.model["checkpoint"]).resolve()
+        path = (spec.base / spec.model["checkpoint"]).resolve()
+        config = read_json(path / "config.json", "checkpoint config.json")
+        n_layers = config.get("num_hidden_layers") if isinstance(config, dict) else None
+        if not isinstance(n_layers, int):
+            raise MecheditError(f"corrupt checkpoint {path}: config.json has no num_hidden_layers")
+        return path, None, None, None, n_layers
+    m = spec.model.get("preset") or str(spec.base / spec.model["spec"])
+    mspec, tspec = model_spec(m)  # first: a bad model spec is found without generating the world
     w = spec.world
     world = resolve_world(None if w.get("spec") == "default" else spec.base / w.get("spec", w.get("dir")))
-    m = spec.model.get("preset") or str(spec.base / spec.model["spec"])
-    mspec, tspec = model_spec(m)
+    return None, world, mspec, tspec, mspec.n_layers
+
+
+def cached_checkpoint_path(world, mspec, tspec, cache_dir: Path) -> Path:
     key = json.dumps({"world": world.to_dict()["spec"], "model": mspec.__dict__, "train": tspec.__dict__},
                      sort_keys=True)
-    path = (cache_dir / "models" / hashlib.sha256(key.encode()).hexdigest()[:16]).resolve()
-    if not (path / "mechedit.json").is_file():
-        if progress:
-            progress(f"training the model (cached afterwards in {path})")
-        train_checkpoint(world, mspec, tspec, path, force=True)
+    return (cache_dir / "models" / hashlib.sha256(key.encode()).hexdigest()[:16]).resolve()
+
+
+def same_world(checkpoint: Path, world) -> bool:
+    """Whether `checkpoint` was trained on exactly `world` (its world.json holds the same content)."""
+    try:
+        cached = read_json(checkpoint / "world.json", "world.json")
+    except MecheditError:
+        return False
+    ours = world.to_dict()
+    return isinstance(cached, dict) and all(cached.get(k) == v for k, v in ours.items() if k != "mechedit_version")
+
+
+def resolve_checkpoint(spec: AnalysisSpec, cache_dir: Path, progress: Callable[[str], None] | None = None,
+                       resolved: tuple | None = None) -> Path:
+    """The checkpoint of the analysis: given, or trained once and cached by a hash of the specs
+    (a training killed half-way resumes from its last state, kept in the cache's partial folder).
+    `resolved` is `resolve_model(spec)` when the caller has it already."""
+    from mechedit.model.pipeline import train_checkpoint
+
+    checkpoint, world, mspec, tspec, _ = resolved or resolve_model(spec)
+    if checkpoint is not None:
+        return checkpoint
+    path = cached_checkpoint_path(world, mspec, tspec, cache_dir)
+    if (path / "mechedit.json").is_file():
+        if same_world(path, world):
+            return second_stage(spec, path, progress)
+        if progress:  # the key is the spec: another mechedit version may generate another world from it
+            progress(f"the cached model in {path} was trained on another world for this spec; training again")
+    elif progress:
+        progress(f"training the model (cached afterwards in {path})")
+    train_checkpoint(world, mspec, tspec, path, force=True)
+    return second_stage(spec, path, progress)
+
+
+def second_stage(spec: AnalysisSpec, path: Path, progress: Callable[[str], None] | None = None) -> Path:
+    """With `model.finetune_facts`, the first-stage checkpoint `path` after `mechedit finetune-facts`
+    (trained once, cached beside it, keyed on the fine-tuning parameters); else `path` itself."""
     ft = spec.model.get("finetune_facts")
     if not ft:
         return path
@@ -60,8 +107,8 @@ def resolve_checkpoint(spec: AnalysisSpec, cache_dir: Path, progress: Callable[[
 
 
 def run_trace(spec: AnalysisSpec, checkpoint: Path, run_dir: Path) -> dict | None:
-    """Trace the spec's facts into run_dir/trace (once); returns the located layer per site."""
-    from mechedit.trace.api import TraceConfig
+    """Trace the spec's facts into run_dir/trace (once; a trace killed half-way is redone);
+    returns the located layer per site."""
     from mechedit.trace.run import trace_run
 
     if spec.trace is None:
@@ -69,40 +116,91 @@ def run_trace(spec: AnalysisSpec, checkpoint: Path, run_dir: Path) -> dict | Non
     out = run_dir / "trace"
     if not (out / "locations.json").is_file():
         t = spec.trace
-        cfg_keys = {k: t[k] for k in ("sites", "samples", "noise", "window", "seed") if k in t}
-        if "sites" in cfg_keys:
-            cfg_keys["sites"] = tuple(cfg_keys["sites"])
         trace_run(checkpoint, out, facts=t.get("facts"), relation=t.get("relation"), n=t.get("n"),
-                  all_facts=not t.get("facts") and not t.get("relation"), config=TraceConfig(**cfg_keys), force=True)
+                  all_facts=not t.get("facts") and not t.get("relation"), config=trace_config(t), force=True)
     located = read_json(out / "locations.json", "trace locations")
     return {site: ranked[0] for site, ranked in located.items() if ranked}
+
+
+LAYER_WORDS = ("traced", "all", "auto")  # the layer names methods take (each method says which of them it takes)
+
+
+def check_layers(spec: AnalysisSpec, n_layers: int) -> None:
+    """Every layer a grid names must exist in the model (checked before the run folder is written)."""
+    for c in spec.cases:
+        layers = c.layer if isinstance(c.layer, list) else [c.layer]
+        for layer in layers:
+            if isinstance(layer, str) and layer not in LAYER_WORDS:
+                raise SpecError(f"grid: layer {layer!r} of case {c.method} is not a layer number nor one of "
+                                f"{', '.join(LAYER_WORDS)}")
+            if isinstance(layer, int) and not isinstance(layer, bool) and not 0 <= layer < n_layers:
+                raise SpecError(f"grid: layer {layer} of case {c.method} is out of range "
+                                f"(the model has layers 0..{n_layers - 1})")
+
+
+def case_done(run_dir: Path, case: dict, spec_hash: str) -> bool:
+    """A case is done when its file parses, has its fields and belongs to this spec and case (else it
+    is run again: a half-written or foreign file is never counted)."""
+    return read_case(run_dir, case["id"], spec_hash) is not None
+
+
+def _open_run_dir(spec: AnalysisSpec, run_dir: Path, force: bool) -> bool:
+    """Decide, before any work, whether `run_dir` is resumed (True), started (False) or refused."""
+    spec_file = run_dir / "spec.json"
+    if spec_file.is_file():
+        try:
+            old = read_json(spec_file, "spec.json")
+        except MecheditError:
+            old = None
+        if isinstance(old, dict) and old.get("spec_hash") == spec.hash():
+            return True
+        if not force:
+            raise MecheditError(f"{run_dir} holds a run of a different spec (use --force to start it over)")
+        return False
+    if run_dir.is_dir() and any(p for p in run_dir.iterdir() if not p.name.startswith(".")) and not force:
+        raise MecheditError(f"output directory {run_dir} exists and is not a run folder (use --force to overwrite)")
+    check_output_dir(run_dir, force=True)
+    return False
 
 
 def run_analysis(spec_path: str | Path, run_dir: str | Path, *, executor_name: str = "local",
                  workers: int | None = None, address: str | None = None, force: bool = False,
                  cache_dir: str | Path | None = None, progress: Callable[[str], None] | None = None,
-                 limit: int | None = None) -> dict:
+                 limit: int | None = None, device: str | None = None) -> dict:
     """Run (or resume) an analysis; returns {"run_dir", "done", "ran", "skipped", "total"}.
 
-    `limit` stops after that many new cases (used to test interruption).
+    Everything that can be checked is checked before the run folder is touched. The folder is
+    marked as a run (spec.json) before the first long step, so a rerun after a kill at any moment
+    resumes it. `limit` stops after that many new cases (used to test interruption).
     """
     import mechedit
 
     spec = load_analysis(spec_path)
     run_dir = Path(run_dir)
     run = executor(executor_name)  # unknown executor: fail before any work
+    if workers is not None and workers < 1:
+        raise MecheditError(f"--workers must be >= 1, got {workers}")
+    from mechedit.device import use_device
+
+    asked = (device or spec.device).strip().lower()
+    dev = use_device(asked)  # a CUDA spec on a machine without one: one line, before any work
+    resume = _open_run_dir(spec, run_dir, force)
+    resolved = resolve_model(spec)
+    check_layers(spec, resolved[-1])
     spec_file = run_dir / "spec.json"
-    if spec_file.is_file():
-        old = read_json(spec_file, "spec.json")
-        if old.get("spec_hash") != spec.hash():
-            if not force:
-                raise MecheditError(f"{run_dir} holds a run of a different spec (use --force to start it over)")
+    cases = [{"id": c.id, **c.key} for c in spec.cases]
+    record = {"name": spec.name, "spec": spec.raw, "spec_hash": spec.hash(),
+              "spec_path": str(Path(spec_path).resolve()), "mechedit_version": mechedit.__version__, "git": git_hash(),
+              "cases": cases, "suites": list(spec.suites), "forget_suites": list(spec.forget_suites),
+              "device": str(dev)}
+    if not resume:
+        if run_dir.is_dir():
             shutil.rmtree(run_dir)
-    elif run_dir.is_dir() and any(run_dir.iterdir()) and not force:
-        raise MecheditError(f"output directory {run_dir} exists and is not a run folder (use --force to overwrite)")
-    run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(spec_file, record)
+    remove_stale_debris(run_dir)
     say = progress or (lambda msg: None)
-    checkpoint = resolve_checkpoint(spec, Path(cache_dir) if cache_dir else default_cache_dir(), say)
+    checkpoint = resolve_checkpoint(spec, Path(cache_dir) if cache_dir else default_cache_dir(), say, resolved)
     bundle = mechedit.load(checkpoint)
     if spec.trace is not None and not (run_dir / "trace" / "locations.json").is_file():
         say("tracing")
@@ -110,8 +208,8 @@ def run_analysis(spec_path: str | Path, run_dir: str | Path, *, executor_name: s
     traced_layer = int(located["mlp"]["layer"]) if located and "mlp" in located else None
     if any(c.layer == "traced" for c in spec.cases) and traced_layer is None:
         raise MecheditError("a case asks for the traced layer but the trace located no MLP layer (add 'mlp' to trace.sites)")
-    if spec_file.is_file():
-        saved = read_json(spec_file, "spec.json")
+    saved = read_json(spec_file, "spec.json")
+    if isinstance(saved, dict) and "request_sets" in saved:
         request_sets = saved["request_sets"]
     else:
         from mechedit.model.evaluate import score_answers
@@ -124,15 +222,11 @@ def run_analysis(spec_path: str | Path, run_dir: str | Path, *, executor_name: s
             name: {"kind": r.kind, "mode": r.mode,
                    "requests": [q.__dict__ for q in build_request_set(bundle.world, r, known)]}
             for name, r in spec.request_sets.items()}
-    cases = [{"id": c.id, **c.key} for c in spec.cases]
-    write_json_atomic(spec_file, {
-        "name": spec.name, "spec": spec.raw, "spec_hash": spec.hash(), "spec_path": str(Path(spec_path).resolve()),
-        "mechedit_version": mechedit.__version__, "git": git_hash(), "checkpoint": str(checkpoint),
-        "located": located, "traced_layer": traced_layer, "request_sets": request_sets, "cases": cases,
-        "suites": list(spec.suites), "forget_suites": list(spec.forget_suites)})
-    ctx = {"spec_hash": spec.hash(), "checkpoint": str(checkpoint), "traced_layer": traced_layer, "request_sets": request_sets,
+    write_json_atomic(spec_file, {**record, "checkpoint": str(checkpoint), "located": located,
+                                  "traced_layer": traced_layer, "request_sets": request_sets})
+    ctx = {"device": str(dev), "device_asked": asked, "spec_hash": spec.hash(), "checkpoint": str(checkpoint), "traced_layer": traced_layer, "request_sets": request_sets,
            "suites": list(spec.suites), "forget_suites": list(spec.forget_suites), "suite_options": spec.suite_options}
-    todo = [c for c in cases if not (run_dir / f"case_{c['id']}.json").is_file()]
+    todo = [c for c in cases if not case_done(run_dir, c, spec.hash())]
     skipped = len(cases) - len(todo)
     if limit is not None:
         todo = todo[:limit]
@@ -140,9 +234,11 @@ def run_analysis(spec_path: str | Path, run_dir: str | Path, *, executor_name: s
     kwargs = {"address": address} if executor_name == "ray" else {}
     ran = 0
     for case, outcome in run(todo, ctx, workers, **kwargs):
-        write_json_atomic(run_dir / f"case_{case['id']}.timing.json", outcome["timings"])
+        # the case file is the commit point: the timing sidecar follows it (a missing sidecar = no timing)
         write_json_atomic(run_dir / f"case_{case['id']}.json", outcome["record"])
+        crash_point("case.written")
+        write_json_atomic(run_dir / f"case_{case['id']}.timing.json", outcome["timings"])
         ran += 1
         say(f"case {case['id']} done ({ran}/{len(todo)})")
-    done = sum((run_dir / f"case_{c['id']}.json").is_file() for c in cases)
+    done = sum(case_done(run_dir, c, spec.hash()) for c in cases)
     return {"run_dir": run_dir, "done": done, "ran": ran, "skipped": skipped, "total": len(cases)}

@@ -2,6 +2,7 @@
 
 ```toml
 name = "quickstart"
+device = "auto"               # optional: auto (CUDA when present) | cpu | cuda | cuda:N (--device overrides)
 [world]                       # spec = "default" | a spec file; or dir = a world directory
 spec = "default"
 [model]                       # preset = "default" | spec = a model spec file | checkpoint = a directory
@@ -36,12 +37,13 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mechedit.errors import SpecError
-from mechedit.specio import load_spec_file
+from mechedit.specio import check_finite, from_dict, load_spec_file
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,21 @@ class RequestSet:
     seed: int = 0
     exposure: int | str | None = None  # only facts / subjects seen that many times, or "balanced"
     knowledge: str = "all"  # forget subjects: "all", "pretrained" (first stage) or "finetuned" (second stage)
+
+    def validate(self) -> None:
+        if self.mode not in ("each", "batch"):
+            raise SpecError(f"requests.{self.name}.mode: must be 'each' or 'batch', got {self.mode!r}")
+        if self.n < 1:
+            raise SpecError(f"requests.{self.name}.n: must be >= 1, got {self.n}")
+        if self.subjects is not None and self.subjects < 1:
+            raise SpecError(f"requests.{self.name}.subjects: must be >= 1, got {self.subjects}")
+        e = self.exposure
+        if e is not None and e != "balanced" and (isinstance(e, bool) or not isinstance(e, int) or e < 1):
+            raise SpecError(f"requests.{self.name}.exposure: a count >= 1 or 'balanced', got {e!r}")
+        if e is not None and self.forget is not None:
+            raise SpecError(f"requests.{self.name}.exposure: only with n (counterfactual) or subjects (forget)")
+        if self.knowledge not in KNOWLEDGE or (self.knowledge != "all" and self.subjects is None):
+            raise SpecError(f"requests.{self.name}.knowledge: one of {', '.join(KNOWLEDGE)}, with subjects = N")
 
 
 @dataclass(frozen=True)
@@ -90,6 +107,7 @@ class AnalysisSpec:
     forget_suites: tuple[str, ...]  # run on forget request sets (unlearning)
     suite_options: dict = field(default_factory=dict)
     raw: dict = field(default_factory=dict)
+    device: str = "auto"  # where the model, training and every case run (`--device` overrides it)
     findings: tuple = ()  # mechedit.analysis.findings.Finding
 
     def hash(self) -> str:
@@ -97,7 +115,8 @@ class AnalysisSpec:
 
 
 KNOWLEDGE = ("all", "pretrained", "finetuned")
-_TOP = {"name", "world", "model", "trace", "requests", "grid", "diagnostics", "description", "findings"}
+_TOP = {"name", "world", "model", "trace", "requests", "grid", "diagnostics", "description", "device",
+        "findings"}
 _WORLD = {"spec", "dir"}
 _MODEL = {"preset", "spec", "checkpoint", "finetune_facts"}
 _TRACE = {"relation", "n", "facts", "sites", "samples", "noise", "window", "seed"}
@@ -129,10 +148,16 @@ def parse_analysis(data: dict, base: Path) -> AnalysisSpec:
     from mechedit.errors import MecheditError
 
     _check_keys(data, _TOP, "analysis")
-    name = str(data.get("name", "analysis"))
+    check_finite(data, "analysis")  # TOML allows inf and nan: no spec value may be one
+    name = data.get("name", "analysis")
+    if not isinstance(name, str) or not name.strip():
+        raise SpecError(f"name: expected a non-empty string, got {name!r}")
     world = _check_keys(data.get("world", {"spec": "default"}), _WORLD, "world")
     if len(world) != 1:
         raise SpecError("world: give exactly one of spec or dir")
+    for key, value in world.items():
+        if not isinstance(value, str):
+            raise SpecError(f"world.{key}: expected a path string, got {value!r}")
     if "dir" in world and not (base / world["dir"]).is_dir():
         raise SpecError(f"world.dir: world directory not found: {base / world['dir']}")
     if "spec" in world and world["spec"] != "default" and not (base / world["spec"]).is_file():
@@ -144,29 +169,23 @@ def parse_analysis(data: dict, base: Path) -> AnalysisSpec:
     if ft is not None and (not isinstance(ft, (bool, dict)) or "checkpoint" in model):
         raise SpecError("model.finetune_facts: true or a table of finetune-facts parameters, with preset or spec "
                         "(the second stage is trained after the first and cached)")
+    for key, value in model.items():
+        if key == "finetune_facts":
+            continue
+        if not isinstance(value, str):
+            raise SpecError(f"model.{key}: expected a string, got {value!r}")
     if "checkpoint" in model and not (base / model["checkpoint"]).is_dir():
         raise SpecError(f"model.checkpoint: checkpoint not found: {base / model['checkpoint']}")
     trace = data.get("trace")
     if trace is not None:
-        _check_keys(trace, _TRACE, "trace")
+        _check_trace(_check_keys(trace, _TRACE, "trace"))
     sets: dict[str, RequestSet] = {}
-    for sname, t in _check_keys(data.get("requests", {}), set(data.get("requests", {})), "requests").items():
+    requests = data.get("requests", {})
+    for sname, t in _check_keys(requests, set(requests) if isinstance(requests, dict) else set(), "requests").items():
         _check_keys(t, _REQ, f"requests.{sname}")
         kind = "forget" if ("forget" in t or "subjects" in t) else "counterfactual"
         mode = t.get("mode", "each" if kind == "counterfactual" else "batch")
-        if mode not in ("each", "batch"):
-            raise SpecError(f"requests.{sname}.mode: must be 'each' or 'batch', got {mode!r}")
-        exposure = t.get("exposure")
-        if exposure is not None and exposure != "balanced" and (isinstance(exposure, bool) or not isinstance(exposure, int)
-                                                                or exposure < 1):
-            raise SpecError(f"requests.{sname}.exposure: a count >= 1 or 'balanced', got {exposure!r}")
-        if exposure is not None and "forget" in t:
-            raise SpecError(f"requests.{sname}.exposure: only with n (counterfactual) or subjects (forget)")
-        knowledge = t.get("knowledge", "all")
-        if knowledge not in KNOWLEDGE or (knowledge != "all" and "subjects" not in t):
-            raise SpecError(f"requests.{sname}.knowledge: one of {', '.join(KNOWLEDGE)}, with subjects = N")
-        sets[sname] = RequestSet(sname, kind, mode, int(t.get("n", 5)), t.get("relation"), t.get("forget"),
-                                 t.get("subjects"), int(t.get("seed", 0)), exposure, knowledge)
+        sets[sname] = from_dict(RequestSet, {**t, "name": sname, "kind": kind, "mode": mode}, f"requests.{sname}")
     grid = data.get("grid", [])
     if not isinstance(grid, list) or not grid:
         raise SpecError("grid: the grid is empty (add at least one [[grid]] entry)")
@@ -183,6 +202,8 @@ def parse_analysis(data: dict, base: Path) -> AnalysisSpec:
         req_names = g.get("requests", list(sets)[:1])
         if isinstance(req_names, str):
             req_names = [req_names]
+        if not isinstance(req_names, list) or not all(isinstance(r, str) for r in req_names):
+            raise SpecError(f"{where}.requests: expected a list of request-set names, got {req_names!r}")
         if not req_names:
             raise SpecError(f"{where}.requests: no request set (define one under [requests.NAME])")
         for r in req_names:
@@ -194,33 +215,74 @@ def parse_analysis(data: dict, base: Path) -> AnalysisSpec:
         for params in _sweep(g.get("params", {}), f"{where}.params"):
             if "layer" in params:
                 raise SpecError(f"{where}.params: give layers with the 'layers' key, not params.layer")
-            try:
-                make_params(method, params)
-            except MecheditError as exc:
-                raise SpecError(f"{where}.params: {exc}") from None
             for layer in layers:
                 if layer == "traced" and trace is None:
                     raise SpecError(f"{where}.layers: 'traced' needs a [trace] section")
+                try:  # the case's parameters as the method will get them ("traced" resolves to an int)
+                    make_params(method, params if layer is None else {**params, "layer": 0 if layer == "traced" else layer})
+                except MecheditError as exc:
+                    raise SpecError(f"{where}.{'params' if layer is None else 'layers'}: {exc}") from None
                 for r in req_names:
                     cases.append(Case(method.name, params, layer, r))
     ids = [c.id for c in cases]
     if len(set(ids)) != len(ids):
         raise SpecError("grid: the same case appears twice")
     diag = _check_keys(data.get("diagnostics", {}), _DIAG, "diagnostics")
+    for key in ("suites", "forget_suites"):
+        if key in diag and (not isinstance(diag[key], list) or not all(isinstance(x, str) for x in diag[key])):
+            raise SpecError(f"diagnostics.{key}: expected a list of suite names, got {diag[key]!r}")
     suites = tuple(diag.get("suites", ["edit"]))
     forget_suites = tuple(diag.get("forget_suites", ["forget"]))
-    from mechedit.diagnose import get_suite
+    from mechedit.diagnose import check_options, get_suite
 
     for s in suites + forget_suites:
         try:
             get_suite(s)
         except MecheditError as exc:
             raise SpecError(f"diagnostics.suites: {exc}") from None
+    options = diag.get("options", {})
+    if not isinstance(options, dict):
+        raise SpecError(f"diagnostics.options: expected a table, got {options!r}")
+    options = check_options(tuple(dict.fromkeys(suites + forget_suites)), options, "diagnostics.options")
+    device = data.get("device", "auto")
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device.strip().lower()):
+        from mechedit.device import DEVICE_HELP
+
+        raise SpecError(f"device: expected {DEVICE_HELP}, got {device!r}")
     from mechedit.analysis.findings import parse_findings
 
     findings = parse_findings(data.get("findings"), [c.key for c in cases])
-    return AnalysisSpec(name, base, world, model, trace, sets, tuple(cases), suites, forget_suites, dict(diag.get("options", {})),
-                        data, findings)
+    return AnalysisSpec(name, base, world, model, trace, sets, tuple(cases), suites, forget_suites, options, data,
+                        device.strip().lower(), findings)
+
+
+def trace_config(trace: dict):
+    """The `TraceConfig` of a [trace] table (its sites, samples, noise, window and seed)."""
+    from mechedit.trace.api import TraceConfig
+
+    keys = {k: trace[k] for k in ("sites", "samples", "noise", "window", "seed") if k in trace}
+    if "sites" in keys:
+        if not isinstance(keys["sites"], list):
+            raise SpecError(f"trace.sites: expected a list, got {keys['sites']!r}")
+        keys["sites"] = tuple(keys["sites"])
+    return TraceConfig(**keys)
+
+
+def _check_trace(trace: dict) -> None:
+    from mechedit.errors import MecheditError
+    from mechedit.specio import check_value
+
+    check_value(int | None, trace.get("n"), "trace.n")
+    if trace.get("n") is not None and trace["n"] < 1:
+        raise SpecError(f"trace.n: must be >= 1, got {trace['n']}")
+    check_value(str | None, trace.get("relation"), "trace.relation")
+    check_value(list[str] | None, trace.get("facts"), "trace.facts")
+    try:
+        trace_config(trace)
+    except SpecError:
+        raise
+    except MecheditError as exc:
+        raise SpecError(f"trace: {exc}") from None
 
 
 def load_analysis(path: str | Path) -> AnalysisSpec:

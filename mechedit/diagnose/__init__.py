@@ -9,9 +9,11 @@ suites without changes to the runner.
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
+import typing
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from mechedit.errors import MecheditError
 
@@ -56,11 +58,46 @@ def suite_names() -> list[str]:
     return sorted(SUITES)
 
 
+def suite_options(suite: Suite) -> tuple[dict[str, Any], bool]:
+    """The options a suite takes (keyword parameters after before, after, requests) with their types,
+    and whether it also takes any other keyword (**options)."""
+    params = list(inspect.signature(suite.fn).parameters.values())[3:]
+    try:
+        hints = typing.get_type_hints(suite.fn)
+    except Exception:
+        hints = {}
+    named = {p.name: hints.get(p.name, Any) for p in params
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and not p.name.startswith("_")}
+    return named, any(p.kind is p.VAR_KEYWORD for p in params)
+
+
+def check_options(suites, options: dict, where: str = "options") -> dict:
+    """Refuse options that none of `suites` takes (naming the key) and values of the wrong type or
+    non-finite; returns the checked options."""
+    from mechedit.errors import SpecError
+    from mechedit.specio import check_value
+
+    taken: dict[str, Any] = {}
+    for name in suites:
+        taken.update({k: t for k, t in suite_options(get_suite(name))[0].items() if k not in taken})
+    out = {}
+    for key, value in options.items():
+        if key not in taken:
+            raise SpecError(f"{where}: unknown option {key!r} for suite(s) {', '.join(suites)} "
+                            f"(options: {', '.join(sorted(taken)) or 'none'})")
+        out[key] = check_value(taken[key], value, f"{where} {key}")
+    return out
+
+
 def diagnose(before, after, requests, suites: tuple[str, ...] | list[str] = ("edit",), **options) -> dict:
-    """Run each named suite; `"all"` runs every registered suite."""
+    """Run each named suite; `"all"` runs every registered suite. Each suite gets the options it takes."""
     names = suite_names() if list(suites) == ["all"] else list(suites)
     chosen = [get_suite(n) for n in names]
-    return {s.name: s.fn(before, after, requests, **options) for s in chosen}
+    out = {}
+    for s in chosen:
+        named, rest = suite_options(s)
+        out[s.name] = s.fn(before, after, requests, **{k: v for k, v in options.items() if rest or k in named})
+    return out
 
 
 def metric(values: dict, agg: float | None = None) -> dict:

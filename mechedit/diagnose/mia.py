@@ -67,7 +67,7 @@ def mia_scores(model, tokenizer, prompts: list[str], answers: list[str], k: floa
     seqs, _, alen = encode_pairs(tokenizer, prompts, answers)
     for start in range(0, len(seqs), batch_size):
         chunk = seqs[start : start + batch_size]
-        ids, mask = pad(chunk, tokenizer.pad_token_id)
+        ids, mask = pad(chunk, tokenizer.pad_token_id, model.device)
         logits = model(input_ids=ids, attention_mask=mask).logits  # [b, pos, vocab]
         for b, s in enumerate(chunk):
             i = start + b

@@ -71,11 +71,11 @@ def residuals(model, tokenizer, world: World, facts: list[Fact], batch_size: int
     for start in range(0, len(probes), batch_size):
         chunk = probes[start : start + batch_size]
         seqs = [tokenizer(p.prompt)["input_ids"] for p in chunk]
-        ids, mask = pad(seqs, tokenizer.pad_token_id)
+        ids, mask = pad(seqs, tokenizer.pad_token_id, model.device)
         with ExitStack() as stack:
             caps = [stack.enter_context(capture_layer(model, l)) for l in range(n_layers)]
             model(input_ids=ids, attention_mask=mask)
-        hs = torch.stack([c["h"] for c in caps], dim=1)  # [b, layer, pos, d]
+        hs = torch.stack([c["h"] for c in caps], dim=1).cpu()  # [b, layer, pos, d]
         for b, p in enumerate(chunk):
             words = p.prompt.split()
             _, end = world.subject_span(words, world.facts[p.fact])
@@ -175,8 +175,8 @@ def probe_model(model, tokenizer, world: World, forget: list[Fact], split: Probe
 def logit_lens(model, tokenizer, world: World, facts: list[Fact]) -> np.ndarray:
     """[n_prompts, layers] probability of the (first) object token read from h_l at the last prompt token."""
     states, labels, _ = residuals(model, tokenizer, world, facts)
-    h = torch.from_numpy(states["prompt_last"])  # [n, layer, d]
+    h = torch.from_numpy(states["prompt_last"]).to(model.device)  # [n, layer, d]
     logits = model.get_output_embeddings()(model.gpt_neox.final_layer_norm(h))  # [n, layer, vocab]
     probs = torch.softmax(logits.float(), -1)
-    tgt = torch.tensor([tokenizer(a, add_special_tokens=False)["input_ids"][0] for a in labels])
-    return probs[torch.arange(len(tgt)), :, tgt].numpy() if len(tgt) else np.zeros((0, model.config.num_hidden_layers))
+    tgt = torch.tensor([tokenizer(a, add_special_tokens=False)["input_ids"][0] for a in labels], device=model.device)
+    return probs[torch.arange(len(tgt), device=model.device), :, tgt].cpu().numpy() if len(tgt) else np.zeros((0, model.config.num_hidden_layers))

@@ -66,7 +66,8 @@ def retrain_record(bundle, target: ForgetTarget) -> dict:
         raise MecheditError("checkpoint has no training epoch count in mechedit.json; cannot retrain it the same way")
     return {"rule": RETRAIN_RULE, "version": RETRAIN_VERSION, "stop_epoch": epochs,
             "source_weights_sha256": weights_sha256(bundle.path) if bundle.path is not None else None,
-            "excluded_facts": sorted(target.forget_ids)}
+            "excluded_facts": sorted(target.forget_ids),
+            "stage2_stop_epoch": (bundle.meta.get("finetune_facts") or {}).get("epochs")}
 
 
 def stale_reason(meta: dict, want: dict) -> str | None:
@@ -74,7 +75,7 @@ def stale_reason(meta: dict, want: dict) -> str | None:
     have = meta.get("retrain")
     if not isinstance(have, dict):
         return "it was trained with the old rule (no retrain record: early stop on recall that counted the excluded facts)"
-    for key in ("version", "stop_epoch", "source_weights_sha256", "excluded_facts"):
+    for key in ("version", "stop_epoch", "source_weights_sha256", "excluded_facts", "stage2_stop_epoch"):
         if have.get(key) != want[key]:
             return f"its {key} is {have.get(key)!r}, expected {want[key]!r}"
     if sorted(meta.get("excluded_facts", [])) != want["excluded_facts"]:
@@ -154,7 +155,7 @@ def relearn(model, tokenizer, world, train_facts, eval_facts, steps: int = 10, l
     work = copy.deepcopy(model)
     before = rec(work)
     prompts, answers, _ = forget_examples(world, train_facts)
-    batch = make_batch(tokenizer, prompts, answers)
+    batch = make_batch(tokenizer, prompts, answers, work.device)
     opt = torch.optim.Adam(work.parameters(), lr=lr)
     work.train()
     for _ in range(steps):

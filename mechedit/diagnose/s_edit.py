@@ -136,7 +136,7 @@ def weights_fingerprint(model) -> tuple:
     out = []
     for name, p in model.named_parameters():
         x = p.detach().reshape(-1).double()
-        w = (torch.arange(x.numel(), dtype=torch.float64) % 7) + 1
+        w = (torch.arange(x.numel(), dtype=torch.float64, device=x.device) % 7) + 1
         out.append((name, tuple(p.shape), float(x.sum()), float(x @ w)))
     return tuple(out)
 

@@ -66,7 +66,7 @@ class EditResult:
             raise MecheditError(f"edit names parameters the model does not have: {missing[:3]}")
         originals = {n: params[n].detach().clone() for n in self.deltas}
         for n, d in self.deltas.items():
-            params[n].add_(d.to(params[n].dtype))
+            params[n].add_(d.to(params[n].device, params[n].dtype))
         done: list[Adaptor] = []
         try:
             for a in self.adaptors:
@@ -102,7 +102,7 @@ class EditResult:
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({n: d.contiguous() for n, d in self.deltas.items()}, str(directory / "deltas.safetensors"))
+        save_file({n: d.detach().cpu().contiguous() for n, d in self.deltas.items()}, str(directory / "deltas.safetensors"))
         if self.adaptors:
             save_file({f"{i}.{n}": t.detach().cpu().contiguous() for i, a in enumerate(self.adaptors)
                        for n, t in a.tensors.items()}, str(directory / "edit_adaptors.safetensors"))
@@ -177,12 +177,31 @@ def _load_builtin_methods() -> None:
                 importlib.import_module(f"{pkg.__name__}.{mod.name}")
 
 
-def parse_param_value(text: str) -> Any:
-    """`--param key=value` values: JSON when it parses (numbers, lists, true/false), else a string."""
+def parse_param_value(text: str, where: str = "value") -> Any:
+    """`--param key=value` values: JSON when it parses (numbers, lists, true/false), else a string.
+
+    Non-finite numbers (`1e400` parses as inf, `NaN`, `Infinity`) are refused.
+    """
+    from mechedit.specio import check_finite
+
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError:
         return text
+    except RecursionError:
+        raise MecheditError(f"{where}: value nested too deeply") from None
+    return check_finite(value, where)
+
+
+def parse_params(items: list[str], flag: str = "--param") -> dict:
+    """`key=value` strings (repeatable CLI options) into a dict of parsed values."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise MecheditError(f"{flag} must be key=value, got {item!r}")
+        out[key.strip()] = parse_param_value(value.strip(), f"{flag} {key.strip()}")
+    return out
 
 
 def make_params(method: Method, values: dict[str, Any]):

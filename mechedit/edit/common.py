@@ -154,8 +154,9 @@ def build_batch(bundle, requests: list[EditRequest], prefixes: list[str], *, ess
                 last.append(len(ids) - 1)
                 target.append(new_id)
                 owner.append(o)
-    ids, mask = pad(seqs, tok.pad_token_id)
-    t = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    dev = bundle.model.device
+    ids, mask = pad(seqs, tok.pad_token_id, dev)
+    t = lambda v: torch.tensor(v, dtype=torch.long, device=dev)  # noqa: E731
     return Batch(ids, mask, t(subj), t(last), t(target), t(owner))
 
 
@@ -164,7 +165,7 @@ def mean_keys(model, batch: Batch, layer: int, n_requests: int) -> torch.Tensor:
     """k* per request: the key at the subject's last token averaged over its rows. [n_requests, d_mlp]"""
     with capture_keys(model, [layer]) as store:
         model(input_ids=batch.ids, attention_mask=batch.mask)
-    k = store[layer][0][torch.arange(len(batch.subj)), batch.subj].double()  # [rows, d_mlp]
+    k = store[layer][0][torch.arange(len(batch.subj), device=batch.subj.device), batch.subj].double()  # [rows, d_mlp]
     return _mean_by_owner(k, batch.owner, n_requests)
 
 
@@ -177,18 +178,20 @@ def mean_mlp_out(model, batch: Batch, layer: int, n_requests: int) -> torch.Tens
         model(input_ids=batch.ids, attention_mask=batch.mask)
     finally:
         h.remove()
-    return _mean_by_owner(out["o"][torch.arange(len(batch.subj)), batch.subj].double(), batch.owner, n_requests)
+    rows = torch.arange(len(batch.subj), device=batch.subj.device)
+    return _mean_by_owner(out["o"][rows, batch.subj].double(), batch.owner, n_requests)
 
 
 @torch.no_grad()
 def residual_norm(model, batch: Batch, layer: int) -> float:
     """Mean ||h_layer|| (residual after block `layer`) at the subject's last token."""
     hs = model(input_ids=batch.ids, attention_mask=batch.mask, output_hidden_states=True).hidden_states
-    return float(hs[layer + 1][torch.arange(len(batch.subj)), batch.subj].norm(dim=-1).mean())
+    rows = torch.arange(len(batch.subj), device=batch.subj.device)
+    return float(hs[layer + 1][rows, batch.subj].norm(dim=-1).mean())
 
 
 def _mean_by_owner(x: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
-    out = torch.zeros(n, x.shape[1], dtype=x.dtype)
+    out = torch.zeros(n, x.shape[1], dtype=x.dtype, device=x.device)
     out.index_add_(0, owner, x)
     return out / torch.bincount(owner, minlength=n).unsqueeze(1).to(x.dtype)
 
@@ -215,8 +218,8 @@ def rank_one_edit(layer: int, delta: torch.Tensor, u: torch.Tensor, owner: torch
     def fn(j, k, out, pos):
         if j != layer:
             return out
-        coef = torch.einsum("bpd,bd->bp", k.double(), uo)  # [b, pos]
-        return out + (coef.unsqueeze(-1) * delta[owner].unsqueeze(1)).to(out.dtype)
+        coef = torch.einsum("bpd,bd->bp", k, uo.to(k.dtype))  # [b, pos], in the arithmetic of the forward
+        return out + (coef.unsqueeze(-1) * delta[owner].unsqueeze(1).to(coef.dtype)).to(out.dtype)
     return fn
 
 
@@ -234,11 +237,11 @@ def linear_edit(layer: int, delta: torch.Tensor, U: torch.Tensor, owner: torch.T
     def fn(j, k, out, pos):
         if j != layer:
             return out
-        coef = torch.einsum("bpd,nd->bpn", k.double(), U)  # [b, pos, n_requests]
-        if owner is None:
-            return out + (coef @ delta).to(out.dtype)
+        if owner is None:  # k (delta^T U)^T: the weight change first (tiny), then one matmul
+            return out + (k @ (U.T @ delta).to(k.dtype)).to(out.dtype)
+        coef = torch.einsum("bpd,nd->bpn", k, U.to(k.dtype))  # [b, pos, n_requests]
         d = delta.view(-1, n, delta.shape[-1])[owner // n]  # [b, n, d_model]
-        return out + torch.einsum("bpn,bnd->bpd", coef, d).to(out.dtype)
+        return out + torch.einsum("bpn,bnd->bpd", coef, d.to(coef.dtype)).to(out.dtype)
     return fn
 
 
@@ -273,10 +276,13 @@ def optimize_targets(model, batch: Batch, essence: Batch | None, layer: int, n_r
     through the HF model with a forward hook (the reference of tests and benchmarks); a model with
     adaptors attached is always searched that way (their hooks are part of what it computes).
     `precision="bfloat16"` runs the forward and backward passes of the search under bf16 autocast
-    (AMX on the CPU, tensor cores on a GPU); delta, Adam and the loss stay in fp32 / fp64.
+    (AMX / AVX-512 bf16 on the CPU, tensor cores on a GPU); delta, Adam and the loss stay in fp32 /
+    fp64; "auto" is bf16 where it is native (`mechedit.device.fast_bf16`), else fp32. The info of
+    each start records the precision used.
     """
-    if precision not in ("float32", "bfloat16"):
-        raise MecheditError(f"unknown precision {precision!r} (float32, bfloat16)")
+    from mechedit.device import resolve_precision
+
+    precision = resolve_precision(precision, model.device)
     if engine not in ("fast", "hf"):
         raise MecheditError(f"unknown engine {engine!r} (fast, hf)")
     from mechedit.edit.adaptors import attached
@@ -317,7 +323,7 @@ def _joint_rows(batch: Batch, essence: Batch | None, starts: int, n_requests: in
     ids, pos, subj, owner = [], [], [], []
     for s in range(starts):
         for p in parts:
-            x = torch.full((p.ids.shape[0], T), pad_id, dtype=torch.long)
+            x = torch.full((p.ids.shape[0], T), pad_id, dtype=torch.long, device=p.ids.device)
             x[:, : p.ids.shape[1]] = p.ids
             ids.append(x)
             pos.append(p.last)
@@ -343,7 +349,7 @@ class _HFPath:
             yield
             return
         mod = self.model.gpt_neox.layers[layer].mlp.dense_4h_to_h
-        pos = torch.arange(1024).unsqueeze(0)
+        pos = torch.arange(1024, device=self.model.device).unsqueeze(0)
         h = mod.register_forward_hook(lambda m, inputs, out: mlp_edit(layer, inputs[0], out, pos[:, : out.shape[1]]))
         try:
             yield
@@ -354,7 +360,7 @@ class _HFPath:
         mask = torch.ones_like(ids)
         with self._hooked(start_block, mlp_edit):
             logits = self.model(input_ids=ids, attention_mask=mask).logits
-        return logits[torch.arange(len(pos)), pos]
+        return logits[torch.arange(len(pos), device=pos.device), pos]
 
 
 def _optimise_delta(model, batch, essence, layer, n_requests, starts, *, kl_weight, steps, lr, clamp,
@@ -372,8 +378,9 @@ def _optimise_delta(model, batch, essence, layer, n_requests, starts, *, kl_weig
     use_kl = essence is not None and kl_weight > 0
     ids, pos, subj, owner, nb, ne = _joint_rows(batch, essence if use_kl else None, R, n, model.config.pad_token_id or 0)
     per = nb + ne  # rows of one start
-    is_edit = (torch.arange(len(ids)) % per) < nb
-    start_of = torch.arange(len(ids)) // per
+    dev = model.device
+    is_edit = (torch.arange(len(ids), device=dev) % per) < nb
+    start_of = torch.arange(len(ids), device=dev) // per
     target = batch.target.repeat(R)
     with torch.no_grad():
         x_in = fx.resid_at(ids, layer)  # the stream entering `layer`: no edit reaches it
@@ -382,9 +389,11 @@ def _optimise_delta(model, batch, essence, layer, n_requests, starts, *, kl_weig
             with autocast:  # the same arithmetic as the search, so the KL starts at 0
                 lo = fx.logits_at(ids, pos, x=x_in, start_block=layer)
             p_orig = torch.log_softmax(lo[~is_edit].float(), -1)
-    delta = torch.zeros(R * n, d_model, dtype=dtype) if init is None else init.reshape(R * n, -1).to(dtype).clone()
+    delta = (torch.zeros(R * n, d_model, dtype=dtype, device=dev) if init is None
+             else init.reshape(R * n, -1).to(dev, dtype).clone())
     delta.requires_grad_(True)
     opt = torch.optim.Adam([delta], lr=lr)
+    clamp, ref_norm = clamp.to(dev), ref_norm.to(dev)
     clamp_r = clamp.float().reshape(-1).expand(n).repeat(R) if clamp.numel() in (1, n) else clamp.float()
     ref_r = ref_norm.float().reshape(-1).expand(n).repeat(R)
     if joint_u is not None:
@@ -397,8 +406,8 @@ def _optimise_delta(model, batch, essence, layer, n_requests, starts, *, kl_weig
     edit_rows = torch.nonzero(is_edit).flatten()
     edit_owner = owner[is_edit]
     ess_start = start_of[~is_edit]
-    done = torch.zeros(R, dtype=torch.bool)
-    frozen = torch.zeros(R * n, d_model, dtype=dtype)
+    done = torch.zeros(R, dtype=torch.bool, device=dev)
+    frozen = torch.zeros(R * n, d_model, dtype=dtype, device=dev)
     history: list[list[float]] = [[] for _ in range(R)]
     for step in range(steps):
         with autocast:
@@ -409,7 +418,7 @@ def _optimise_delta(model, batch, essence, layer, n_requests, starts, *, kl_weig
         loss = nll.mean(1)  # [starts]
         if use_kl:
             kl_rows = torch.nn.functional.kl_div(logp[~is_edit], p_orig, log_target=True, reduction="none").sum(-1)
-            loss = loss + kl_weight * torch.zeros(R).index_add_(0, ess_start, kl_rows) / ne
+            loss = loss + kl_weight * torch.zeros(R, device=dev).index_add_(0, ess_start, kl_rows) / ne
         wd = (delta.norm(dim=1) ** 2 / ref_r ** 2).view(R, n).mean(1)
         loss = loss + weight_decay * wd
         nll_d = nll.detach()
@@ -433,6 +442,6 @@ def _optimise_delta(model, batch, essence, layer, n_requests, starts, *, kl_weig
                 keep = done.repeat_interleave(n)
                 delta[keep] = frozen[keep]
     out = delta.detach().double().view(R, n, d_model)
-    infos = [{"steps": len(h), "nll_first": h[0], "nll_last": h[-1], "reached": bool(done[s])}
+    infos = [{"steps": len(h), "nll_first": h[0], "nll_last": h[-1], "reached": bool(done[s]), "precision": precision}
              for s, h in enumerate(history)]
     return out, infos

@@ -29,6 +29,14 @@ With energy 0.03 and alpha_factor 100 (requests seed 2 of `benchmarks/edit_quali
 At layer 0 every key is a word's key and every word is in the preserved corpus, so no edit key lies
 in C's null space: the projection cannot shield the other users of the edited word, and efficacy
 and collateral move together with the clamp. MEMIT at its defaults: 0.957 with -10.7 pt.
+The search runs on FastNeoX. MEMIT's faster search (bf16, 100 steps at lr 0.4) costs AlphaEdit
+unrelated recall, so its defaults stay fp32 / 200 / 0.2. Retrained default model (25 epochs),
+same requests, one loaded process (efficacy, paraphrase; same-relation / same-subject / unrelated
+change; seconds with the scorecard):
+  fp32, steps 200, lr 0.2 (defaults): 0.947, 0.80; -20.9 / -12.4 / -12.5 pt   296 s
+  bf16, steps 200, lr 0.2:            0.940, 0.76; -20.8 / -14.0 / -18.8 pt   279 s
+  fp32, steps 100, lr 0.4:            0.923, 0.79; -23.5 / -13.5 / -20.8 pt   162 s
+  bf16, steps 100, lr 0.4:            0.947, 0.78; -21.0 / -13.3 / -20.8 pt   113 s
 Query merging and `forms` as MEMIT; forget defaults (refusal targets): `FORGET_DEFAULTS`.
 """
 from __future__ import annotations
@@ -68,14 +76,14 @@ class AlphaEditParams:
     forms: str = "cloze"  # edit prompts: "cloze" (trained templates) or "cloze+qa"
     merge_queries: bool = False  # one target per subject (query merging, as MEMIT)
     engine: str = "fast"  # target search on FastNeoX ("fast") or through the HF modules ("hf": the reference)
-    precision: str = "float32"  # the search's forward/backward: "float32" or "bfloat16" (autocast)
+    precision: str = "float32"  # the search's arithmetic: "float32", "bfloat16" or "auto" (bf16 costs collateral here: module doc)
     seed: int = 0
 
     def validate(self) -> None:
         if self.engine not in ("fast", "hf"):
             raise SpecError(f"alphaedit: engine must be 'fast' or 'hf', got {self.engine!r}")
-        if self.precision not in ("float32", "bfloat16"):
-            raise SpecError(f"alphaedit: precision must be 'float32' or 'bfloat16', got {self.precision!r}")
+        if self.precision not in ("auto", "float32", "bfloat16"):
+            raise SpecError(f"alphaedit: precision must be 'auto', 'float32' or 'bfloat16', got {self.precision!r}")
         if not 0 < self.null_energy < 1 or self.alpha_factor <= 0:
             raise SpecError("alphaedit: 0 < null_energy < 1 and alpha_factor > 0")
         if self.forms not in FORMS:
@@ -105,7 +113,7 @@ FORGET_DEFAULTS = {"merge_queries": True, "forms": "cloze+qa", "clamp_factor": 4
 def alphaedit(bundle, requests: list[EditRequest], p: AlphaEditParams) -> EditResult:
     layers = memit_layers(bundle, p.layer, requests)
     kp_file = Path(p.kp_cache) / "kp.safetensors" if p.kp_cache else None
-    kp = load_file(str(kp_file)) if kp_file is not None and kp_file.is_file() else {}
+    kp = load_file(str(kp_file), device=str(bundle.model.device)) if kp_file is not None and kp_file.is_file() else {}
     new_keys: dict[str, torch.Tensor] = {}
     null_dims = {}
 
@@ -114,15 +122,15 @@ def alphaedit(bundle, requests: list[EditRequest], p: AlphaEditParams) -> EditRe
         P = null_space_projector(C, p.null_energy)
         alpha = p.alpha_factor * float(C.diagonal().sum()) / C.shape[0]
         null_dims[l] = int(round(float(P.trace())))
-        Kp = kp.get(f"layer{l}", torch.zeros(K.shape[0], 0, dtype=torch.float64))
+        Kp = kp.get(f"layer{l}", torch.zeros(K.shape[0], 0, dtype=torch.float64, device=K.device))
         new_keys[f"layer{l}"] = torch.cat([Kp, K], dim=1)
-        A = (Kp @ Kp.T + K @ K.T) @ P + alpha * torch.eye(K.shape[0], dtype=torch.float64)
+        A = (Kp @ Kp.T + K @ K.T) @ P + alpha * torch.eye(K.shape[0], dtype=torch.float64, device=K.device)
         return torch.linalg.solve(A.T, (R @ K.T @ P).T).T  # R K^T P A^-1
 
     deltas, info = spread_update(bundle, requests, layers, p, solve)
     if kp_file is not None:
         kp_file.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in new_keys.items()}, str(kp_file))
+        save_file({k: v.cpu().contiguous() for k, v in new_keys.items()}, str(kp_file))
     info.update(null_dims=null_dims, preserved_keys={l: int(kp[f"layer{l}"].shape[1]) if f"layer{l}" in kp else 0
                                                        for l in layers})
     return EditResult("alphaedit", {**to_dict(p), "layer": layers}, list(requests), deltas, info=info)

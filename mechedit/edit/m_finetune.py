@@ -44,9 +44,9 @@ class FinetuneParams:
             raise SpecError("finetune: steps >= 1, lr > 0, norm_constraint >= 0, n_retain >= 0")
 
 
-def _nll_batch(tokenizer, pairs: list[tuple[str, str]]):
+def _nll_batch(tokenizer, pairs: list[tuple[str, str]], device: torch.device | None = None):
     seqs, last, alen = encode_pairs(tokenizer, [p for p, _ in pairs], [a for _, a in pairs])
-    ids, mask = pad(seqs, tokenizer.pad_token_id)
+    ids, mask = pad(seqs, tokenizer.pad_token_id, device)
     labels = torch.full_like(ids, -100)
     for i, (s, l, k) in enumerate(zip(seqs, last, alen)):
         labels[i, l + 1 : l + 1 + k] = ids[i, l + 1 : l + 1 + k]
@@ -90,9 +90,9 @@ def finetune(bundle, requests: list[EditRequest], p: FinetuneParams) -> EditResu
     for n, prm in params.items():
         prm.requires_grad_(n in names)
     orig = {n: params[n].detach().clone() for n in names}
-    edit = _nll_batch(bundle.tokenizer, edit_pairs(bundle.world, requests))
+    edit = _nll_batch(bundle.tokenizer, edit_pairs(bundle.world, requests), model.device)
     retain = retain_pairs(bundle.world, requests, p.n_retain, p.seed)
-    retain_b = _nll_batch(bundle.tokenizer, retain) if retain else None
+    retain_b = _nll_batch(bundle.tokenizer, retain, model.device) if retain else None
     torch.manual_seed(p.seed)
     opt = torch.optim.Adam([params[n] for n in names], lr=p.lr)
     model.eval()  # no dropout in these models; eval keeps HF from any train-only paths

@@ -36,7 +36,7 @@ Where we deliberately differ, and why:
 - `max_eps_factor` caps how far expansions may grow a radius (a new entry instead). With the
   refusal as every query's label (editing as unlearning) coverage expansions chain: 24 forget
   prompts of one subject became 2 entries of radius 1.3 and 3.6 x eps_init, which refused 18-37% of
-  the retained facts (forget defaults: see the registration).
+  the retained facts; the forget defaults cap expansion at eps_init (`FORGET_DEFAULTS`).
 """
 from __future__ import annotations
 
@@ -248,7 +248,16 @@ def place_entries(queries: torch.Tensor, labels: list[int], prior_k: torch.Tenso
     return keys, eps, ys, counts
 
 
-@register_method("grace", params=GraceParams)
+# Forget defaults (every label the refusal; `benchmarks/forget_defaults.py runs/unlearning`: two single-subject
+# forget sets of subjects named in the training instructions of analyses/worlds/unlearning.toml, never the
+# ones the unlearning table forgets; forget recall after (cloze / paraphrase / QA), retain and same-relation
+# neighbour change): uncapped, eps_factor 0.5 / 1 / 2: 0.00 / 0.00 / 0.00 but -37 / -18 / -29 points of
+# retain; capped at eps_init (max_eps_factor 1): eps_factor 0.5 0.00 / 0.17 / 0.00 with 0.0 / 0.0 points,
+# eps_factor 1 0.00 / 0.00 / 0.00 with -2.5 / -2.6 points (over the 2-point retain bound).
+FORGET_DEFAULTS = {"forms": "cloze+qa", "eps_factor": 0.5, "max_eps_factor": 1.0}
+
+
+@register_method("grace", params=GraceParams, forget_defaults=FORGET_DEFAULTS)
 def grace(bundle, requests: list[EditRequest], p: GraceParams) -> EditResult:
     model = bundle.model
     layer = adapted_layer(bundle, p.layer)

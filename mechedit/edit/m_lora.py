@@ -69,9 +69,9 @@ def lora(bundle, requests: list[EditRequest], p: LoraParams) -> EditResult:
     cfg = LoraConfig(r=p.rank, lora_alpha=p.alpha, lora_dropout=0.0, bias="none", target_modules=TARGETS[p.component],
                      layers_to_transform=layers, layers_pattern="layers", init_lora_weights=True)
     model = peft_model(base, cfg)
-    edit = _nll_batch(bundle.tokenizer, edit_pairs(bundle.world, requests))
+    edit = _nll_batch(bundle.tokenizer, edit_pairs(bundle.world, requests), bundle.model.device)
     retain = retain_pairs(bundle.world, requests, p.n_retain, p.seed)
-    retain_b = _nll_batch(bundle.tokenizer, retain) if retain else None
+    retain_b = _nll_batch(bundle.tokenizer, retain, bundle.model.device) if retain else None
     trainable = [t for t in model.parameters() if t.requires_grad]
     opt = torch.optim.Adam(trainable, lr=p.lr)
     model.eval()

@@ -97,14 +97,14 @@ class RomeParams:
     forms: str = "cloze"  # edit prompts: "cloze" (trained templates) or "cloze+qa"
     merge_queries: bool = False  # one edit per subject (shared key, one value) instead of one per request
     engine: str = "fast"  # target search on FastNeoX ("fast") or through the HF modules ("hf": the reference)
-    precision: str = "float32"  # the search's forward/backward: "float32" or "bfloat16" (autocast)
+    precision: str = "float32"  # the search's forward/backward: "float32", "bfloat16" (autocast) or "auto" (bf16 where native)
     seed: int = 0
 
     def validate(self) -> None:
         if self.engine not in ("fast", "hf"):
             raise SpecError(f"rome: engine must be 'fast' or 'hf', got {self.engine!r}")
-        if self.precision not in ("float32", "bfloat16"):
-            raise SpecError(f"rome: precision must be 'float32' or 'bfloat16', got {self.precision!r}")
+        if self.precision not in ("auto", "float32", "bfloat16"):
+            raise SpecError(f"rome: precision must be 'auto', 'float32' or 'bfloat16', got {self.precision!r}")
         if self.steps < 1 or self.n_prefixes < 0 or self.prefix_words < 1:
             raise SpecError("rome: steps >= 1, n_prefixes >= 0, prefix_words >= 1")
         if self.forms not in FORMS:
@@ -122,7 +122,7 @@ class RomeParams:
 def inverse_second_moment(C: torch.Tensor, ridge: float) -> torch.Tensor:
     """(C + ridge * mean(diag C) I)^-1 in float64."""
     C = C.double()
-    eye = torch.eye(C.shape[0], dtype=torch.float64)
+    eye = torch.eye(C.shape[0], dtype=torch.float64, device=C.device)
     return torch.linalg.inv(C + ridge * C.diagonal().mean() * eye)
 
 
@@ -147,17 +147,18 @@ def _one(bundle, reqs: list[EditRequest], layer: int, p: RomeParams, C_inv: torc
     if p.through_edit:
         c_k = C_inv @ k_star
         u = (c_k / (k_star @ c_k)).unsqueeze(0)  # [1, d_mlp]
-    opts = dict(clamp=torch.tensor([p.clamp_factor * h_norm]),
+    opts = dict(clamp=torch.tensor([p.clamp_factor * h_norm], device=model.device),
                 lr=p.lr_factor * h_norm / math.sqrt(model.config.hidden_size), steps=p.steps,
-                kl_weight=p.kl_weight, weight_decay=p.weight_decay, ref_norm=torch.tensor([h_norm]),
+                kl_weight=p.kl_weight, weight_decay=p.weight_decay, ref_norm=torch.tensor([h_norm], device=model.device),
                 stop_loss=p.stop_loss, rank_one_u=u, engine=p.engine, precision=p.precision)
     delta, info = optimize_targets(model, batch, essence, layer, 1, **opts)
     if info["nll_last"] >= p.restart_nll and p.restarts > 0:
         # every restart's search at once (independent trajectories, see optimize_targets), ended as
         # soon as one reaches stop_loss: that one is kept (the lowest index if several reach it at
         # the same step); if none does, the start (plain search included) with the lowest final NLL
-        gen = torch.Generator().manual_seed(p.seed)
-        inits = torch.randn(p.restarts, 1, delta.shape[1], generator=gen, dtype=torch.float64)
+        gen = torch.Generator(device="cpu").manual_seed(p.seed)
+        inits = torch.randn(p.restarts, 1, delta.shape[1], generator=gen, dtype=torch.float64,
+                            device="cpu").to(model.device)
         inits *= p.restart_scale * h_norm / inits.norm(dim=-1, keepdim=True)
         d_all, i_all = optimize_targets(model, batch, essence, layer, 1, init=inits, first_wins=True, **opts)
         reached = [r for r in range(p.restarts) if i_all[r]["reached"]]

@@ -64,17 +64,21 @@ def sequential_edits(bundle, batches: list[list[EditRequest]], method: str, *, s
 
 def read_requests(path: str | Path) -> list[EditRequest]:
     """JSON lines of {"subject", "relation", "new_object"} (or "new")."""
-    path = Path(path)
-    if not path.is_file():
-        raise MecheditError(f"requests file not found: {path}")
+    from mechedit.fileio import read_text
+
     out = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(read_text(path, "requests file").splitlines(), 1):
         if not line.strip():
             continue
         try:
-            out.append(EditRequest.from_dict(json.loads(line)))
-        except (json.JSONDecodeError, AttributeError):
+            d = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
             raise MecheditError(f"{path}:{i}: not a JSON object") from None
+        if not isinstance(d, dict):
+            raise MecheditError(f"{path}:{i}: not a JSON object")
+        out.append(EditRequest.from_dict(d))
+    if not out:
+        raise MecheditError(f"requests file {path} holds no requests")
     return out
 
 
@@ -82,29 +86,22 @@ def edit_checkpoint(checkpoint: str | Path, requests: list[EditRequest], method:
                     out: str | Path, *, force: bool = False) -> dict:
     """Edit a checkpoint and write OUT/ (edited checkpoint), OUT/edit/ (deltas) and OUT/scorecard.json."""
     from mechedit.diagnose import get_suite
-    from mechedit.fileio import commit_output_dir, prepare_output_dir, write_json_atomic
+    from mechedit.fileio import check_output_dir, output_dir, write_json_atomic
     from mechedit.model.checkpoint import load_checkpoint
+    from mechedit.provenance import stamp
 
-    bundle = load_checkpoint(checkpoint)
+    check_output_dir(out, force)
     make_params(get_method(method), params)  # unknown method / parameter: fail before any work
+    bundle = load_checkpoint(checkpoint)
     validate_requests(bundle, requests)
     before = frozen_copy(bundle)
-    tmp = prepare_output_dir(out, force)
-    try:
+    with output_dir(out, force) as tmp:
         result = run_method(bundle, requests, method, **params)
         result.apply(bundle.model)
         card = get_suite("edit").fn(before, bundle, requests)
         bundle.save(tmp, {"edit": result.to_json()})
         result.save(Path(tmp) / "edit")
-        from mechedit.provenance import stamp
-
         card["_meta"] = stamp(command="edit", checkpoint=str(checkpoint), method=method, params=params,
                               requests=[r.__dict__ for r in requests])
         write_json_atomic(Path(tmp) / "scorecard.json", card)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    commit_output_dir(tmp, out)
     return card

@@ -76,7 +76,7 @@ def compute_second_moment(model, tokenizer, texts: list[str], layers: list[int],
     was_training = model.training
     model.eval()
     for start in range(0, len(ids), batch_size):
-        x, m = pad(ids[start : start + batch_size], tokenizer.pad_token_id)
+        x, m = pad(ids[start : start + batch_size], tokenizer.pad_token_id, model.device)
         with capture_keys(model, layers) as store:
             model(input_ids=x, attention_mask=m)
         sel = m.bool()
@@ -113,7 +113,7 @@ def second_moment(bundle, layer: int, n_samples: int | None = None, *, cache: bo
             data = load_file(str(file))
             if bytes(data["stamp"].tolist()).decode() == stamp:
                 TIMINGS["load_s"] += time.perf_counter() - t0
-                return data["C"]
+                return data["C"].to(bundle.model.device)
         except Exception:  # a corrupt cache file is recomputed
             pass
     t0 = time.perf_counter()
@@ -123,7 +123,7 @@ def second_moment(bundle, layer: int, n_samples: int | None = None, *, cache: bo
         try:
             cdir.mkdir(parents=True, exist_ok=True)
             tmp = file.with_suffix(".tmp")
-            save_file({"C": C.contiguous(), "stamp": torch.tensor(list(stamp.encode()), dtype=torch.uint8)},
+            save_file({"C": C.cpu().contiguous(), "stamp": torch.tensor(list(stamp.encode()), dtype=torch.uint8)},
                       str(tmp))
             os.replace(tmp, file)
         except OSError:

@@ -34,14 +34,16 @@ def encode_pairs(tokenizer, prompts: list[str], answers: list[str]):
     return seqs, last, alen
 
 
-def pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad(seqs: list[list[int]], pad_id: int, device: torch.device | str | None = None
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and attention mask [n, longest], built on the CPU and moved to `device` once."""
     n = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long, device="cpu")
+    mask = torch.zeros((len(seqs), n), dtype=torch.long, device="cpu")
     for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
+        ids[i, : len(s)] = torch.tensor(s, device="cpu")
         mask[i, : len(s)] = 1
-    return ids, mask
+    return (ids, mask) if device is None else (ids.to(device), mask.to(device))
 
 
 @torch.no_grad()
@@ -50,26 +52,28 @@ def score_answers(model, tokenizer, prompts: list[str], answers: list[str], batc
     was_training = model.training
     model.eval()
     seqs, last, alen = encode_pairs(tokenizer, prompts, answers)
+    dev = model.device
     correct, logprob, pfirst, top1 = [], [], [], []
     for start in range(0, len(seqs), batch_size):
         chunk = slice(start, start + batch_size)
-        ids, mask = pad(seqs[chunk], tokenizer.pad_token_id)
+        ids, mask = pad(seqs[chunk], tokenizer.pad_token_id, dev)
         logits = model(input_ids=ids, attention_mask=mask).logits.float()  # [b, pos, vocab]
         logp = torch.log_softmax(logits, dim=-1)
         # every answer token of the chunk at once: (row, position predicting it, the token)
-        rows = torch.tensor([b for b, k in enumerate(alen[chunk]) for _ in range(k)])
-        pos = torch.tensor([l + j for l, k in zip(last[chunk], alen[chunk]) for j in range(k)])
+        rows = torch.tensor([b for b, k in enumerate(alen[chunk]) for _ in range(k)], device=dev)
+        pos = torch.tensor([l + j for l, k in zip(last[chunk], alen[chunk]) for j in range(k)], device=dev)
         tgt = ids[rows, pos + 1]
         lp = logp[rows, pos, tgt]  # [answer tokens]
         hit = (logp[rows, pos].argmax(-1) == tgt).float()
         n = len(alen[chunk])
-        lp_sum = torch.zeros(n).index_add_(0, rows, lp)
-        hits = torch.zeros(n).index_add_(0, rows, hit)
-        first = torch.tensor(last[chunk])
-        correct += (hits == torch.tensor(alen[chunk], dtype=torch.float)).tolist()
+        lp_sum = torch.zeros(n, device=dev).index_add_(0, rows, lp)
+        hits = torch.zeros(n, device=dev).index_add_(0, rows, hit)
+        first = torch.tensor(last[chunk], device=dev)
+        every = torch.arange(n, device=dev)
+        correct += (hits == torch.tensor(alen[chunk], dtype=torch.float, device=dev)).tolist()
         logprob += lp_sum.tolist()
-        pfirst += logp[torch.arange(n), first, ids[torch.arange(n), first + 1]].exp().tolist()
-        top1 += logp[torch.arange(n), first].argmax(-1).tolist()
+        pfirst += logp[every, first, ids[every, first + 1]].exp().tolist()
+        top1 += logp[every, first].argmax(-1).tolist()
     if was_training:
         model.train()
     return AnswerScores(np.array(correct, dtype=bool), np.array(logprob), np.array(pfirst),

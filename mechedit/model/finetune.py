@@ -13,7 +13,8 @@ learnt in the first stage ("pretrained").
 
 The model retrained without forget facts F of a second-stage checkpoint (`retrain_finetuned`):
 the first stage retrained without F's first-stage facts (or the source checkpoint itself when F
-holds none: the first stage never saw F), then the same second stage without F.
+holds none: the first stage never saw F), then the same second stage without F, run for exactly the
+epochs the original's second stage ran (the same schedule, not stopped at the recall targets).
 """
 from __future__ import annotations
 
@@ -62,11 +63,14 @@ def stage2_facts(world) -> list:
 
 
 def finetune_model(model, tokenizer, world, spec: FinetuneSpec, *, exclude_facts: set[int] = frozenset(),
-                   progress: Callable[[dict], None] | None = None) -> dict:
+                   stop_epoch: int | None = None, progress: Callable[[dict], None] | None = None) -> dict:
     """Train `model` in place on the world's second-stage facts (+ replay); returns curve and counts.
 
-    `world` is the FIRST-stage world (stage-2 subjects held out).
+    `world` is the FIRST-stage world (stage-2 subjects held out). `stop_epoch` (a retrained reference):
+    the same schedule run for exactly that many epochs instead of stopping at the recall targets.
     """
+    if stop_epoch is not None and not 1 <= stop_epoch <= spec.epochs:
+        raise MecheditError(f"finetune: stop_epoch {stop_epoch} outside 1..{spec.epochs}")
     from mechedit.model.evaluate import evaluate_recall
     from mechedit.model.train import _length_bucketed_batches, encode_corpus
 
@@ -88,7 +92,7 @@ def finetune_model(model, tokenizer, world, spec: FinetuneSpec, *, exclude_facts
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.98))
     eval_facts = [f for f in world2.facts if f.index in keep]
     curve, step, t0 = [], 0, time.perf_counter()
-    for epoch in range(1, spec.epochs + 1):
+    for epoch in range(1, (stop_epoch or spec.epochs) + 1):
         model.train()
         losses = []
         for idx in _length_bucketed_batches(lengths, spec.batch_size, gen):
@@ -105,7 +109,7 @@ def finetune_model(model, tokenizer, world, spec: FinetuneSpec, *, exclude_facts
             opt.step()
             losses.append(loss.item())
             step += 1
-        if epoch % spec.eval_every == 0 or epoch == spec.epochs:
+        if epoch % spec.eval_every == 0 or epoch == (stop_epoch or spec.epochs):
             model.eval()
             rec = evaluate_recall(model, tokenizer, world2, kinds=("cloze", "paraphrase"), facts=eval_facts) \
                 if eval_facts else {"by_kind": {}}
@@ -115,7 +119,8 @@ def finetune_model(model, tokenizer, world, spec: FinetuneSpec, *, exclude_facts
             curve.append(row)
             if progress:
                 progress(row)
-            if row["stage2_cloze"] >= spec.target_recall and row["stage2_paraphrase"] >= spec.target_paraphrase:
+            if stop_epoch is None and row["stage2_cloze"] >= spec.target_recall and \
+                    row["stage2_paraphrase"] >= spec.target_paraphrase:
                 break
     model.eval()
     return {"curve": curve, "epochs": curve[-1]["epoch"] if curve else 0, "n_new_sentences": len(new),
@@ -124,7 +129,7 @@ def finetune_model(model, tokenizer, world, spec: FinetuneSpec, *, exclude_facts
 
 def finetune_checkpoint(checkpoint: str | Path, out: str | Path, params: dict | None = None, *, force: bool = False,
                         exclude_facts: set[int] = frozenset(), source=None, meta_extra: dict | None = None,
-                        progress: Callable[[dict], None] | None = None):
+                        stop_epoch: int | None = None, progress: Callable[[dict], None] | None = None):
     """`mechedit finetune-facts`: a first-stage checkpoint in, the second-stage checkpoint out."""
     from mechedit.model.checkpoint import load_checkpoint
     from mechedit.model.evaluate import evaluate_recall
@@ -142,7 +147,7 @@ def finetune_checkpoint(checkpoint: str | Path, out: str | Path, params: dict | 
     tmp = prepare_output_dir(out, force)
     try:
         stats = finetune_model(bundle.model, bundle.tokenizer, world, spec, exclude_facts=exclude_facts,
-                               progress=progress)
+                               stop_epoch=stop_epoch, progress=progress)
         world2 = world.with_stage2_trained()
         new = [f for f in stage2_facts(world) if f.index not in exclude_facts]
         final = {"trained": evaluate_recall(bundle.model, bundle.tokenizer, world2, exclude_facts=set(exclude_facts)),
@@ -197,7 +202,7 @@ def retrain_finetuned(bundle, forget_ids: set[int], out: str | Path, *, stop_epo
         except CheckpointError as exc:
             raise MecheditError(f"the first-stage checkpoint of {bundle.path} is gone ({exc}); cannot retrain") from None
     return finetune_checkpoint(stage1.path, out, info.get("spec", {}), force=True, exclude_facts=set(forget_ids),
-                               source=stage1, meta_extra=meta_extra)
+                               source=stage1, meta_extra=meta_extra, stop_epoch=info.get("epochs"))
 
 
 def _first_stage_world(world2):

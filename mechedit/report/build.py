@@ -19,7 +19,7 @@ import numpy as np
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from mechedit.errors import MecheditError
-from mechedit.fileio import commit_output_dir, prepare_output_dir, read_json, write_text_atomic
+from mechedit.fileio import check_output_dir, output_dir, read_json, write_text_atomic
 from mechedit.report import figures as F
 from mechedit.report import studies as S
 
@@ -78,18 +78,9 @@ def _fmt(v) -> str:
 
 
 def load_run(run_dir: Path) -> tuple[dict, list[dict]]:
-    if not (run_dir / "spec.json").is_file():
-        raise MecheditError(f"not a run folder (no spec.json): {run_dir}")
-    spec = read_json(run_dir / "spec.json", "spec.json")
-    cases = []
-    for c in spec.get("cases", []):
-        f = run_dir / f"case_{c['id']}.json"
-        if f.is_file():
-            rec = read_json(f, f.name)
-            t = run_dir / f"case_{c['id']}.timing.json"
-            rec["timings"] = read_json(t, t.name) if t.is_file() else {}
-            cases.append(rec)
-    return spec, cases
+    from mechedit.analysis.folder import read_run
+
+    return read_run(run_dir)
 
 
 def _columns(cases: list[dict]) -> list[tuple[str, str]]:
@@ -303,8 +294,17 @@ def build_report(run_dir: str | Path, out: str | Path, *, force: bool = False) -
     import mechedit
 
     run_dir = Path(run_dir)
+    check_output_dir(out, force)
     spec, cases = load_run(run_dir)
-    tmp = prepare_output_dir(out, force)
+    with output_dir(out, force) as tmp:
+        _write_report(tmp, run_dir, spec, cases)
+    return Path(out) / "index.html"
+
+
+def _write_report(tmp: Path, run_dir: Path, spec: dict, cases: list[dict]) -> None:
+    """Render the report of `run_dir` into the temporary folder `tmp`."""
+    import mechedit
+
     figdir = tmp / "figures"
     figdir.mkdir()
     ckpt = Path(spec["checkpoint"])
@@ -342,7 +342,7 @@ def build_report(run_dir: str | Path, out: str | Path, *, force: bool = False) -
     env = Environment(loader=PackageLoader("mechedit.report", "templates"), autoescape=select_autoescape(["html"]))
     html = env.get_template("report.html").render(
         name=spec.get("name", run_dir.name), description=(spec.get("spec") or {}).get("description", ""),
-        version=spec.get("mechedit_version"), git=spec.get("git"), report_version=mechedit.__version__,
+        version=spec.get("mechedit_version"), git=spec.get("git"), device=spec.get("device"), report_version=mechedit.__version__,
         spec_json=json.dumps(spec.get("spec"), indent=2), world=world, model=meta.get("model_spec"),
         train={"seconds": meta.get("train_seconds"), "epochs": meta.get("epochs")}, recall_rows=recall_rows,
         curve_img=curve_img, trace=trace, families=_family_tables(cases),
@@ -351,5 +351,3 @@ def build_report(run_dir: str | Path, out: str | Path, *, force: bool = False) -
         exposure=S.exposure_tables(cases, world_obj), trace_exposure=S.trace_by_exposure(run_dir, world_obj), n_cases=len(cases), n_total=len(spec.get("cases", [])),
         request_sets={k: len(v["requests"]) for k, v in spec.get("request_sets", {}).items()})
     write_text_atomic(tmp / "index.html", html)
-    commit_output_dir(tmp, out)
-    return Path(out) / "index.html"

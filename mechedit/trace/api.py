@@ -13,13 +13,14 @@ import torch
 
 from mechedit.errors import MecheditError
 from mechedit.model.fast import FastNeoX
-from mechedit.specio import to_dict
+from mechedit.specio import check_fields, to_dict
 from mechedit.trace import engine as E
 from mechedit.trace.result import Location, TraceResult, locate
 from mechedit.world.world import Fact, World
 
 # Template preference: the subject first, with tokens after it (ROME's prompts look like this).
 TEMPLATE_PREFERENCE = (1, 3, 2, 4, 0)
+MAX_SAMPLES = 1000  # noise samples per fact (ROME: 10); each one is a full sweep over layers and tokens
 
 
 @dataclass(frozen=True)
@@ -40,14 +41,17 @@ class TraceConfig:
     precision: str = "float32"  # batched engine's arithmetic: "float32" or "bfloat16" (autocast; see benchmarks)
 
     def __post_init__(self):
+        check_fields(self, "trace")
         object.__setattr__(self, "sites", E.check_sites(self.sites))
         object.__setattr__(self, "severed", tuple(dict.fromkeys(self.severed)))
         if self.severed:
             E.check_sites(self.severed, E.SEVERABLE)
         if self.noise < 0 or (self.noise_scale is not None and self.noise_scale < 0):
             raise MecheditError("noise must be >= 0")
-        if self.samples < 1:
-            raise MecheditError("samples must be >= 1")
+        if not 1 <= self.samples <= MAX_SAMPLES:
+            raise MecheditError(f"samples must be in [1, {MAX_SAMPLES}], got {self.samples}")
+        if self.memory_mb < 1:
+            raise MecheditError("memory_mb must be >= 1")
         if self.window is not None and self.window < 1:
             raise MecheditError("window must be >= 1")
         if self.batch_size is not None and self.batch_size < 1:
@@ -94,6 +98,8 @@ def select_facts(world: World, facts: Iterable[str | int | Fact] | None = None, 
             raise MecheditError(f"{len(held)} fact(s) of held-out subjects (e.g. {s!r}) were never trained; "
                                 "pass include_heldout (--include-heldout) to trace them anyway")
     out = list(dict.fromkeys(out))
+    if n is not None and n < 1:
+        raise MecheditError(f"n must be >= 1 (the number of facts to sample), got {n}")
     if n is not None and n < len(out):
         rng = np.random.default_rng(seed)
         out = [out[i] for i in sorted(rng.choice(len(out), size=n, replace=False))]
@@ -119,7 +125,7 @@ def subject_embedding_std(model, tokenizer, world: World) -> float:
     """Std of all embedding entries of the subject tokens of the world's subjects (ROME's nu / 3)."""
     ids = [i for s in world.subjects for i in tokenizer(s.name, add_special_tokens=False)["input_ids"]]
     emb = model.get_input_embeddings().weight.detach().float()
-    return float(emb[torch.tensor(ids)].std())
+    return float(emb[torch.tensor(ids, device=emb.device)].std())
 
 
 def trace(bundle, facts: Iterable[str | int | Fact] | None = None, config: TraceConfig | None = None, *,
@@ -138,6 +144,9 @@ def trace(bundle, facts: Iterable[str | int | Fact] | None = None, config: Trace
         raise MecheditError("no facts to trace")
     prepared = [prepare_fact(world, tok, f, config.template) for f in chosen]
     n_layers, d_model = model.config.num_hidden_layers, model.config.hidden_size
+    if config.window is not None and config.window > 2 * n_layers:
+        raise MecheditError(f"window {config.window} is beyond the model: a window of 2 x n_layers = {2 * n_layers} "
+                            f"already covers every layer from any centre")
     window = config.window or E.default_window(n_layers)
     std = subject_embedding_std(model, tok, world)
     nu = config.noise_scale if config.noise_scale is not None else config.noise * std

@@ -101,21 +101,21 @@ def fact_noise(fact_index: int, seed: int, samples: int, n_subject: int, d_model
                scale: float) -> torch.Tensor:
     """The noise draws of one fact: [samples, n_subject, d_model] from a (seed, fact)-seeded generator."""
     state = int(np.random.SeedSequence([seed, fact_index]).generate_state(1, dtype=np.uint64)[0] >> 1)
-    g = torch.Generator().manual_seed(state)
-    return torch.randn(samples, n_subject, d_model, generator=g) * scale
+    g = torch.Generator(device="cpu").manual_seed(state)  # the same draws whatever the model's device
+    return torch.randn(samples, n_subject, d_model, generator=g, device="cpu") * scale
 
 
 def _pad_ids(facts: list[PreparedFact], pad_id: int) -> torch.Tensor:
     n = max(f.n_tokens for f in facts)
-    ids = torch.full((len(facts), n), pad_id, dtype=torch.long)
+    ids = torch.full((len(facts), n), pad_id, dtype=torch.long, device="cpu")
     for i, f in enumerate(facts):
-        ids[i, : f.n_tokens] = torch.tensor(f.ids)
+        ids[i, : f.n_tokens] = torch.tensor(f.ids, device="cpu")
     return ids  # [F, T]
 
 
 def _answer_probs(logits: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
     """p(answer) of each row from its logits at the answer position: logits [B, V], answer [B] -> [B]."""
-    return torch.softmax(logits.float(), dim=-1)[torch.arange(logits.shape[0]), answer]
+    return torch.softmax(logits.float(), dim=-1)[torch.arange(logits.shape[0], device=logits.device), answer]
 
 
 @dataclass
@@ -131,7 +131,8 @@ def clean_run(fx, facts: list[PreparedFact], pad_id: int, sites: tuple[str, ...]
     """Clean probabilities, top-1 ids and caches {site: [F, L, T, d]} for all facts in one batch.
 
     `fx` is a `mechedit.model.fast.FastNeoX` over the model (see `run_batched`)."""
-    ids = _pad_ids(facts, pad_id)
+    dev = fx.device
+    ids = _pad_ids(facts, pad_id).to(dev)
     cache: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
     x = fx.embed(ids)
     for j in range(n_layers):
@@ -139,13 +140,13 @@ def clean_run(fx, facts: list[PreparedFact], pad_id: int, sites: tuple[str, ...]
         x = fx.block(j, x, record=rec)
         for s in sites:
             cache[s].append((x if s == "resid" else rec[s]).float())
-    last = torch.tensor([f.n_tokens - 1 for f in facts])
-    ans = torch.tensor([f.answer_id for f in facts])
-    at_last = fx.unembed(x[torch.arange(len(facts)), last])  # [F, V]
+    last = torch.tensor([f.n_tokens - 1 for f in facts], device=dev)
+    ans = torch.tensor([f.answer_id for f in facts], device=dev)
+    at_last = fx.unembed(x[torch.arange(len(facts), device=dev), last])  # [F, V]
     p = _answer_probs(at_last, ans)
     top1 = at_last.argmax(-1)
     stacked = {s: torch.stack(cache[s], dim=1) for s in sites}  # [F, L, T, d]
-    return p.numpy().astype(np.float64), top1.numpy(), stacked
+    return p.cpu().numpy().astype(np.float64), top1.cpu().numpy(), stacked
 
 
 def _row_plan(facts: list[PreparedFact], kinds: tuple[str, ...], n_layers: int, samples: int,
@@ -231,7 +232,7 @@ def run_batched(fx, facts: list[PreparedFact], *, kinds: tuple[str, ...], noise_
     dev = fx.device
     T = max(f.n_tokens for f in facts)
     ids_all = _pad_ids(facts, pad_id).to(dev)  # [F, T]
-    noise = torch.zeros(F, S, T, d_model)  # [F, S, T, d], zero outside the subject
+    noise = torch.zeros(F, S, T, d_model, device="cpu")  # [F, S, T, d], zero outside the subject
     for fi, f in enumerate(facts):
         a, b = f.subject
         noise[fi, :, a:b] = fact_noise(f.index, seed, S, b - a, d_model, noise_scale)
@@ -365,14 +366,15 @@ def run_reference(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], 
     T = max(f.n_tokens for f in facts)
     out = {k: np.full((F, L, T, S), np.nan) for k in kinds}
     p_clean, top1, p_corrupt = np.zeros(F), np.zeros(F, dtype=np.int64), np.zeros((F, S))
+    dev = next(bridge.parameters()).device
     for fi, f in enumerate(facts):
-        ids = torch.tensor([f.ids])  # [1, T]
+        ids = torch.tensor([f.ids], device=dev)  # [1, T]
         a, b = f.subject
         eps = fact_noise(f.index, seed, S, b - a, d_model, noise_scale)  # [S, n_subj, d]
 
         def corrupt_embed(x, hook):
             x = x.clone()
-            x[:, a:b] += eps.to(x.dtype)
+            x[:, a:b] += eps.to(x.device, x.dtype)
             return x
 
         clean: dict[str, torch.Tensor] = {}
@@ -395,7 +397,7 @@ def run_reference(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], 
         with bridge.hooks(fwd_hooks=[(EMBED_HOOK, corrupt_embed)]
                           + [(hook_name(s, l), keep(s, l)) for s in SEVERABLE for l in range(L)]):
             logits = bridge(x)
-        p_corrupt[fi] = torch.softmax(logits[:, -1].float(), -1)[:, f.answer_id].numpy()
+        p_corrupt[fi] = torch.softmax(logits[:, -1].float(), -1)[:, f.answer_id].cpu().numpy()
         for ki, kind in enumerate(kinds):
             site, sever = kind_site(kind)
             for layer in range(L):
@@ -409,7 +411,7 @@ def run_reference(bridge, facts: list[PreparedFact], *, kinds: tuple[str, ...], 
                             hooks.append((hook_name(sever, j), _restore_token(t, corrupted[sever][j][:, t])))
                     with bridge.hooks(fwd_hooks=hooks):
                         logits = bridge(x)
-                    out[kind][fi, layer, t] = torch.softmax(logits[:, -1].float(), -1)[:, f.answer_id].numpy()
+                    out[kind][fi, layer, t] = torch.softmax(logits[:, -1].float(), -1)[:, f.answer_id].cpu().numpy()
     return EngineOutput(p_clean, top1, p_corrupt, out)
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from mechedit.errors import MecheditError
+from mechedit.faults import crash_point
 from mechedit.provenance import git_hash
-from mechedit.fileio import commit_output_dir, prepare_output_dir, write_json_atomic
+from mechedit.fileio import check_output_dir, output_dir, write_json_atomic
 from mechedit.specio import to_dict
 from mechedit.trace.api import TraceConfig, select_facts, trace
 from mechedit.trace.result import TraceResult, rank_locations
@@ -15,20 +16,42 @@ def trace_run(checkpoint: str | Path, out: str | Path, *, facts: list[str] | Non
               relation: str | None = None, n: int | None = None, all_facts: bool = False,
               include_heldout: bool = False, config: TraceConfig = TraceConfig(), force: bool = False,
               max_fact_figures: int = 6, progress=None) -> dict:
-    """Trace the chosen facts of a checkpoint into run folder `out`; returns what the CLI prints."""
+    """Trace the chosen facts of a checkpoint into run folder `out`; returns what the CLI prints
+    (`notes`: what was adjusted, e.g. an `n` larger than the facts available)."""
     import mechedit
-    from mechedit.trace.plot import plot_average, plot_fact
 
     if not facts and relation is None and not all_facts and n is None:
         raise MecheditError("choose facts with --fact SUBJECT|RELATION, --relation NAME [--n K] or --all")
     if facts and (relation is not None or all_facts):
         raise MecheditError("--fact cannot be combined with --relation or --all")
+    check_output_dir(out, force)
     bundle = mechedit.load(checkpoint)
     chosen = select_facts(bundle.world, facts or None, relation=relation, n=n, seed=config.seed,
                           include_heldout=include_heldout)
     if not chosen:
         raise MecheditError("no facts selected")
-    tmp = prepare_output_dir(out, force)
+    notes = []
+    if n is not None and n > len(chosen):
+        notes.append(f"--n {n} is more than the {len(chosen)} facts that match: tracing all {len(chosen)}")
+
+    def step(done: int, total: int) -> None:
+        crash_point("trace.batch")
+        if progress:
+            progress(done, total)
+
+    with output_dir(out, force) as tmp:
+        written = _write_run(tmp, bundle, chosen, checkpoint, facts, relation, n, all_facts, include_heldout,
+                             config, max_fact_figures, step)
+    return {**written, "out": Path(out), "notes": notes,
+            "figures": [Path(out) / "figures" / p.name for p in written["figures"]]}
+
+
+def _write_run(tmp: Path, bundle, chosen, checkpoint, facts, relation, n, all_facts, include_heldout, config,
+               max_fact_figures, progress) -> dict:
+    """Trace and write the run's files into the temporary folder `tmp`."""
+    import mechedit
+    from mechedit.trace.plot import plot_average, plot_fact
+
     result = trace(bundle, chosen, config, include_heldout=include_heldout, progress=progress)
     result.save(tmp)
     summary = result.summary()
@@ -52,11 +75,9 @@ def trace_run(checkpoint: str | Path, out: str | Path, *, facts: list[str] | Non
     write_json_atomic(tmp / "spec.json", {
         "command": "trace", "checkpoint": str(Path(checkpoint).resolve()), "config": to_dict(config),
         "facts": facts, "relation": relation, "n": n, "all": all_facts, "include_heldout": include_heldout,
-        "mechedit_version": mechedit.__version__, "git": git_hash()})
-    path = commit_output_dir(tmp, out)
-    return {"out": path, "result": result, "summary": summary,
-            "located": {k: v[0] for k, v in located.items()},
-            "figures": [path / "figures" / p.name for p in written]}
+        "mechedit_version": mechedit.__version__, "git": git_hash(), "device": str(bundle.model.device)})
+    return {"result": result, "summary": summary, "located": {k: v[0] for k, v in located.items()},
+            "figures": written}
 
 
 def load_run(directory: str | Path) -> TraceResult:

@@ -72,13 +72,16 @@ class Batch:
     labels: torch.Tensor  # [b, pos] next-token targets at answer positions (shifted), -100 elsewhere
 
 
-def make_batch(tokenizer, prompts: list[str], answers: list[str]) -> Batch:
-    """Right-padded prompt+answer ids; `labels[b, t]` is the token at t+1 when t+1 is an answer token."""
+def make_batch(tokenizer, prompts: list[str], answers: list[str], device: torch.device | None = None) -> Batch:
+    """Right-padded prompt+answer ids; `labels[b, t]` is the token at t+1 when t+1 is an answer token.
+    Built on the CPU, moved to `device` once."""
     seqs, last, alen = encode_pairs(tokenizer, prompts, answers)
     ids, mask = pad(seqs, tokenizer.pad_token_id)
     labels = torch.full_like(ids, -100)
     for b, (s, l, k) in enumerate(zip(seqs, last, alen)):
-        labels[b, l : l + k] = torch.tensor(s[l + 1 : l + 1 + k])
+        labels[b, l : l + k] = torch.tensor(s[l + 1 : l + 1 + k], device="cpu")
+    if device is not None:
+        ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
     return Batch(ids, mask, labels)
 
 
@@ -162,7 +165,7 @@ def build_data(bundle, requests: list[EditRequest], alt: str = "refusal") -> Unl
     if not rp:
         raise MecheditError("nothing left to retain: the forget target covers every trained fact")
     return UnlearnData(target, prompts, objects, alts, [i for i, c in enumerate(cloze) if c], starts,
-                       make_batch(bundle.tokenizer, rp, ro))
+                       make_batch(bundle.tokenizer, rp, ro, bundle.model.device))
 
 
 @dataclass
@@ -213,16 +216,17 @@ def run_unlearning(bundle, requests: list[EditRequest], p: UnlearnParams, loss_f
     """
     t0 = time.perf_counter()
     torch.manual_seed(p.seed)
-    gen = torch.Generator().manual_seed(p.seed)
+    gen = torch.Generator(device="cpu").manual_seed(p.seed)
     data = build_data(bundle, requests, alt)
     tok = bundle.tokenizer
     answers = data.forget_alt if forget_answer == "alt" else data.forget_objects
-    forget_all = make_batch(tok, data.forget_prompts, answers)
-    cache = {"forget_true": make_batch(tok, data.forget_prompts, data.forget_objects),
-             "forget_alt": make_batch(tok, data.forget_prompts, data.forget_alt)}
+    dev = bundle.model.device
+    forget_all = make_batch(tok, data.forget_prompts, answers, dev)
+    cache = {"forget_true": make_batch(tok, data.forget_prompts, data.forget_objects, dev),
+             "forget_alt": make_batch(tok, data.forget_prompts, data.forget_alt, dev)}
     # [n, pos] 1 from the first subject token on: the positions whose context holds the forget subject
-    cache["from_subject"] = (torch.arange(forget_all.ids.shape[1])[None, :]
-                             >= torch.tensor(data.forget_subject_start)[:, None]) & forget_all.mask.bool()
+    cache["from_subject"] = (torch.arange(forget_all.ids.shape[1], device=dev)[None, :]
+                             >= torch.tensor(data.forget_subject_start, device=dev)[:, None]) & forget_all.mask.bool()
     original = bundle.model
     ref = copy.deepcopy(original).eval()
     for q in ref.parameters():
@@ -249,9 +253,10 @@ def run_unlearning(bundle, requests: list[EditRequest], p: UnlearnParams, loss_f
     work.train()
     step = 0
     for step in range(1, p.steps + 1):
-        fidx = (torch.arange(n_forget) if n_forget <= p.forget_batch
-                else torch.randperm(n_forget, generator=gen)[: p.forget_batch])
-        ridx = torch.randperm(n_retain, generator=gen)[: p.retain_batch]
+        # drawn on the CPU from the seed (the same order on every device), then moved
+        fidx = (torch.arange(n_forget, device="cpu") if n_forget <= p.forget_batch
+                else torch.randperm(n_forget, generator=gen, device="cpu")[: p.forget_batch]).to(dev)
+        ridx = torch.randperm(n_retain, generator=gen, device="cpu")[: p.retain_batch].to(dev)
         ctx = StepContext(work, ref, p, step, tok, {**cache, "fidx": fidx})
         loss = loss_fn(ctx, subset(forget_all, fidx), subset(data.retain, ridx))
         opt.zero_grad(set_to_none=True)

@@ -57,8 +57,8 @@ def rmu(bundle, requests, p: RMUParams):
     from dataclasses import replace
 
     p2 = replace(p, layers=layers)
-    gen = torch.Generator().manual_seed(p.seed + 12345)
-    u = torch.rand(bundle.model.config.hidden_size, generator=gen)
+    gen = torch.Generator(device="cpu").manual_seed(p.seed + 12345)
+    u = torch.rand(bundle.model.config.hidden_size, generator=gen, device="cpu").to(bundle.model.device)
     u = u / u.norm()
     state: dict[str, torch.Tensor] = {}
 

@@ -19,7 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mechedit.errors import SpecError
-from mechedit.specio import from_dict, load_spec_file, to_dict
+from mechedit.specio import check_fields, from_dict, load_spec_file, to_dict
+
+# A world is held in memory whole (facts, probe sets, the tokenized corpus: ~5-10 sentences per fact),
+# so its size is bounded before anything is allocated.
+MAX_FACTS = 1_000_000
 
 _WORD = re.compile(r"^[a-z][a-z_]*$")
 
@@ -121,6 +125,7 @@ class WorldSpec:
     exposure_zipf_s: float = 1.0
 
     def validate(self) -> None:
+        check_fields(self, "world")
         if self.n_subjects < 2:
             raise SpecError(f"n_subjects must be >= 2, got {self.n_subjects}")
         if not self.relations and not self.cyclic:
@@ -155,6 +160,12 @@ class WorldSpec:
                                 f"cannot be larger than the parent pool ({known[n.parent].n_objects})")
         if len(self.name_words) != 3 or any(w < 0 for w in self.name_words) or sum(self.name_words) <= 0:
             raise SpecError("name_words must be three non-negative shares for 1-, 2- and 3-word names")
+        if abs(sum(self.name_words) - 1.0) > 1e-6:
+            raise SpecError(f"name_words are the shares of 1-, 2- and 3-word names and must sum to 1, "
+                            f"got {list(self.name_words)} (sum {sum(self.name_words):g})")
+        if self.n_facts > MAX_FACTS:
+            raise SpecError(f"the world would have {self.n_facts:,} facts, beyond the limit of {MAX_FACTS:,} "
+                            f"(lower n_subjects or the number of relations)")
         lo, hi = self.syllables
         if not 1 <= lo <= hi <= 4:
             raise SpecError(f"syllables must satisfy 1 <= min <= max <= 4, got {self.syllables}")
@@ -188,6 +199,13 @@ class WorldSpec:
         if not 1 <= self.exposure_max <= 1000 or self.exposure_zipf_s <= 0:
             raise SpecError(f"exposure_max must be in [1, 1000] and exposure_zipf_s > 0, got {self.exposure_max} "
                             f"and {self.exposure_zipf_s}")
+
+    @property
+    def n_facts(self) -> int:
+        """Facts the spec implies: subjects x relations, nested parent objects, ring entities x hops x 2."""
+        nested = sum(r.n_objects for n in self.nested for r in self.relations if r.name == n.parent)
+        rings = sum(c.n_entities * 2 * len(c.hops) for c in self.cyclic)
+        return self.n_subjects * len(self.relations) + nested + rings
 
     @property
     def relation_names(self) -> list[str]:

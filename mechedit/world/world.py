@@ -296,7 +296,7 @@ class World:
                 rings={k: tuple(v) for k, v in d.get("rings", {}).items()},
                 stage2_subjects=tuple(d.get("stage2_subjects", ())),
             )
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"corrupt world.json (missing or bad field {exc})") from None
 
     def save(self, directory: str | Path) -> Path:
