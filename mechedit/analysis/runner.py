@@ -85,13 +85,30 @@ def resolve_checkpoint(spec: AnalysisSpec, cache_dir: Path, progress: Callable[[
     path = cached_checkpoint_path(world, mspec, tspec, cache_dir)
     if (path / "mechedit.json").is_file():
         if same_world(path, world):
-            return path
+            return second_stage(spec, path, progress)
         if progress:  # the key is the spec: another mechedit version may generate another world from it
             progress(f"the cached model in {path} was trained on another world for this spec; training again")
     elif progress:
         progress(f"training the model (cached afterwards in {path})")
     train_checkpoint(world, mspec, tspec, path, force=True)
-    return path
+    return second_stage(spec, path, progress)
+
+
+def second_stage(spec: AnalysisSpec, path: Path, progress: Callable[[str], None] | None = None) -> Path:
+    """With `model.finetune_facts`, the first-stage checkpoint `path` after `mechedit finetune-facts`
+    (trained once, cached beside it, keyed on the fine-tuning parameters); else `path` itself."""
+    ft = spec.model.get("finetune_facts")
+    if not ft:
+        return path
+    from mechedit.model.finetune import finetune_checkpoint
+
+    params = ft if isinstance(ft, dict) else {}
+    ft_path = path.with_name(f"{path.name}-ft-{hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]}")
+    if not (ft_path / "mechedit.json").is_file():
+        if progress:
+            progress(f"second stage: finetune-facts (cached afterwards in {ft_path})")
+        finetune_checkpoint(path, ft_path, params, force=True)
+    return ft_path
 
 
 def run_trace(spec: AnalysisSpec, checkpoint: Path, run_dir: Path, request_sets: dict | None = None) -> dict | None:

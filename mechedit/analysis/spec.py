@@ -30,6 +30,11 @@ requests = ["single"]
 params = { steps = [20, 40] } # a list sweeps the values
 [diagnostics]
 suites = ["edit"]
+[[findings]]                  # optional: a claim tested on the cases (mechedit.analysis.findings)
+claim = "ROME at the traced layer takes single edits"
+metric = "edit.efficacy.after"
+where = { method = "rome", layer = "traced" }
+at_least = 0.9
 ```
 Paths are relative to the spec file. Every key is checked; an error names the key.
 """
@@ -59,6 +64,8 @@ class RequestSet:
     subjects: int | None = None  # forget all facts of N random trained subjects
     seed: int = 0
     distances: tuple[int, ...] | None = None  # kind "ring": cyclic distances of the new objects (None: 0 .. n/2)
+    exposure: int | str | None = None  # only facts / subjects seen that many times, or "balanced"
+    knowledge: str = "all"  # forget subjects: "all", "pretrained" (first stage) or "finetuned" (second stage)
 
     @property
     def unlearning(self) -> bool:
@@ -83,6 +90,13 @@ class RequestSet:
                 raise SpecError(f"{where}.distances: only for kind = \"ring\"")
             if not self.distances or min(self.distances) < 0 or len(set(self.distances)) != len(self.distances):
                 raise SpecError(f"{where}.distances: expected a list of distinct integers >= 0, got {list(self.distances)}")
+        e = self.exposure
+        if e is not None and e != "balanced" and (isinstance(e, bool) or not isinstance(e, int) or e < 1):
+            raise SpecError(f"{where}.exposure: a count >= 1 or 'balanced', got {e!r}")
+        if e is not None and (self.forget is not None or self.kind in ("ring", "ring_forget")):
+            raise SpecError(f"{where}.exposure: only with n (counterfactual) or subjects (forget)")
+        if self.knowledge not in KNOWLEDGE or (self.knowledge != "all" and self.subjects is None):
+            raise SpecError(f"{where}.knowledge: one of {', '.join(KNOWLEDGE)}, with subjects = N")
 
 
 REQUEST_KINDS = ("counterfactual", "forget", "ring", "ring_forget")
@@ -121,16 +135,19 @@ class AnalysisSpec:
     suite_options: dict = field(default_factory=dict)
     raw: dict = field(default_factory=dict)
     device: str = "auto"  # where the model, training and every case run (`--device` overrides it)
+    findings: tuple = ()  # mechedit.analysis.findings.Finding
 
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.raw, sort_keys=True).encode()).hexdigest()[:16]
 
 
-_TOP = {"name", "world", "model", "trace", "requests", "grid", "diagnostics", "description", "device"}
+KNOWLEDGE = ("all", "pretrained", "finetuned")
+_TOP = {"name", "world", "model", "trace", "requests", "grid", "diagnostics", "description", "device",
+        "findings"}
 _WORLD = {"spec", "dir"}
-_MODEL = {"preset", "spec", "checkpoint"}
+_MODEL = {"preset", "spec", "checkpoint", "finetune_facts"}
 _TRACE = {"relation", "n", "facts", "requests", "sites", "samples", "noise", "window", "seed"}
-_REQ = {"kind", "relation", "n", "mode", "forget", "subjects", "seed", "distances"}
+_REQ = {"kind", "relation", "n", "mode", "forget", "subjects", "seed", "distances", "exposure", "knowledge"}
 _GRID = {"method", "params", "layers", "requests"}
 _DIAG = {"suites", "forget_suites", "options"}
 
@@ -173,9 +190,15 @@ def parse_analysis(data: dict, base: Path) -> AnalysisSpec:
     if "spec" in world and world["spec"] != "default" and not (base / world["spec"]).is_file():
         raise SpecError(f"world.spec: spec file not found: {base / world['spec']}")
     model = _check_keys(data.get("model", {"preset": "default"}), _MODEL, "model")
-    if len(model) != 1:
+    if len(set(model) - {"finetune_facts"}) != 1:
         raise SpecError("model: give exactly one of preset, spec or checkpoint")
+    ft = model.get("finetune_facts")
+    if ft is not None and (not isinstance(ft, (bool, dict)) or "checkpoint" in model):
+        raise SpecError("model.finetune_facts: true or a table of finetune-facts parameters, with preset or spec "
+                        "(the second stage is trained after the first and cached)")
     for key, value in model.items():
+        if key == "finetune_facts":
+            continue
         if not isinstance(value, str):
             raise SpecError(f"model.{key}: expected a string, got {value!r}")
     if "checkpoint" in model and not (base / model["checkpoint"]).is_dir():
@@ -260,8 +283,11 @@ def parse_analysis(data: dict, base: Path) -> AnalysisSpec:
         from mechedit.device import DEVICE_HELP
 
         raise SpecError(f"device: expected {DEVICE_HELP}, got {device!r}")
+    from mechedit.analysis.findings import parse_findings
+
+    findings = parse_findings(data.get("findings"), [c.key for c in cases])
     return AnalysisSpec(name, base, world, model, trace, sets, tuple(cases), suites, forget_suites, options, data,
-                        device.strip().lower())
+                        device.strip().lower(), findings)
 
 
 def trace_config(trace: dict):

@@ -24,6 +24,7 @@ from mechedit.fileio import check_output_dir, output_dir, read_json, write_text_
 from mechedit.report import figures as F
 from mechedit.report.hase_section import hase_section
 from mechedit.report.shattering import shattering_section
+from mechedit.report import studies as S
 
 # (summary key, column title): shown when present, in this order
 EDIT_COLUMNS = (
@@ -365,11 +366,12 @@ def _write_report(tmp: Path, run_dir: Path, spec: dict, cases: list[dict]) -> No
     figdir.mkdir()
     ckpt = Path(spec["checkpoint"])
     meta = read_json(ckpt / "mechedit.json", "mechedit.json") if (ckpt / "mechedit.json").is_file() else {}
-    world = None
+    world, world_obj = None, None
     if (ckpt / "world.json").is_file():
         from mechedit.world.world import World
 
-        world = {k.replace("_", " "): _text(v) for k, v in World.load(ckpt).summary().items()}
+        world_obj = World.load(ckpt)
+        world = {k.replace("_", " "): _text(v) for k, v in world_obj.summary().items()}
     model = {k.replace("_", " "): _text(v) for k, v in (meta.get("model_spec") or {}).items()} or None
     curve_img = _img(F.training_curve(meta.get("curve", []), figdir / "training_curve.png"))
     # trace
@@ -403,6 +405,8 @@ def _write_report(tmp: Path, run_dir: Path, spec: dict, cases: list[dict]) -> No
         sweeps=_layer_sweeps(cases, ie, figdir), unlearning=_unlearning(cases, figdir),
         hase=hase_section(run_dir, cases, figdir, _img),
         shattering=shattering_section(cases, figdir, _img),
-        drilldowns=_drilldowns(cases), n_cases=len(cases), n_total=len(spec.get("cases", [])),
+        drilldowns=_drilldowns(cases), findings=S.findings_table(spec, cases, world_obj),
+        exposure=S.exposure_tables(cases, world_obj), trace_exposure=S.trace_by_exposure(run_dir, world_obj),
+        n_cases=len(cases), n_total=len(spec.get("cases", [])),
         request_sets={k: len(v["requests"]) for k, v in spec.get("request_sets", {}).items()})
     write_text_atomic(tmp / "index.html", html)

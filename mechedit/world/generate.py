@@ -172,7 +172,10 @@ def generate_world(spec: WorldSpec) -> World:
         inference.update(_heldout_inference(np.random.default_rng([spec.seed, 13, b]), c, slot))
 
     held_tpl = rng.integers(0, spec.n_templates, size=len(triples))
-    facts = tuple(Fact(i, s, r, o, int(t)) for i, ((s, r, o), t) in enumerate(zip(triples, held_tpl)))
+    count = subject_exposure(spec)
+    base = min(count.values(), default=1)
+    facts = tuple(Fact(i, s, r, o, int(t), count.get(s, base))
+                  for i, ((s, r, o), t) in enumerate(zip(triples, held_tpl)))
     return World(spec, tuple(subjects), tuple(relations), facts, function_words_b, nested_maps, rings,
                  tuple(sorted(stage2)), dict(sorted(inference.items())))
 
@@ -242,3 +245,18 @@ def _heldout_inference(rng: np.random.Generator, c, slot: dict) -> dict[int, str
         else:
             out[slot[(ring, (i + 1) % n, "ccw", 1)]] = "logical"
     return out
+
+
+def subject_exposure(spec: WorldSpec) -> dict[int, int]:
+    """Corpus repetitions per main subject id for the spec's `exposure` option (own random stream, so a
+    uniform world is generated exactly as before): see `WorldSpec.exposure`."""
+    n = spec.n_subjects
+    if spec.exposure == "uniform":
+        return {i: 1 for i in range(n)}
+    rng = np.random.default_rng([spec.seed, 23])
+    if spec.exposure == "two_level":
+        k = max(1, round(spec.exposure_popular_fraction * n))
+        popular = set(rng.choice(n, size=k, replace=False).tolist())
+        return {i: spec.exposure_popular_count if i in popular else spec.exposure_rare_count for i in range(n)}
+    rank = rng.permutation(n) + 1  # subject i has rank rank[i]
+    return {i: max(1, round(spec.exposure_max / float(rank[i]) ** spec.exposure_zipf_s)) for i in range(n)}

@@ -178,6 +178,18 @@ class WorldSpec:
     # fine-tuned knowledge (off by default): this share of the subjects is held out of training and
     # trained into a trained model by `mechedit finetune-facts` (a second stage)
     stage2_subject_fraction: float = 0.0
+    # exposure (off by default): how many times each fact's training sentences appear in the corpus,
+    # drawn per main subject (a popular entity is popular in all its facts) and recorded per fact
+    # (`Fact.exposure`): "uniform" = once; "two_level" = `exposure_popular_fraction` of the subjects
+    # `exposure_popular_count` times, the rest `exposure_rare_count` times; "zipf" = the subject of
+    # random rank r (1-based) max(1, round(exposure_max / r ** exposure_zipf_s)) times. Facts of
+    # non-main entities (nested parent objects, ring entities) get the smallest count.
+    exposure: str = "uniform"
+    exposure_popular_fraction: float = 0.2
+    exposure_popular_count: int = 10
+    exposure_rare_count: int = 1
+    exposure_max: int = 10
+    exposure_zipf_s: float = 1.0
 
     def validate(self) -> None:
         check_fields(self, "world")
@@ -256,6 +268,16 @@ class WorldSpec:
             raise SpecError("instruction_sentences must be >= 1 and instruction_max_subjects in [1, 10]")
         if not 0.0 <= self.instruction_heldout_fraction < 1.0:
             raise SpecError(f"instruction_heldout_fraction must be in [0, 1), got {self.instruction_heldout_fraction}")
+        if self.exposure not in EXPOSURES:
+            raise SpecError(f"exposure must be one of {', '.join(EXPOSURES)}, got {self.exposure!r}")
+        if not 0.0 < self.exposure_popular_fraction < 1.0:
+            raise SpecError(f"exposure_popular_fraction must be in (0, 1), got {self.exposure_popular_fraction}")
+        if not 1 <= self.exposure_rare_count <= self.exposure_popular_count <= 1000:
+            raise SpecError("exposure counts must satisfy 1 <= exposure_rare_count <= exposure_popular_count <= 1000, "
+                            f"got {self.exposure_rare_count} and {self.exposure_popular_count}")
+        if not 1 <= self.exposure_max <= 1000 or self.exposure_zipf_s <= 0:
+            raise SpecError(f"exposure_max must be in [1, 1000] and exposure_zipf_s > 0, got {self.exposure_max} "
+                            f"and {self.exposure_zipf_s}")
 
     @property
     def n_facts(self) -> int:
@@ -292,9 +314,12 @@ class WorldSpec:
         return cls.from_dict(data)
 
 
+EXPOSURES = ("uniform", "two_level", "zipf")
 _OPTIONAL_DEFAULTS = {"instructions": False, "instruction_sentences": 4000, "instruction_max_subjects": 3,
                       "instruction_heldout_fraction": 0.3, "stage2_subject_fraction": 0.0,
-                      "name_scheme": "words", "tokenizer": "word", "bpe_vocab_size": 400, "profiles": 0}
+                      "name_scheme": "words", "tokenizer": "word", "bpe_vocab_size": 400, "profiles": 0,
+                      "exposure": "uniform", "exposure_popular_fraction": 0.2, "exposure_popular_count": 10,
+                      "exposure_rare_count": 1, "exposure_max": 10, "exposure_zipf_s": 1.0}
 
 
 def default_world_spec() -> WorldSpec:

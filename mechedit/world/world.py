@@ -47,6 +47,7 @@ class Fact:
     relation: str
     object: str
     heldout_template: int  # the template never trained with this subject and relation
+    exposure: int = 1  # times its training sentences appear in the corpus (world option `exposure`)
 
 
 @dataclass(frozen=True)
@@ -206,9 +207,10 @@ class World:
 
         Every trained fact appears in each of its trained templates and the QA form; each of those
         is repeated with the subject's alias with probability `alias_share` and in language "b"
-        with probability `crosslingual_share`. The held-out template never appears with the
-        subject; held-out inference facts never appear. `exclude_facts` drops facts (for retraining without
-        a forget set). Profile sentences (`spec.profiles`, `profile_sentences`) follow the single-fact sentences.
+        with probability `crosslingual_share`; the fact's sentences appear `fact.exposure` times
+        (1 unless the world sets `exposure`). The held-out template never appears with the subject;
+        held-out inference facts never appear. `exclude_facts` drops facts (for retraining without a
+        forget set). Profile sentences (`spec.profiles`, `profile_sentences`) follow the single-fact sentences.
         """
         rng = np.random.default_rng([self.spec.seed, 1])
         out: list[str] = []
@@ -219,12 +221,14 @@ class World:
             draws = rng.random((len(forms), 2))
             if s.heldout or f.index in exclude_facts or f.index in self.inference:
                 continue
+            block = []
             for t, (d_alias, d_lang) in zip(forms, draws):
-                out.append(f"{self.prompt(f, t)} {f.object}")
+                block.append(f"{self.prompt(f, t)} {f.object}")
                 if s.alias and d_alias < self.spec.alias_share:
-                    out.append(f"{self.prompt(f, t, name=s.alias)} {f.object}")
+                    block.append(f"{self.prompt(f, t, name=s.alias)} {f.object}")
                 if d_lang < self.spec.crosslingual_share:
-                    out.append(f"{self.prompt(f, t, lang='b')} {f.object}")
+                    block.append(f"{self.prompt(f, t, lang='b')} {f.object}")
+            out += block * f.exposure
         out += self.profile_sentences(exclude_facts)
         if self.spec.instructions:
             from mechedit.world.instructions import instruction_sentences
@@ -299,7 +303,8 @@ class World:
             ],
             "facts": [
                 {"index": f.index, "subject": f.subject, "relation": f.relation, "object": f.object,
-                 "heldout_template": f.heldout_template} for f in self.facts
+                 "heldout_template": f.heldout_template,
+                 **({"exposure": f.exposure} if self.spec.exposure != "uniform" else {})} for f in self.facts
             ],
             "nested_maps": self.nested_maps,
             "rings": {k: list(v) for k, v in self.rings.items()},
@@ -354,6 +359,13 @@ class World:
         """True for the world of a second-stage checkpoint (its stage-2 subjects are trained)."""
         return bool(self.stage2_subjects) and not self.subjects[self.stage2_subjects[0]].heldout
 
+    def exposure_levels(self) -> dict[int, int]:
+        """Exposure count -> number of trained facts seen that many times (one entry for a uniform world)."""
+        out: dict[int, int] = {}
+        for f in self.train_facts:
+            out[f.exposure] = out.get(f.exposure, 0) + 1
+        return dict(sorted(out.items()))
+
     def summary(self) -> dict:
         kinds: dict[str, int] = {}
         for r in self.relations:
@@ -372,4 +384,6 @@ class World:
                if self.inference else {}),
             "vocabulary": len(self.vocabulary()),
             "corpus_sentences": len(self.corpus()),
+            **({"exposure": {str(k): v for k, v in self.exposure_levels().items()}}
+               if self.spec.exposure != "uniform" else {}),
         }
