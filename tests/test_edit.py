@@ -350,3 +350,48 @@ def test_joint_edit_equals_weight_edit(tiny_bundle):
     assert not torch.allclose(fast, plain, atol=1e-3)
     torch.testing.assert_close(fast, edited, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(hf, edited, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method,params", [
+    ("rome", {"layer": 0, "restarts": 0}),  # through the rank-one edit, block 0 cached
+    ("rome", {"layer": 0, "restarts": 2, "restart_nll": 0.0}),  # restarts: several starts in one search
+    ("rome", {"layer": 0, "restarts": 0, "through_edit": False, "n_prefixes": 2}),  # at the subject token
+    ("rome", {"layer": 1, "restarts": 0}),  # the last block cached: the logits read off its output
+    ("memit", {"layer": [0], "precision": "float32"}),  # the joint edit (through the solve)
+    ("memit", {"layer": [0], "precision": "float32", "through_edit": False}),  # at the subject token
+])
+def test_fast_target_search_equals_the_hf_reference(tiny_bundle, method, params):
+    """The fast path of the target search (FastNeoX, block `layer` run once and moved by the edit's
+    term) finds the same deltas as the same search through the HF modules and a hook (engine="hf"),
+    step for step: same number of steps, same final NLL, same weight change within fp32 rounding."""
+    reqs = [_request(tiny_bundle.world, k) for k in range(2 if method == "memit" else 1)]
+    res = {e: run_method(tiny_bundle, reqs, method, steps=12, engine=e, **params) for e in ("fast", "hf")}
+    infos = {e: r.info["per_request"] if method == "rome" else [r.info] for e, r in res.items()}
+    for a, b in zip(infos["fast"], infos["hf"]):
+        assert a["steps"] == b["steps"] and a.get("restart") == b.get("restart")
+        assert a["nll_last"] == pytest.approx(b["nll_last"], rel=1e-3, abs=1e-5)
+        assert a["nll_first"] == pytest.approx(b["nll_first"], rel=1e-4, abs=1e-6)
+    for name, d in res["hf"].deltas.items():
+        assert float(d.abs().max()) > 0
+        torch.testing.assert_close(res["fast"].deltas[name], d, rtol=1e-3, atol=1e-3 * float(d.abs().max()))
+
+
+def test_fast_joint_search_with_several_starts_equals_the_hf_reference(tiny_bundle):
+    """optimize_targets with a joint edit and several starts ([starts, n, d] init): each start's rows
+    use that start's deltas, on the fast path (cached block) as through the HF hook."""
+    from mechedit.edit.common import optimize_targets
+
+    model = tiny_bundle.model
+    reqs = [_request(tiny_bundle.world, k) for k in range(2)]
+    batch = build_batch(tiny_bundle, reqs, [""])
+    g = torch.Generator().manual_seed(1)
+    d_mlp = model.gpt_neox.layers[0].mlp.dense_4h_to_h.in_features
+    U = torch.randn(2, d_mlp, generator=g, dtype=torch.float64) * 1e-2
+    init = torch.randn(3, 2, model.config.hidden_size, generator=g, dtype=torch.float64)
+    opts = dict(clamp=torch.tensor([50.0]), lr=0.05, steps=6, kl_weight=0.0, weight_decay=0.0,
+                ref_norm=torch.tensor([5.0]), stop_loss=0.0, joint_u=U, init=init)
+    fast = optimize_targets(model, batch, None, 0, 2, engine="fast", **opts)
+    hf = optimize_targets(model, batch, None, 0, 2, engine="hf", **opts)
+    assert [i["nll_last"] for i in fast[1]] == pytest.approx([i["nll_last"] for i in hf[1]], rel=1e-4)
+    assert len({round(i["nll_last"], 3) for i in hf[1]}) == 3  # the starts took different paths
+    torch.testing.assert_close(fast[0], hf[0], rtol=1e-4, atol=1e-5)

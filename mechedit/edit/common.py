@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -391,6 +392,41 @@ class _HFPath:
         return logits[torch.arange(len(pos), device=pos.device), pos]
 
 
+def _block_and_keys(fx, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block `layer` of FastNeoX on the stream x entering it, unedited: (its output [B, T, d], the
+    MLP keys [B, T, d_mlp]). The target search's edits only add to that MLP's output and never change
+    its keys, so one run serves every step."""
+    store = {}
+
+    def grab(j, k, out, pos):
+        store["k"] = k
+        return out
+
+    return fx.block(layer, x, mlp_edit=grab), store["k"]
+
+
+def _edit_term(keys: torch.Tensor, subj: torch.Tensor, owner: torch.Tensor, n: int, starts: int, *,
+               rank_one_u: torch.Tensor | None, joint_u: torch.Tensor | None) -> Callable:
+    """delta -> what the search's edit adds to block `layer`'s output [B, T, d], from the keys of the
+    unedited block: `at_subject_edit`, `rank_one_edit` or `linear_edit` (the same three cases, in the
+    same roles) with the key-dependent coefficients computed once, in fp32.
+
+    Every one of those edits is linear in delta, out + coef(k) . delta[row's owners], and the keys do
+    not depend on delta, so block `layer` itself need not be rerun at every step."""
+    k = keys.float()
+    if joint_u is not None:
+        coef = k @ joint_u.T.to(k.dtype)  # [B, T, n]: u_i . k of every request i at every position
+        if starts == 1:
+            return lambda d: coef @ d.to(coef.dtype)
+        return lambda d: torch.einsum("btn,bnd->btd", coef, d.view(-1, n, d.shape[-1])[owner // n].to(coef.dtype))
+    if rank_one_u is not None:
+        coef = torch.einsum("btd,bd->bt", k, rank_one_u.repeat(starts, 1)[owner].to(k.dtype))  # [B, T]
+    else:
+        coef = (torch.arange(k.shape[1], device=k.device).unsqueeze(0) == subj.unsqueeze(1)).to(k.dtype)
+    coef = coef.unsqueeze(-1)
+    return lambda d: coef * d[owner].unsqueeze(1).to(coef.dtype)
+
+
 def _optimise_delta(model, batch, essence, layer, n_requests, starts, *, kl_weight, steps, lr, clamp,
                     weight_decay, ref_norm, stop_loss, rank_one_u, joint_u, init, engine="fast", precision="float32",
                     first_wins=False):
@@ -410,12 +446,19 @@ def _optimise_delta(model, batch, essence, layer, n_requests, starts, *, kl_weig
     is_edit = (torch.arange(len(ids), device=dev) % per) < nb
     start_of = torch.arange(len(ids), device=dev) // per
     target = batch.answers()[2].repeat(R)  # the token each edit row predicts
+    cached = engine == "fast"  # block `layer` once, then its output moved by the edit's term (`_edit_term`)
     with torch.no_grad():
         x_in = fx.resid_at(ids, layer)  # the stream entering `layer`: no edit reaches it
+        if cached:
+            with autocast:
+                x_out, keys = _block_and_keys(fx, layer, x_in)
+            x_in, start = x_out.float(), layer + 1
+        else:
+            start = layer
         p_orig = None
         if use_kl:
             with autocast:  # the same arithmetic as the search, so the KL starts at 0
-                lo = fx.logits_at(ids, pos, x=x_in, start_block=layer)
+                lo = fx.logits_at(ids, pos, x=x_in, start_block=start)
             p_orig = torch.log_softmax(lo[~is_edit].float(), -1)
     delta = (torch.zeros(R * n, d_model, dtype=dtype, device=dev) if init is None
              else init.reshape(R * n, -1).to(dev, dtype).clone())
@@ -431,6 +474,8 @@ def _optimise_delta(model, batch, essence, layer, n_requests, starts, *, kl_weig
         make = lambda d: rank_one_edit(layer, d, u_r, owner)  # noqa: E731
     else:
         make = lambda d: at_subject_edit(layer, d, subj, owner)  # noqa: E731
+    if cached:
+        term = _edit_term(keys, subj, owner, n, R, rank_one_u=rank_one_u, joint_u=joint_u)
     edit_rows = torch.nonzero(is_edit).flatten()
     edit_owner = owner[is_edit]
     ess_start = start_of[~is_edit]
@@ -439,7 +484,10 @@ def _optimise_delta(model, batch, essence, layer, n_requests, starts, *, kl_weig
     history: list[list[float]] = [[] for _ in range(R)]
     for step in range(steps):
         with autocast:
-            logits = fx.logits_at(ids, pos, x=x_in, start_block=layer, mlp_edit=make(delta))  # [rows, vocab]
+            if cached:
+                logits = fx.logits_at(ids, pos, x=x_in + term(delta), start_block=start)  # [rows, vocab]
+            else:
+                logits = fx.logits_at(ids, pos, x=x_in, start_block=layer, mlp_edit=make(delta))
         logp = torch.log_softmax(logits.float(), -1)
         nll_rows = -logp[edit_rows, target]
         nll = _mean_by_owner(nll_rows.unsqueeze(1), edit_owner, R * n).squeeze(1).view(R, n)  # [starts, n]
