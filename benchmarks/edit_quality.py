@@ -11,6 +11,7 @@ now answer the NEW object), the same for any shared name word, and how many edit
 siblings (`_n_edits`; the means are over those edits).
 
     python benchmarks/edit_quality.py runs/model [--layer N|traced] [--n-single 50] [--n-batch 100]
+        [--precision float32|bfloat16|auto]
 """
 from __future__ import annotations
 
@@ -102,6 +103,8 @@ def main() -> None:
     ap.add_argument("--n-lora", type=int, default=20)
     ap.add_argument("--n-batch", type=int, default=100)
     ap.add_argument("--only", default="rome,memit,alphaedit,lora,lora_rank")
+    ap.add_argument("--precision", default=None, choices=("float32", "bfloat16", "auto"),
+                    help="the target search's precision for ROME and MEMIT (default: each method's own)")
     ap.add_argument("--seq-seeds", default="2", help="request seeds of the sequential rows (one row each)")
     args = ap.parse_args()
     torch.set_num_threads(1)  # small models: threading overhead dominates on a shared machine
@@ -113,14 +116,15 @@ def main() -> None:
         layer = int(locate_for(bundle, n=50, seed=0).layer)
     print(json.dumps({"checkpoint": args.checkpoint, "edit_layer": layer, "layer_source": args.layer}), flush=True)
     opts = {"n_unrelated": 200, "n_retain": 200}
+    prec = {} if args.precision is None else {"precision": args.precision}
     only = args.only.split(",")
     if "rome" in only:
-        print(json.dumps(singles(bundle, random_requests(bundle.world, args.n_single, 1), "rome", {"layer": layer},
+        print(json.dumps(singles(bundle, random_requests(bundle.world, args.n_single, 1), "rome", {"layer": layer, **prec},
                                  opts)), flush=True)
     breqs = random_requests(bundle.world, args.n_batch, 2)
     for m in ("memit", "alphaedit"):
         if m in only:
-            print(json.dumps(batch(bundle, breqs, m, {}, opts)), flush=True)
+            print(json.dumps(batch(bundle, breqs, m, prec if m == "memit" else {}, opts)), flush=True)
     for m in ("grace", "wise", "rome", "memit", "alphaedit"):
         for seed in [int(x) for x in args.seq_seeds.split(",")] if f"{m}_seq" in only else []:
             sreqs = random_requests(bundle.world, args.n_batch, seed)  # seed 2: the batch rows' requests

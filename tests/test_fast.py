@@ -105,16 +105,46 @@ def _requests(world, n):
 @pytest.mark.parametrize("method, params", [
     ("rome", {"layer": 0, "steps": 15, "restarts": 2, "restart_nll": 10.0}),
     ("rome", {"layer": 0, "steps": 10, "restarts": 0, "through_edit": False}),
+    ("rome", {"layer": 1, "steps": 10, "restarts": 0}),  # the last block: logits read off its cached output
     ("memit", {"layer": [0], "steps": 10, "precision": "float32"}),
+    ("memit", {"layer": [0], "steps": 10, "precision": "float32", "through_edit": False}),
 ])
 def test_fast_target_search_equals_hf_modules(tiny_bundle, method, params):
-    """The editors give the same deltas on the fast path as through the HF modules (restarts included)."""
+    """The editors give the same deltas on the fast path (block `layer` run once per search and moved
+    by the edit's term) as through the HF modules (restarts included), step for step."""
     reqs = _requests(tiny_bundle.world, 1 if method == "rome" else 3)
     fast = run_method(tiny_bundle, reqs, method, **params)
     slow = run_method(tiny_bundle, reqs, method, engine="hf", **params)
+    infos = [(a, b) for a, b in zip(fast.info["per_request"], slow.info["per_request"])] if method == "rome" \
+        else [(fast.info, slow.info)]
+    for a, b in infos:
+        assert a["steps"] == b["steps"] and a.get("restart") == b.get("restart")
+        assert a["nll_first"] == pytest.approx(b["nll_first"], rel=1e-4, abs=1e-6)
+        assert a["nll_last"] == pytest.approx(b["nll_last"], rel=1e-3, abs=1e-5)
     for name, d in fast.deltas.items():
         assert float(d.abs().max()) > 0
         torch.testing.assert_close(d, slow.deltas[name], atol=1e-4 * float(d.abs().max()), rtol=1e-3)
+
+
+def test_fast_joint_search_with_several_starts_equals_the_hf_reference(tiny_bundle):
+    """optimize_targets with a joint edit and several starts ([starts, n, d] init): each start's rows
+    use that start's deltas, on the fast path (cached block) as through the HF hook."""
+    from mechedit.edit.common import build_batch, optimize_targets
+
+    model = tiny_bundle.model
+    reqs = _requests(tiny_bundle.world, 2)
+    batch = build_batch(tiny_bundle, reqs, [""])
+    g = torch.Generator().manual_seed(1)
+    d_mlp = model.gpt_neox.layers[0].mlp.dense_4h_to_h.in_features
+    U = torch.randn(2, d_mlp, generator=g, dtype=torch.float64) * 1e-2
+    init = torch.randn(3, 2, model.config.hidden_size, generator=g, dtype=torch.float64)
+    opts = dict(clamp=torch.tensor([50.0]), lr=0.05, steps=6, kl_weight=0.0, weight_decay=0.0,
+                ref_norm=torch.tensor([5.0]), stop_loss=0.0, joint_u=U, init=init)
+    fast = optimize_targets(model, batch, None, 0, 2, engine="fast", **opts)
+    hf = optimize_targets(model, batch, None, 0, 2, engine="hf", **opts)
+    assert [i["nll_last"] for i in fast[1]] == pytest.approx([i["nll_last"] for i in hf[1]], rel=1e-4)
+    assert len({round(i["nll_last"], 3) for i in hf[1]}) == 3  # the starts took different paths
+    torch.testing.assert_close(fast[0], hf[0], rtol=1e-4, atol=1e-5)
 
 
 def test_batched_starts_equal_separate_searches(tiny_bundle):
