@@ -392,6 +392,21 @@ class _HFPath:
         return logits[torch.arange(len(pos), device=pos.device), pos]
 
 
+def _unique_essence(ids, pos, subj, owner, nb: int):
+    """Each distinct essence row once (after the nb edit rows), with how often it occurs [n_unique].
+
+    Only for an edit that is the same for every row (the joint edit of one start, `linear_edit`
+    without owners): identical token rows then have identical logits and KL, so the search's loss is
+    the same with each counted by its multiplicity. (Requests of one subject share its other facts.)"""
+    ess = ids[nb:]
+    uniq, inv, counts = torch.unique(ess, dim=0, return_inverse=True, return_counts=True)
+    first = torch.full((len(uniq),), len(ess), dtype=torch.long, device=ids.device)
+    first = first.scatter_reduce(0, inv, torch.arange(len(ess), device=ids.device), "amin")
+    order = torch.argsort(first)
+    keep = torch.cat([torch.arange(nb, device=ids.device), nb + first[order]])
+    return ids[keep], pos[keep], subj[keep], owner[keep], counts[order].float()
+
+
 def _block_and_keys(fx, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Block `layer` of FastNeoX on the stream x entering it, unedited: (its output [B, T, d], the
     MLP keys [B, T, d_mlp]). The target search's edits only add to that MLP's output and never change
@@ -441,12 +456,15 @@ def _optimise_delta(model, batch, essence, layer, n_requests, starts, *, kl_weig
     R, n = starts, n_requests
     use_kl = essence is not None and kl_weight > 0
     ids, pos, subj, owner, nb, ne = _joint_rows(batch, essence if use_kl else None, R, n, model.config.pad_token_id or 0)
-    per = nb + ne  # rows of one start
+    cached = engine == "fast"  # block `layer` once, then its output moved by the edit's term (`_edit_term`)
+    ess_count = None
+    if cached and joint_u is not None and R == 1 and ne:
+        ids, pos, subj, owner, ess_count = _unique_essence(ids, pos, subj, owner, nb)
+    per = len(ids) // R  # rows of one start
     dev = model.device
     is_edit = (torch.arange(len(ids), device=dev) % per) < nb
     start_of = torch.arange(len(ids), device=dev) // per
     target = batch.answers()[2].repeat(R)  # the token each edit row predicts
-    cached = engine == "fast"  # block `layer` once, then its output moved by the edit's term (`_edit_term`)
     with torch.no_grad():
         x_in = fx.resid_at(ids, layer)  # the stream entering `layer`: no edit reaches it
         if cached:
@@ -494,6 +512,8 @@ def _optimise_delta(model, batch, essence, layer, n_requests, starts, *, kl_weig
         loss = nll.mean(1)  # [starts]
         if use_kl:
             kl_rows = torch.nn.functional.kl_div(logp[~is_edit], p_orig, log_target=True, reduction="none").sum(-1)
+            if ess_count is not None:
+                kl_rows = kl_rows * ess_count
             loss = loss + kl_weight * torch.zeros(R, device=dev).index_add_(0, ess_start, kl_rows) / ne
         wd = (delta.norm(dim=1) ** 2 / ref_r ** 2).view(R, n).mean(1)
         loss = loss + weight_decay * wd

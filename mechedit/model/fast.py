@@ -41,6 +41,16 @@ class Setter:
     values: torch.Tensor  # [r, d_model]
 
 
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
+    """Scaled dot-product attention; on the CPU under bf16 autocast it runs in fp32 (and returns bf16):
+    the CPU's bf16 kernel is ~2x slower than fp32 on these short rows (measured: 860 rows of 9
+    tokens, 4 heads, forward + backward 60 vs 31 ms) and less exact. A GPU keeps its bf16 kernel."""
+    if q.dtype == torch.float32 or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, **kw)
+    with torch.autocast("cpu", enabled=False):
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kw).to(q.dtype)
+
+
 class FastNeoX:
     """A functional view of a `GPTNeoXForCausalLM` (no copy: weight changes show through at once)."""
 
@@ -110,16 +120,16 @@ class FastNeoX:
             q = self._rotate(q[rows, :, only].unsqueeze(2), cos[only][:, None, None], sin[only][:, None, None])
             n_keys = k.shape[2]
             mask = torch.arange(n_keys, device=h.device)[None, :] <= (start + only)[:, None]  # [B, keys]
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=self.scale)
+            a = _sdpa(q, k, v, attn_mask=mask[:, None, None, :], scale=self.scale)
             a = a.transpose(1, 2).reshape(B, 1, self.d_model)
         else:
             q = self._rotate(q, cos, sin)
             if past is None:
-                a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+                a = _sdpa(q, k, v, is_causal=True, scale=self.scale)
             else:
                 n_keys = k.shape[2]
                 mask = torch.arange(n_keys, device=h.device)[None, :] <= (start + torch.arange(T, device=h.device))[:, None]
-                a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+                a = _sdpa(q, k, v, attn_mask=mask, scale=self.scale)
             a = a.transpose(1, 2).reshape(B, T, self.d_model)
         return F.linear(a, att.dense.weight, att.dense.bias)
 
