@@ -11,7 +11,7 @@ now answer the NEW object), the same for any shared name word, and how many edit
 siblings (`_n_edits`; the means are over those edits).
 
     python benchmarks/edit_quality.py runs/model [--layer N|traced] [--n-single 50] [--n-batch 100]
-        [--precision float32|bfloat16|auto]
+        [--precision float32|bfloat16|auto] [--batch-seed 2]
 """
 from __future__ import annotations
 
@@ -105,6 +105,7 @@ def main() -> None:
     ap.add_argument("--only", default="rome,memit,alphaedit,lora,lora_rank")
     ap.add_argument("--precision", default=None, choices=("float32", "bfloat16", "auto"),
                     help="the target search's precision for ROME and MEMIT (default: each method's own)")
+    ap.add_argument("--batch-seed", type=int, default=2, help="request seed of the MEMIT / AlphaEdit batch rows")
     ap.add_argument("--seq-seeds", default="2", help="request seeds of the sequential rows (one row each)")
     args = ap.parse_args()
     torch.set_num_threads(1)  # small models: threading overhead dominates on a shared machine
@@ -121,7 +122,7 @@ def main() -> None:
     if "rome" in only:
         print(json.dumps(singles(bundle, random_requests(bundle.world, args.n_single, 1), "rome", {"layer": layer, **prec},
                                  opts)), flush=True)
-    breqs = random_requests(bundle.world, args.n_batch, 2)
+    breqs = random_requests(bundle.world, args.n_batch, args.batch_seed)
     for m in ("memit", "alphaedit"):
         if m in only:
             print(json.dumps(batch(bundle, breqs, m, prec if m == "memit" else {}, opts)), flush=True)

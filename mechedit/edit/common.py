@@ -294,9 +294,11 @@ def optimize_targets(model, batch: Batch, essence: Batch | None, layer: int, n_r
     `first_wins` ends the whole search as soon as one start reaches `stop_loss` (the others'
     infos then say how far they got).
 
-    Runs on `FastNeoX` (no module hooks): the residual stream entering `layer` is computed once,
-    and every step runs blocks layer.. with the MLP output and the unembedding at the answer
-    position only, edit and essence prompts in one batch. `engine="hf"` makes the same calls
+    Runs on `FastNeoX` (no module hooks): block `layer` runs once per search, unedited (every edit
+    here is linear in delta and leaves that MLP's keys alone, so a step adds coef(keys) . delta to
+    its output, `_edit_term`), and every step runs blocks layer+1.. with the MLP output and the
+    unembedding at the answer position only, edit and essence prompts in one batch (with a joint
+    edit of one start, each distinct essence prompt once, its KL counted by multiplicity). `engine="hf"` makes the same calls
     through the HF model with a forward hook (the reference of tests and benchmarks); a model with
     adaptors attached is always searched that way (their hooks are part of what it computes).
     `precision="bfloat16"` runs the forward and backward passes of the search under bf16 autocast
