@@ -1,7 +1,7 @@
 """bf16 inference against fp32: agreement and speed of scoring, causal tracing and a diagnose run.
 
 Everything runs in this one process on one checkpoint, fp32 and bf16 (autocast, `--precision
-bfloat16`) side by side, each timed --repeats times (the best run counts, as in timeit):
+bfloat16`) side by side, each timed --repeats times, interleaved (the best run counts, as in timeit):
 
 - scoring: every trained fact's cloze, paraphrase and QA prompts through `score_answers`; answer
   disagreements (recalled in one precision, not in the other), top-1 disagreements, max and mean
@@ -35,13 +35,15 @@ from mechedit.device import fast_bf16, use_precision
 PRECISIONS = ("float32", "bfloat16")
 
 
-def best_of(repeats: int, fn):
-    """(result of the last run, best seconds of `repeats` runs)."""
-    best, res = float("inf"), None
+def best_of(repeats: int, fn) -> tuple[dict, dict]:
+    """({precision: result}, {precision: best seconds}): `fn(precision)` run `repeats` times per
+    precision, the two interleaved so that a change of the machine's load hits both alike."""
+    res, best = {}, {p: float("inf") for p in PRECISIONS}
     for _ in range(repeats):
-        t = time.perf_counter()
-        res = fn()
-        best = min(best, time.perf_counter() - t)
+        for prec in PRECISIONS:
+            t = time.perf_counter()
+            res[prec] = fn(prec)
+            best[prec] = min(best[prec], time.perf_counter() - t)
     return res, best
 
 
@@ -51,10 +53,8 @@ def scoring(bundle, repeats: int) -> None:
     probes = bundle.world.probes(bundle.world.train_facts, ("cloze", "paraphrase", "qa"))
     prompts, answers = [p.prompt for p in probes], [p.answer for p in probes]
     score_answers(bundle.model, bundle.tokenizer, prompts[:64], answers[:64], precision="bfloat16")  # warm-up
-    res, secs = {}, {}
-    for prec in PRECISIONS:
-        res[prec], secs[prec] = best_of(repeats, lambda: score_answers(bundle.model, bundle.tokenizer, prompts,
-                                                                      answers, precision=prec))
+    res, secs = best_of(repeats, lambda prec: score_answers(bundle.model, bundle.tokenizer, prompts, answers,
+                                                            precision=prec))
     a, b = res["float32"], res["bfloat16"]
     d = np.abs(a.logprob - b.logprob)
     kinds = sorted({p.kind for p in probes})
@@ -75,9 +75,7 @@ def tracing(bundle, n_facts: int, repeats: int, seed: int) -> None:
 
     facts = select_facts(bundle.world, n=n_facts, seed=seed)
     trace(bundle, facts[:2], precision="bfloat16")  # warm-up
-    res, secs = {}, {}
-    for prec in PRECISIONS:
-        res[prec], secs[prec] = best_of(repeats, lambda: trace(bundle, facts, precision=prec, seed=seed))
+    res, secs = best_of(repeats, lambda prec: trace(bundle, facts, precision=prec, seed=seed))
     a, b = res["float32"], res["bfloat16"]
     print(f"tracing: {a.n_facts} facts ({len(a.skipped)} skipped), kinds {', '.join(a.kinds)}, "
           f"{a.config['samples']} noise samples")

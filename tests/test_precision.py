@@ -191,7 +191,21 @@ def test_cli_records_precision(tiny_bundle, tiny_checkpoint, tmp_path):
     assert fp32 != bf16  # the option reached the scores (the logprob figures move a little)
 
 
-def test_run_records_precision_and_refuses_to_mix(tiny_checkpoint, tmp_path):
+def test_run_records_precision_and_refuses_to_mix(tiny_checkpoint, tmp_path, monkeypatch):
+    import mechedit.analysis.runner as runner
+
+    real = runner.executor
+
+    def fresh_workers(name):  # each case as in a new worker process, which starts in fp32
+        run = real(name)
+
+        def go(cases, ctx, workers=None, **kw):
+            for c in cases:
+                use_precision("float32")
+                yield from run([c], ctx, workers, **kw)
+        return go
+
+    monkeypatch.setattr(runner, "executor", fresh_workers)
     spec = tmp_path / "a.json"
     spec.write_text(json.dumps({
         "name": "prec", "precision": "bfloat16", "model": {"checkpoint": str(tiny_checkpoint)},
@@ -202,6 +216,8 @@ def test_run_records_precision_and_refuses_to_mix(tiny_checkpoint, tmp_path):
     assert r.returncode == 0, r.stderr
     rec = json.loads((tmp_path / "run" / "spec.json").read_text())
     assert rec["precision"]["asked"] == "bfloat16" and rec["precision"]["scoring"] == "bfloat16"
+    timing = json.loads(next((tmp_path / "run").glob("case_*.timing.json")).read_text())
+    assert timing["precision"]["scoring"] == "bfloat16"  # what the case was scored in, not the worker's default
     r = invoke("run", spec, "--workers", "1", "--precision", "float32", "-o", tmp_path / "run")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "precision" in r.stderr
     r = invoke("report", tmp_path / "run", "-o", tmp_path / "rep")

@@ -129,10 +129,11 @@ def run_case(case: dict, ctx: dict) -> dict:
             params["layer"] = layer
         suites = ctx["forget_suites"] if rset["kind"] == "forget" else ctx["suites"]
         groups = request_groups(rset, reqs)
-        from mechedit.device import current_device, use_precision
+        from mechedit.device import current_device, precision_record, use_precision
 
         use_precision(ctx.get("precision", "float32"))  # a worker process scores in the run's precision
-        per_edit, timings = [], {"edit_s": 0.0, "diagnose_s": 0.0, "device": str(current_device())}
+        per_edit, timings = [], {"edit_s": 0.0, "diagnose_s": 0.0, "device": str(current_device()),
+                                 "precision": precision_record()}
         for i, g in enumerate(groups):
             crash_point("case.edit")
             torch.manual_seed(0)
