@@ -119,24 +119,14 @@ KNOWLEDGE = ("all", "pretrained", "finetuned")
 
 
 def subject_pool(world, knowledge: str = "all") -> list:
-    """Forget-set candidates: "all" trained main subjects; "pretrained" the first-stage ones (on a world
-    with forget instructions: those never named in a training instruction, so ICU is measured as
-    instruction following, not recall of a trained refusal); "finetuned" the second-stage subjects
-    (a `mechedit finetune-facts` checkpoint)."""
-    subjects = [s for s in world.subjects if s.kind == "subject" and not s.heldout]
-    if knowledge == "all":
-        return subjects
-    stage2 = set(world.stage2_subjects)
-    if knowledge == "finetuned":
-        if not world.stage2_trained:
-            raise SystemExit("--knowledge finetuned needs a second-stage checkpoint (mechedit finetune-facts)")
-        return [s for s in subjects if s.id in stage2]
-    if world.spec.instructions:
-        from mechedit.world.instructions import instruction_split
+    """Forget-set candidates (`mechedit.analysis.requests.knowledge_pool`): "all" trained main subjects,
+    "pretrained" the first-stage ones, "finetuned" the second-stage ones."""
+    from mechedit.analysis.requests import knowledge_pool
 
-        never = set(instruction_split(world)[1])
-        return [s for s in subjects if s.id in never]
-    return [s for s in subjects if s.id not in stage2]
+    try:
+        return knowledge_pool(world, knowledge)
+    except MecheditError as exc:
+        raise SystemExit(f"--knowledge {knowledge}: {exc}") from None
 
 
 def forget_subjects(world, n: int, seed: int, knowledge: str = "all") -> list[str]:
