@@ -119,24 +119,14 @@ KNOWLEDGE = ("all", "pretrained", "finetuned")
 
 
 def subject_pool(world, knowledge: str = "all") -> list:
-    """Forget-set candidates: "all" trained main subjects; "pretrained" the first-stage ones (on a world
-    with forget instructions: those never named in a training instruction, so ICU is measured as
-    instruction following, not recall of a trained refusal); "finetuned" the second-stage subjects
-    (a `mechedit finetune-facts` checkpoint)."""
-    subjects = [s for s in world.subjects if s.kind == "subject" and not s.heldout]
-    if knowledge == "all":
-        return subjects
-    stage2 = set(world.stage2_subjects)
-    if knowledge == "finetuned":
-        if not world.stage2_trained:
-            raise SystemExit("--knowledge finetuned needs a second-stage checkpoint (mechedit finetune-facts)")
-        return [s for s in subjects if s.id in stage2]
-    if world.spec.instructions:
-        from mechedit.world.instructions import instruction_split
+    """Forget-set candidates (`mechedit.analysis.requests.knowledge_pool`): "all" trained main subjects,
+    "pretrained" the first-stage ones, "finetuned" the second-stage ones."""
+    from mechedit.analysis.requests import knowledge_pool
 
-        never = set(instruction_split(world)[1])
-        return [s for s in subjects if s.id in never]
-    return [s for s in subjects if s.id not in stage2]
+    try:
+        return knowledge_pool(world, knowledge)
+    except MecheditError as exc:
+        raise SystemExit(f"--knowledge {knowledge}: {exc}") from None
 
 
 def forget_subjects(world, n: int, seed: int, knowledge: str = "all") -> list[str]:
@@ -147,7 +137,11 @@ def forget_subjects(world, n: int, seed: int, knowledge: str = "all") -> list[st
 
 
 def run_set(checkpoint: str, before, n: int, seed: int, methods: list[str], knowledge: str = "all",
-            with_reference: bool = True, diag: dict | None = None) -> dict:
+            with_reference: bool = True, diag: dict | None = None, stored: dict | None = None,
+            save=None) -> dict:
+    """One forget set: every row (original, retrained, each method). `stored`: rows (and the set's
+    checks) of an earlier, killed run of the same set, reused as they are; `save(partial)` is called
+    after every row, so a killed run resumes at its first unfinished method."""
     w = before.world
     names = forget_subjects(w, n, seed, knowledge)
     target = parse_forget(w, [f"subject:{s}" for s in names])
@@ -159,10 +153,13 @@ def run_set(checkpoint: str, before, n: int, seed: int, methods: list[str], know
              else "NO retrained reference (--reference none)")
     print(f"\n## forget {n} subject(s), seed {seed}: {len(target.forget)} facts ({about})\n", flush=True)
     print_header()
-    rows, cards = {}, {}
+    rows, cards = dict((stored or {}).get("rows", {})), {}
     suites, options = (SUITES, {"reference": ref}) if ref is not None else (("forget", "leftover"), {"retrained": False})
     options.update(diag or {})
     for method in ["original", *(["retrained"] if ref is not None else []), *methods]:
+        if method in rows and (method != "original" or (stored or {}).get("sanity")):
+            print_row(method, rows[method])
+            continue
         t1 = time.perf_counter()
         steps = "-"
         if method == "original":
@@ -187,6 +184,19 @@ def run_set(checkpoint: str, before, n: int, seed: int, methods: list[str], know
         rows[method] = {"values": vals, "steps": steps, "sec": round(time.perf_counter() - t1, 1)}
         cards[method] = card
         print_row(method, rows[method])
+        if method == "original":
+            stored = {**(stored or {}), "sanity": set_checks(card, target, names, ref, ref_s)}
+        if save is not None:
+            save({"size": n, "seed": seed, "rows": rows, "sanity": stored["sanity"]})
+    result = {"size": n, "seed": seed, "rows": rows, "sanity": stored["sanity"]}
+    print_checks(result)
+    return result
+
+
+def set_checks(original_card: dict, target, names: list[str], ref, ref_s: float) -> dict:
+    """The design checks of a set, from the original model's card (MIA design, model-free AUCs, probe
+    split and choice, relearning and KS sizes, the reference's training)."""
+    cards = {"original": original_card}
     lo = cards["original"]["leftover"]
     mia = lo["mia"]
     sanity = {
@@ -209,9 +219,7 @@ def run_set(checkpoint: str, before, n: int, seed: int, methods: list[str], know
         "reference_recall": {k: (ref.meta.get("final_recall", {}).get(k) or {}).get("by_kind")
                              for k in ("trained", "excluded")} if ref is not None else None,
     }
-    result = {"size": n, "seed": seed, "rows": rows, "sanity": sanity}
-    print_checks(result)
-    return result
+    return sanity
 
 
 def print_header() -> None:
@@ -253,16 +261,36 @@ def cached_set(resume_dir: str, checkpoint: str, before, n: int, seed: int, meth
     if not with_reference:
         name = name.replace(".json", "_noref.json")
     path = os.path.join(resume_dir, name) if resume_dir else None
+    stored = None
     if path and os.path.isfile(path):
         with open(path) as fh:
-            res = json.load(fh)
-        if res.get("methods") == methods and res.get("diagnose_options", {}) == (diag or {}):
-            print(f"\n## forget {n} subject(s), seed {seed}: {res['sanity']['n_forget_facts']} facts (stored in {path})\n")
+            stored = json.load(fh)
+        if stored.get("diagnose_options", {}) != (diag or {}):
+            stored = None  # other diagnose options: every row again
+        elif stored.get("complete") and stored.get("methods") == methods:
+            print(f"\n## forget {n} subject(s), seed {seed}: {stored['sanity']['n_forget_facts']} facts (stored in {path})\n")
             print_header()
-            for m, row in res["rows"].items():
+            for m, row in stored["rows"].items():
                 print_row(m, row)
-            print_checks(res)
-            return res
+            print_checks(stored)
+            return stored
+        else:  # a killed run, or other methods: keep the rows of methods still asked for
+            keep = {"original", "retrained", *methods}
+            stored = {**stored, "rows": {m: r for m, r in stored.get("rows", {}).items() if m in keep}}
+
+    def save(partial: dict, complete: bool = False) -> None:
+        if not path:
+            return
+        os.makedirs(resume_dir, exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump({**partial, "methods": methods, "diagnose_options": diag or {}, "complete": complete},
+                      fh, indent=1, default=str)
+        os.replace(tmp, path)
+
+    res = run_set(checkpoint, before, n, seed, methods, knowledge, with_reference, diag, stored, save)
+    save(res, complete=True)
+    return {**res, "methods": methods, "diagnose_options": diag or {}, "complete": True}
     res = {**run_set(checkpoint, before, n, seed, methods, knowledge, with_reference, diag), "methods": methods,
            "diagnose_options": diag or {}}
     if path:

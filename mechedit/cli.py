@@ -60,11 +60,18 @@ def device_option():
     return typer.Option(None, "--device", help="auto (CUDA when present; the default), cpu, cuda or cuda:N.")
 
 
-def use(device: str | None) -> None:
-    """Make `--device` the device of this command (a one-line error if it is not available)."""
-    from mechedit.device import use_device
+def precision_option():
+    return typer.Option(None, "--precision", help="Inference arithmetic of tracing, scoring and diagnostics: "
+                        "float32 (the default), bfloat16 (autocast) or auto (README \"Devices and precision\").")
+
+
+def use(device: str | None, precision: str | None = None) -> None:
+    """Make `--device` the device of this command and `--precision` its inference precision (a
+    one-line error if either is not available or not known)."""
+    from mechedit.device import check_precision, use_device, use_precision
 
     use_device(device or "auto")
+    use_precision(check_precision(precision, "--precision"))
 
 
 def fail(message: str) -> None:
@@ -252,6 +259,7 @@ def trace(
     out: Path = out_option("runs/trace"),
     force: bool = force_option(),
     device: Optional[str] = device_option(),
+    precision: Optional[str] = precision_option(),
 ):
     """Causal tracing (ROME): which layer, site and token carry a fact.
 
@@ -261,7 +269,7 @@ def trace(
 
     Example: mechedit trace runs/model --relation capital --n 50 --severed mlp -o runs/trace_capital
     """
-    use(device)
+    use(device, precision)
     from mechedit.trace.api import TraceConfig
     from mechedit.trace.result import CATEGORY_LABELS, SITE_TOKENS, describe_location
     from mechedit.trace.run import trace_run
@@ -380,12 +388,13 @@ def diagnose(
     out: Path = out_option("runs/diagnose"),
     force: bool = force_option(),
     device: Optional[str] = device_option(),
+    precision: Optional[str] = precision_option(),
 ):
     """Score AFTER against BEFORE with diagnostic suites (forget, leftover, relearn, forget_quality, edit...).
 
     Example: mechedit diagnose runs/model runs/unlearn --suite leftover -o runs/diagnose
     """
-    use(device)
+    use(device, precision)
     from mechedit.diagnose.headline import card_headline
     from mechedit.edit.api import parse_params
     from mechedit.unlearn.run import diagnose_checkpoints
@@ -413,6 +422,7 @@ def run(
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: start a local Ray)."),
     force: bool = typer.Option(False, "--force", help="Start over if the folder holds a run of another spec."),
     device: Optional[str] = device_option(),
+    precision: Optional[str] = precision_option(),
 ):
     """Run an analysis: train or reuse the model, trace, run every case of the grid.
 
@@ -420,10 +430,14 @@ def run(
     """
     from mechedit.analysis import run_analysis
     from mechedit.analysis.spec import load_analysis
+    from mechedit.device import check_precision
 
+    if precision is not None:
+        precision = check_precision(precision, "--precision")  # before the spec is read
     if out is None:
         out = Path("runs") / load_analysis(spec).name
-    res = run_analysis(spec, out, executor_name=executor, workers=workers, address=address, force=force, device=device)
+    res = run_analysis(spec, out, executor_name=executor, workers=workers, address=address, force=force, device=device,
+                       precision=precision)
     typer.echo(f"{res['done']}/{res['total']} cases done ({res['ran']} run now, {res['skipped']} resumed) in {res['run_dir']}:")
     for line in _case_lines(res["run_dir"]):
         typer.echo(line)

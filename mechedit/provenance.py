@@ -16,8 +16,10 @@ def git_hash() -> str | None:
 
 
 def stamp(**extra) -> dict:
-    """The `_meta` block of a result file: mechedit version, git commit, device and what produced it."""
+    """The `_meta` block of a result file: mechedit version, git commit, device, inference precision
+    (asked for, and what scoring, diagnostics and tracing ran in) and what produced it."""
     from mechedit import __version__
-    from mechedit.device import current_device
+    from mechedit.device import current_device, precision_record
 
-    return {"mechedit_version": __version__, "git": git_hash(), "device": str(current_device()), **extra}
+    return {"mechedit_version": __version__, "git": git_hash(), "device": str(current_device()),
+            "precision": precision_record(), **extra}

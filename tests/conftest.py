@@ -23,13 +23,18 @@ def tiny_world():
     return generate_world(tiny_world_spec())
 
 
+def _trained_tiny(tmp_path_factory, world, name: str, max_epochs: int):
+    """Path of the tiny model trained on `world` (to recall 0.99, at most `max_epochs`)."""
+    out = tmp_path_factory.mktemp("ckpt") / name
+    tspec = with_overrides(TRAIN_PRESETS["tiny"], max_epochs=max_epochs, target_recall=0.99)
+    train_checkpoint(world, PRESETS["tiny"], tspec, out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory, tiny_world):
     """Path of a checkpoint: 2-layer d_model 32 model trained to recall the tiny world."""
-    out = tmp_path_factory.mktemp("ckpt") / "tiny"
-    tspec = with_overrides(TRAIN_PRESETS["tiny"], max_epochs=150, target_recall=0.99)
-    train_checkpoint(tiny_world, PRESETS["tiny"], tspec, out)
-    return out
+    return _trained_tiny(tmp_path_factory, tiny_world, "tiny", 150)
 
 
 @pytest.fixture()
@@ -53,10 +58,7 @@ def tiny_bpe_world():
 @pytest.fixture(scope="session")
 def tiny_bpe_checkpoint(tmp_path_factory, tiny_bpe_world):
     """Path of a checkpoint: the tiny model trained on the tiny BPE world (several tokens per name)."""
-    out = tmp_path_factory.mktemp("ckpt") / "tiny_bpe"
-    tspec = with_overrides(TRAIN_PRESETS["tiny"], max_epochs=200, target_recall=0.99)
-    train_checkpoint(tiny_bpe_world, PRESETS["tiny"], tspec, out)
-    return out
+    return _trained_tiny(tmp_path_factory, tiny_bpe_world, "tiny_bpe", 200)
 
 
 @pytest.fixture()

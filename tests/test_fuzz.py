@@ -31,6 +31,7 @@ BAD_INT = ["abc", 1.5, True, [1], {"k": 1}, HUGE, -HUGE]
 BAD_FLOAT = ["abc", True, [1], math.inf, -math.inf, math.nan]
 BAD_STR = [5, [1], True, {"k": 1}]
 BAD_BOOL = ["yes", 1, 0.5]
+BAD_PRECISION = ["bogus", "", "bf16", "fp16", "float16", "half", "1", "float32,bfloat16"]  # --precision
 
 
 def bad_values(tp) -> list:
@@ -349,6 +350,7 @@ def test_fuzz_trace(fuzz_dir, tiny_bundle, tiny_checkpoint):
         cases.append((f"--sites {v!r}", [*base[:6], "--sites", v, "-o", outs / "t"]))
     for v in ("resid", "bogus", "mlp,x"):
         cases.append((f"--severed {v!r}", [*base, "--severed", v]))
+    cases += [(f"--precision {v!r}", [*base, "--precision", v]) for v in BAD_PRECISION]
     for v in ("x", "a|b|c", "|", "nosuch|capital", f"{subject}|nosuch", f"{subject}|", "|capital", "ünï|cödé"):
         cases.append((f"--fact {v!r}", ["trace", ck, "--fact", v, "-o", outs / "t"]))
     cases += [("--relation nosuch", ["trace", ck, "--relation", "nosuch", "-o", outs / "t"]),
@@ -444,6 +446,7 @@ def test_fuzz_diagnose(fuzz_dir, tiny_bundle, tiny_checkpoint):
               ("option of an unchosen suite", [*base[:5], "-s", "forget", "--option", "k=0.1", "-o", outs / "d"]),
               ("no requests", ["diagnose", ck, ck, "-o", outs / "d"]),
               ("forget unknown", ["diagnose", ck, ck, "--forget", "subject:nosuch", "-o", outs / "d"])]
+    cases += [(f"--precision {v!r}", [*base, "--precision", v]) for v in BAD_PRECISION]
     cases += [(n, [*base[:-2], "-o", o]) for n, o in bad_outputs(outs)]
     cases += [(f"before {n}", ["diagnose", d, ck, *base[3:]]) for n, d in fuzz_dir["ckpts"][:15]]
     cases += [(f"after {n}", ["diagnose", ck, d, *base[3:]]) for n, d in fuzz_dir["ckpts"][15:30]]
@@ -507,6 +510,7 @@ ANALYSIS_BAD = [
     ("options typed", {"diagnostics": {"options": {"n_unrelated": "x"}}}),
     ("options nan", {"diagnostics": {"options": {"k": math.nan}}}),
     ("options string", {"diagnostics": {"options": "x"}}), ("diagnostics unknown", {"diagnostics": {"colour": 1}}),
+    *[(f"precision {v!r}", {"precision": v}) for v in (*BAD_PRECISION, 5, 1.5, True, ["float32"], {"a": 1})],
 ]
 
 
@@ -536,6 +540,7 @@ def test_fuzz_run(fuzz_dir, tiny_checkpoint):
     cases += [("executor bogus", ["run", good, "--executor", "bogus", "-o", outs / "r"]),
               ("workers 0", ["run", good, "--workers", "0", "-o", outs / "r"]),
               ("workers x", ["run", good, "--workers", "x", "-o", outs / "r"]),
+              *[(f"--precision {v!r}", ["run", good, "--precision", v, "-o", outs / "r"]) for v in BAD_PRECISION],
               ("folder of other content", ["run", good, "-o", outs / "full"])]
     check_all(cases, outs)
 

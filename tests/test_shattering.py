@@ -205,6 +205,8 @@ def test_diagnose_cli_shattering(tmp_path, tiny_checkpoint, after_dir):
     assert r.returncode == 0, r.stderr
     card = json.loads((tmp_path / "d" / "scorecard.json").read_text())["shattering"]
     assert card["R"] == 0.0 and card["layer_chosen_by"] == "selection prompts"
+    # the command ends with the suite's headline figures, read from the scorecard's own keys
+    assert "R(D*) 0.000" in r.stdout and "ring-ness" in r.stdout and "other ring facts recall" in r.stdout
 
 
 @pytest.mark.parametrize("option, key", [

@@ -63,11 +63,13 @@ def flatten(card: Any, prefix: str = "") -> dict[str, float]:
 
 @torch.no_grad()
 def top_predictions(model, tokenizer, prompts: list[str], k: int = 5) -> list[list[tuple[str, float]]]:
+    from mechedit.device import inference_autocast
     from mechedit.model.evaluate import pad
 
     ids = [tokenizer(p)["input_ids"] for p in prompts]
     x, m = pad(ids, tokenizer.pad_token_id, model.device)
-    logits = model(input_ids=x, attention_mask=m).logits  # [b, pos, vocab]
+    with inference_autocast(model.device, "diagnostics"):
+        logits = model(input_ids=x, attention_mask=m).logits  # [b, pos, vocab]
     last = torch.tensor([len(i) - 1 for i in ids], device=model.device)
     probs = torch.softmax(logits[torch.arange(len(ids), device=model.device), last].float(), -1)
     top = probs.topk(k, dim=-1)
@@ -127,9 +129,11 @@ def run_case(case: dict, ctx: dict) -> dict:
             params["layer"] = layer
         suites = ctx["forget_suites"] if rset["kind"] == "forget" else ctx["suites"]
         groups = request_groups(rset, reqs)
-        from mechedit.device import current_device
+        from mechedit.device import current_device, precision_record, use_precision
 
-        per_edit, timings = [], {"edit_s": 0.0, "diagnose_s": 0.0, "device": str(current_device())}
+        use_precision(ctx.get("precision", "float32"))  # a worker process scores in the run's precision
+        per_edit, timings = [], {"edit_s": 0.0, "diagnose_s": 0.0, "device": str(current_device()),
+                                 "precision": precision_record()}
         for i, g in enumerate(groups):
             crash_point("case.edit")
             torch.manual_seed(0)

@@ -152,8 +152,9 @@ def case_done(run_dir: Path, case: dict, spec_hash: str) -> bool:
     return read_case(run_dir, case["id"], spec_hash) is not None
 
 
-def _open_run_dir(spec: AnalysisSpec, run_dir: Path, force: bool) -> bool:
-    """Decide, before any work, whether `run_dir` is resumed (True), started (False) or refused."""
+def _open_run_dir(spec: AnalysisSpec, run_dir: Path, force: bool, precision: dict | None = None) -> bool:
+    """Decide, before any work, whether `run_dir` is resumed (True), started (False) or refused (also
+    when its cases were scored in another inference `precision`: a run never mixes two)."""
     spec_file = run_dir / "spec.json"
     if spec_file.is_file():
         try:
@@ -161,7 +162,16 @@ def _open_run_dir(spec: AnalysisSpec, run_dir: Path, force: bool) -> bool:
         except MecheditError:
             old = None
         if isinstance(old, dict) and old.get("spec_hash") == spec.hash():
-            return True
+            from mechedit.device import precision_record
+
+            was = old.get("precision") or precision_record(None, "float32")  # runs before the option
+            if precision is None or was == precision:
+                return True
+            if not force:
+                raise MecheditError(f"{run_dir} holds a run in precision {was.get('asked')!r}, not "
+                                    f"{precision.get('asked')!r} (give --precision {was.get('asked')}, or --force "
+                                    "to start it over)")
+            return False
         if not force:
             raise MecheditError(f"{run_dir} holds a run of a different spec (use --force to start it over)")
         return False
@@ -174,7 +184,7 @@ def _open_run_dir(spec: AnalysisSpec, run_dir: Path, force: bool) -> bool:
 def run_analysis(spec_path: str | Path, run_dir: str | Path, *, executor_name: str = "local",
                  workers: int | None = None, address: str | None = None, force: bool = False,
                  cache_dir: str | Path | None = None, progress: Callable[[str], None] | None = None,
-                 limit: int | None = None, device: str | None = None) -> dict:
+                 limit: int | None = None, device: str | None = None, precision: str | None = None) -> dict:
     """Run (or resume) an analysis; returns {"run_dir", "done", "ran", "skipped", "total"}.
 
     Everything that can be checked is checked before the run folder is touched. The folder is
@@ -188,11 +198,12 @@ def run_analysis(spec_path: str | Path, run_dir: str | Path, *, executor_name: s
     run = executor(executor_name)  # unknown executor: fail before any work
     if workers is not None and workers < 1:
         raise MecheditError(f"--workers must be >= 1, got {workers}")
-    from mechedit.device import use_device
+    from mechedit.device import precision_record, use_device, use_precision
 
     asked = (device or spec.device).strip().lower()
     dev = use_device(asked)  # a CUDA spec on a machine without one: one line, before any work
-    resume = _open_run_dir(spec, run_dir, force)
+    prec = precision_record(dev, use_precision(precision or spec.precision))
+    resume = _open_run_dir(spec, run_dir, force, prec)
     resolved = resolve_model(spec)
     check_layers(spec, resolved[-1])
     spec_file = run_dir / "spec.json"
@@ -200,7 +211,7 @@ def run_analysis(spec_path: str | Path, run_dir: str | Path, *, executor_name: s
     record = {"name": spec.name, "spec": spec.raw, "spec_hash": spec.hash(),
               "spec_path": str(Path(spec_path).resolve()), "mechedit_version": mechedit.__version__, "git": git_hash(),
               "cases": cases, "suites": list(spec.suites), "forget_suites": list(spec.forget_suites),
-              "device": str(dev)}
+              "device": str(dev), "precision": prec}
     if not resume:
         if run_dir.is_dir():
             shutil.rmtree(run_dir)
@@ -224,7 +235,8 @@ def run_analysis(spec_path: str | Path, run_dir: str | Path, *, executor_name: s
         from mechedit.model.evaluate import score_answers
 
         probes = bundle.world.probes(bundle.world.train_facts, ("cloze",))
-        ok = score_answers(bundle.model, bundle.tokenizer, [p.prompt for p in probes], [p.answer for p in probes]).correct
+        ok = score_answers(bundle.model, bundle.tokenizer, [p.prompt for p in probes], [p.answer for p in probes],
+                           precision="float32").correct  # which requests are drawn never depends on --precision
         wrong = {p.fact for p, c in zip(probes, ok) if not c}
         known = {f.index for f in bundle.world.train_facts} - wrong
         request_sets = {name: request_set_record(bundle.world, r, known) for name, r in spec.request_sets.items()}
@@ -234,7 +246,7 @@ def run_analysis(spec_path: str | Path, run_dir: str | Path, *, executor_name: s
         raise MecheditError("a case asks for the traced layer but the trace located no MLP layer (add 'mlp' to trace.sites)")
     write_json_atomic(spec_file, {**record, "checkpoint": str(checkpoint), "located": located,
                                   "traced_layer": traced_layer, "request_sets": request_sets})
-    ctx = {"device": str(dev), "device_asked": asked, "spec_hash": spec.hash(), "checkpoint": str(checkpoint), "traced_layer": traced_layer, "request_sets": request_sets,
+    ctx = {"device": str(dev), "device_asked": asked, "precision": prec["asked"], "spec_hash": spec.hash(), "checkpoint": str(checkpoint), "traced_layer": traced_layer, "request_sets": request_sets,
            "suites": list(spec.suites), "forget_suites": list(spec.forget_suites), "suite_options": spec.suite_options}
     todo = [c for c in cases if not case_done(run_dir, c, spec.hash())]
     skipped = len(cases) - len(todo)

@@ -3,6 +3,7 @@
 ```toml
 name = "quickstart"
 device = "auto"               # optional: auto (CUDA when present) | cpu | cuda | cuda:N (--device overrides)
+precision = "float32"         # optional: inference (trace, scoring, diagnostics): float32 | bfloat16 | auto
 [world]                       # spec = "default" | a spec file; or dir = a world directory
 spec = "default"
 [model]                       # preset = "default" | spec = a model spec file | checkpoint = a directory
@@ -136,6 +137,7 @@ class AnalysisSpec:
     raw: dict = field(default_factory=dict)
     device: str = "auto"  # where the model, training and every case run (`--device` overrides it)
     findings: tuple = ()  # mechedit.analysis.findings.Finding
+    precision: str = "float32"  # arithmetic of tracing, scoring and diagnostics (`--precision` overrides it)
 
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.raw, sort_keys=True).encode()).hexdigest()[:16]
@@ -143,7 +145,7 @@ class AnalysisSpec:
 
 KNOWLEDGE = ("all", "pretrained", "finetuned")
 _TOP = {"name", "world", "model", "trace", "requests", "grid", "diagnostics", "description", "device",
-        "findings"}
+        "precision", "findings"}
 _WORLD = {"spec", "dir"}
 _MODEL = {"preset", "spec", "checkpoint", "finetune_facts"}
 _TRACE = {"relation", "n", "facts", "requests", "sites", "samples", "noise", "window", "seed"}
@@ -283,11 +285,17 @@ def parse_analysis(data: dict, base: Path) -> AnalysisSpec:
         from mechedit.device import DEVICE_HELP
 
         raise SpecError(f"device: expected {DEVICE_HELP}, got {device!r}")
+    from mechedit.device import check_precision
+
+    try:
+        precision = check_precision(data.get("precision", "float32"))
+    except MecheditError as exc:
+        raise SpecError(str(exc)) from None
     from mechedit.analysis.findings import parse_findings
 
     findings = parse_findings(data.get("findings"), [c.key for c in cases])
     return AnalysisSpec(name, base, world, model, trace, sets, tuple(cases), suites, forget_suites, options, data,
-                        device.strip().lower(), findings)
+                        device.strip().lower(), findings, precision)
 
 
 def trace_config(trace: dict):

@@ -23,10 +23,12 @@ def weights_fingerprint(model) -> tuple:
 
 
 def memo(tag: str, model, key: tuple, fn: Callable):
-    """`fn()`, computed once per (tag, weights and adaptors of `model`, key)."""
+    """`fn()`, computed once per (tag, weights and adaptors of `model`, inference precision, key)."""
+    from mechedit.device import precision_record
     from mechedit.edit.adaptors import adaptor_fingerprint
 
-    k = (tag, weights_fingerprint(model), adaptor_fingerprint(model), key)
+    precision = tuple(precision_record(model.device).items())
+    k = (tag, weights_fingerprint(model), adaptor_fingerprint(model), precision, key)
     if k not in _MEMO:
         if len(_MEMO) >= MAX_ENTRIES:
             _MEMO.clear()

@@ -131,7 +131,10 @@ def entity_prompts(world: World, rs: RingSet, split: str = "trained") -> tuple[l
 
 @torch.no_grad()
 def prompt_states(model, tokenizer, prompts: list[str], word_pos: np.ndarray, batch_size: int = 512) -> torch.Tensor:
-    """[n_prompts, n_layers + 1, d_model] float64: the residual stream at word `word_pos[i]` of prompt i."""
+    """[n_prompts, n_layers + 1, d_model] float64: the residual stream at word `word_pos[i]` of prompt i
+    (the forward in the process's inference precision, `mechedit.device`)."""
+    from mechedit.device import inference_autocast
+
     n_layers = model.config.num_hidden_layers
     out = []
     was_training = model.training
@@ -146,6 +149,7 @@ def prompt_states(model, tokenizer, prompts: list[str], word_pos: np.ndarray, ba
         ids, mask = pad(seqs, tokenizer.pad_token_id, dev)
         with ExitStack() as stack:
             caps = [stack.enter_context(capture_layer(model, l)) for l in range(n_layers)]
+            stack.enter_context(inference_autocast(dev, "diagnostics"))
             res = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
         rows = torch.arange(len(seqs), device=dev)
         hs = [res.hidden_states[0]] + [c["h"] for c in caps]  # each [b, pos, d_model]

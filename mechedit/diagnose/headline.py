@@ -37,6 +37,14 @@ FORGET_FIGURES = (
     ("forget quality (KS p)", {"after": ("forget_quality.ks_pvalue",)}),
 )
 
+SHATTERING_FIGURES = (
+    ("R(D*)", {"after": ("shattering.R",)}),
+    ("R of the other entities", {"after": ("shattering.R_others",)}),
+    ("ring-ness", {"after": ("shattering.ringness_after",), "before": ("shattering.ringness_before",)}),
+    ("other ring facts recall", {"after": ("shattering.accuracy.ring_direct.after",),
+                                 "before": ("shattering.accuracy.ring_direct.before",)}),
+)
+
 
 def _first(summary: dict[str, Any], keys: tuple[str, ...]) -> float | None:
     for k in keys:
@@ -49,7 +57,7 @@ def _first(summary: dict[str, Any], keys: tuple[str, ...]) -> float | None:
 def headline(summary: dict[str, Any]) -> list[dict]:
     """[{label, after, retrained, before}] for the headline figures present in a flattened summary."""
     out = []
-    for label, keys in EDIT_FIGURES + FORGET_FIGURES:
+    for label, keys in EDIT_FIGURES + FORGET_FIGURES + SHATTERING_FIGURES:
         row = {ref: _first(summary, ks) for ref, ks in keys.items()}
         if row.get("after") is not None:
             out.append({"label": label, **row})

@@ -62,13 +62,16 @@ SPANS = ("sentence", "answer")
 def mia_scores(model, tokenizer, prompts: list[str], answers: list[str], k: float = 0.2,
                batch_size: int = 256) -> dict[str, dict[str, np.ndarray]]:
     """Every attack's score for every (prompt, answer) text on both spans: {span: {attack: [n]}}."""
+    from mechedit.device import inference_autocast
+
     model.eval()
     out: dict[str, dict[str, list[float]]] = {sp: {a: [] for a in ATTACKS} for sp in SPANS}
     seqs, _, alen = encode_pairs(tokenizer, prompts, answers)
     for start in range(0, len(seqs), batch_size):
         chunk = seqs[start : start + batch_size]
         ids, mask = pad(chunk, tokenizer.pad_token_id, model.device)
-        logits = model(input_ids=ids, attention_mask=mask).logits  # [b, pos, vocab]
+        with inference_autocast(model.device, "diagnostics"):
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()  # [b, pos, vocab]
         for b, s in enumerate(chunk):
             i = start + b
             n = len(s)

@@ -64,7 +64,10 @@ def residuals(model, tokenizer, world: World, facts: list[Fact], batch_size: int
     """h_l at both positions for every trained cloze prompt of `facts`.
 
     Returns (states {position: [n, layers, d_model]}, labels [n] object strings, fact index [n]).
+    The forward runs in the process's inference precision (`mechedit.device`); states are fp32.
     """
+    from mechedit.device import inference_autocast
+
     model.eval()
     probes = world.probes(facts, kinds=("cloze",))
     n_layers = model.config.num_hidden_layers
@@ -76,6 +79,7 @@ def residuals(model, tokenizer, world: World, facts: list[Fact], batch_size: int
         ids, mask = pad(seqs, tokenizer.pad_token_id, model.device)
         with ExitStack() as stack:
             caps = [stack.enter_context(capture_layer(model, l)) for l in range(n_layers)]
+            stack.enter_context(inference_autocast(model.device, "diagnostics"))
             model(input_ids=ids, attention_mask=mask)
         hs = torch.stack([c["h"] for c in caps], dim=1).cpu()  # [b, layer, pos, d]
         for b, (row_ids, (_, end)) in enumerate(spans):
@@ -174,9 +178,12 @@ def probe_model(model, tokenizer, world: World, forget: list[Fact], split: Probe
 @torch.no_grad()
 def logit_lens(model, tokenizer, world: World, facts: list[Fact]) -> np.ndarray:
     """[n_prompts, layers] probability of the (first) object token read from h_l at the last prompt token."""
+    from mechedit.device import inference_autocast
+
     states, labels, _ = residuals(model, tokenizer, world, facts)
     h = torch.from_numpy(states["prompt_last"]).to(model.device)  # [n, layer, d]
-    logits = model.get_output_embeddings()(model.gpt_neox.final_layer_norm(h))  # [n, layer, vocab]
+    with inference_autocast(model.device, "diagnostics"):
+        logits = model.get_output_embeddings()(model.gpt_neox.final_layer_norm(h))  # [n, layer, vocab]
     probs = torch.softmax(logits.float(), -1)
     tgt = torch.tensor([tokenizer(a, add_special_tokens=False)["input_ids"][0] for a in labels], device=model.device)
     return probs[torch.arange(len(tgt), device=model.device), :, tgt].cpu().numpy() if len(tgt) else np.zeros((0, model.config.num_hidden_layers))

@@ -47,8 +47,16 @@ def pad(seqs: list[list[int]], pad_id: int, device: torch.device | str | None = 
 
 
 @torch.no_grad()
-def score_answers(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 512) -> AnswerScores:
-    """Teacher-forced scoring of `answers` after `prompts` with an HF causal LM."""
+def score_answers(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 512,
+                  precision: str | None = None) -> AnswerScores:
+    """Teacher-forced scoring of `answers` after `prompts` with an HF causal LM.
+
+    The forward runs in `precision` (default: the process's inference precision,
+    `mechedit.device.current_precision()`; bf16 = autocast, weights fp32); the log-softmax and
+    everything after it in fp32.
+    """
+    from mechedit.device import inference_autocast
+
     was_training = model.training
     model.eval()
     seqs, last, alen = encode_pairs(tokenizer, prompts, answers)
@@ -57,7 +65,9 @@ def score_answers(model, tokenizer, prompts: list[str], answers: list[str], batc
     for start in range(0, len(seqs), batch_size):
         chunk = slice(start, start + batch_size)
         ids, mask = pad(seqs[chunk], tokenizer.pad_token_id, dev)
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()  # [b, pos, vocab]
+        with inference_autocast(dev, "scoring", precision):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        logits = logits.float()  # [b, pos, vocab]
         logp = torch.log_softmax(logits, dim=-1)
         # every answer token of the chunk at once: (row, position predicting it, the token)
         rows = torch.tensor([b for b, k in enumerate(alen[chunk]) for _ in range(k)], device=dev)
@@ -99,7 +109,8 @@ def evaluate_recall(model, tokenizer, world: World, *, trained: bool = True, kin
                     facts: list | None = None) -> dict:
     """Recall of the model on the world's probe sets (trained facts by default, else held-out subjects).
 
-    `exclude_facts` leaves those facts out (a model retrained without them is scored on what it was
+    Training's recall (its stopping rule and the checkpoint's final recall): always fp32, whatever
+    the process's inference precision. `exclude_facts` leaves those facts out (a model retrained without them is scored on what it was
     trained on); `facts` scores exactly these facts instead.
     Returns {"by_kind": {...}, "cloze_by_relation": {...}, "cloze_by_template": {...}, "n": {...}}.
     """
@@ -109,7 +120,8 @@ def evaluate_recall(model, tokenizer, world: World, *, trained: bool = True, kin
     probes = world.probes(facts, kinds)
     if not probes:
         return {"by_kind": {}, "cloze_by_relation": {}, "cloze_by_template": {}, "n": {}}
-    scores = score_answers(model, tokenizer, [p.prompt for p in probes], [p.answer for p in probes], batch_size)
+    scores = score_answers(model, tokenizer, [p.prompt for p in probes], [p.answer for p in probes], batch_size,
+                           precision="float32")
     cloze = [i for i, p in enumerate(probes) if p.kind == "cloze"]
     cloze_probes = [probes[i] for i in cloze]
     cloze_scores = AnswerScores(scores.correct[cloze], scores.logprob[cloze], scores.prob_first[cloze],
@@ -136,7 +148,8 @@ def evaluate_inference(model, tokenizer, world: World, batch_size: int = 512) ->
     for kind in sorted(set(world.inference.values())):
         facts = world.inference_facts(kind)
         probes = world.probes(facts, ("cloze", "paraphrase", "qa"))
-        sc = score_answers(model, tokenizer, [p.prompt for p in probes], [p.answer for p in probes], batch_size)
+        sc = score_answers(model, tokenizer, [p.prompt for p in probes], [p.answer for p in probes], batch_size,
+                           precision="float32")
         per: dict[str, dict[int, list[bool]]] = {"cloze": {}, "qa": {}}
         for p, ok in zip(probes, sc.correct):
             per["qa" if p.kind == "qa" else "cloze"].setdefault(p.fact, []).append(bool(ok))

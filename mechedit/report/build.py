@@ -344,6 +344,17 @@ def _site_rows(overall: dict) -> list[dict]:
     return rows
 
 
+def precision_text(record) -> str:
+    """The report header's inference precision: "float32" when every path ran in it (runs made before
+    the option have no record: fp32), else each path's ("scoring bfloat16, diagnostics bfloat16, ...")."""
+    if not isinstance(record, dict):
+        return "float32"
+    paths = {k: v for k, v in record.items() if k != "asked"}
+    if len(set(paths.values())) == 1:
+        return next(iter(paths.values()))
+    return ", ".join(f"{k} {v}" for k, v in paths.items())
+
+
 def build_report(run_dir: str | Path, out: str | Path, *, force: bool = False) -> Path:
     """Write `out/index.html` (+ figures/) for run folder `run_dir`; returns the index path."""
     import mechedit
@@ -398,7 +409,8 @@ def _write_report(tmp: Path, run_dir: Path, spec: dict, cases: list[dict]) -> No
     env = Environment(loader=PackageLoader("mechedit.report", "templates"), autoescape=select_autoescape(["html"]))
     html = env.get_template("report.html").render(
         name=spec.get("name", run_dir.name), description=(spec.get("spec") or {}).get("description", ""),
-        version=spec.get("mechedit_version"), git=spec.get("git"), device=spec.get("device"), report_version=mechedit.__version__,
+        version=spec.get("mechedit_version"), git=spec.get("git"), device=spec.get("device"),
+        precision=precision_text(spec.get("precision")), report_version=mechedit.__version__,
         spec_json=json.dumps(spec.get("spec"), indent=2), world=world, model=model,
         train={"seconds": meta.get("train_seconds"), "epochs": meta.get("epochs")}, recall_rows=recall_rows,
         curve_img=curve_img, trace=trace, traced_layer=spec.get("traced_layer"), families=_family_tables(cases),

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from mechedit import progress as P
+from mechedit.device import inference_precision
 from mechedit.errors import MecheditError
 from mechedit.model.fast import FastNeoX
 from mechedit.specio import check_fields, to_dict
@@ -40,7 +41,9 @@ class TraceConfig:
     batch_size: int | None = None  # rows per forward of the batched engine; None: from a memory budget
     memory_mb: int = 2048  # activation budget that sets the automatic batch size
     engine: str = "batched"  # "batched" (FastNeoX) | "reference" (the one-cell loop through the bridge's hooks)
-    precision: str = "float32"  # batched engine's arithmetic: "float32" or "bfloat16" (autocast; see benchmarks)
+    # batched engine's arithmetic: "float32", "bfloat16" (autocast) or "auto" (fp32 for tracing: README
+    # "Devices and precision"); None: the process's inference precision (`--precision`, mechedit.device)
+    precision: str | None = None
 
     def __post_init__(self):
         check_fields(self, "trace")
@@ -60,8 +63,10 @@ class TraceConfig:
             raise MecheditError("batch_size must be >= 1")
         if self.engine not in ("batched", "reference"):
             raise MecheditError(f"unknown engine {self.engine!r} (batched, reference)")
-        if self.precision not in ("float32", "bfloat16"):
-            raise MecheditError(f"unknown precision {self.precision!r} (float32, bfloat16)")
+        if self.precision is not None:
+            from mechedit.device import check_precision
+
+            object.__setattr__(self, "precision", check_precision(self.precision, "trace precision"))
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -160,6 +165,8 @@ def trace(bundle, facts: Iterable[str | int | Fact] | None = None, config: Trace
     std = subject_embedding_std(model, tok, world)
     nu = config.noise_scale if config.noise_scale is not None else config.noise * std
     fx = FastNeoX(model)
+    # the reference engine (the one-cell loop through the bridge) is fp32 only
+    precision = inference_precision(model.device, "trace", config.precision) if config.engine == "batched" else "float32"
 
     # keep facts the model knows (clean top-1 = the object's first token)
     restored = tuple(dict.fromkeys(E.kind_site(k)[0] for k in config.kinds))
@@ -169,7 +176,7 @@ def trace(bundle, facts: Iterable[str | int | Fact] | None = None, config: Trace
                 "relation": chosen[i].relation, "object": chosen[i].object,
                 "reason": f"clean prediction wrong ({tok.convert_ids_to_tokens(int(top1[i]))!r})"}
                for i in range(len(prepared)) if i not in set(known)]
-    cfg = {**to_dict(config), "window": window, "subject_embedding_std": std}
+    cfg = {**to_dict(config), "window": window, "subject_embedding_std": std, "precision": precision}
     if not known:
         return TraceResult(cfg, nu, n_layers, [], np.zeros(0), np.zeros(0), np.zeros((0, config.samples)),
                            {k: np.zeros((0, n_layers, 0)) for k in config.kinds}, skipped)
@@ -187,7 +194,7 @@ def trace(bundle, facts: Iterable[str | int | Fact] | None = None, config: Trace
               n_layers=n_layers, d_model=d_model, pad_id=tok.pad_token_id, batch_size=batch, progress=tick)
     if config.engine == "batched":  # the clean run above serves the engine too (padding does not reach earlier tokens)
         clean = (p_clean[known], top1[known], {s: c[known] for s, c in cache.items()})
-        out = E.run_batched(fx, prepared, clean=clean, precision=config.precision, **kw)
+        out = E.run_batched(fx, prepared, clean=clean, precision=precision, **kw)
     else:
         out = E.run_reference(bridge if bridge is not None else bundle.bridge(), prepared, **kw)
     labels = []

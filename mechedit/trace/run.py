@@ -89,7 +89,8 @@ def _write_run(tmp: Path, bundle, chosen, checkpoint, facts, relation, n, all_fa
     write_json_atomic(tmp / "spec.json", {
         "command": "trace", "checkpoint": str(Path(checkpoint).resolve()), "config": to_dict(config),
         "facts": facts, "relation": relation, "n": n, "all": all_facts, "include_heldout": include_heldout,
-        "mechedit_version": mechedit.__version__, "git": git_hash(), "device": str(bundle.model.device)})
+        "mechedit_version": mechedit.__version__, "git": git_hash(), "device": str(bundle.model.device),
+        "precision": result.config["precision"]})
     return {"result": result, "summary": summary, "located": {k: v[0] for k, v in located.items()},
             "sites": locate_sites(result) if result.n_facts else {}, "figures": written}
 

@@ -266,7 +266,8 @@ def run_unlearning(bundle, requests: list[EditRequest], p: UnlearnParams, loss_f
         torch.nn.utils.clip_grad_norm_(train_params, p.grad_clip)
         opt.step()
         if step % p.eval_every == 0 or step == p.steps:
-            recall = float(score_answers(work, tok, cloze_prompts, cloze_answers).correct.mean())
+            # the method's stopping rule: fp32 whatever the inference precision of the diagnostics
+            recall = float(score_answers(work, tok, cloze_prompts, cloze_answers, precision="float32").correct.mean())
             history.append({"step": step, "loss": float(loss.detach()), "forget_cloze_recall": recall})
             P.status(f"{method} step {step}/{p.steps}: loss {history[-1]['loss']:.3f}, forget cloze recall "
                      f"{recall:.3f} (stops at <= {p.stop_recall:g})")

@@ -121,7 +121,7 @@ def evaluate_instructions(model, tokenizer, world, *, max_subjects: int | None =
                         answer = L.REFUSAL
                     prompts.append(f"{instruction_text(names)} {L.BOS} {world.prompt(f, form)}")
                     answers.append(answer)
-                sc = score_answers(model, tokenizer, prompts, answers)
+                sc = score_answers(model, tokenizer, prompts, answers, precision="float32")  # a checkpoint's meta
                 res[f"{kind}_k{k}"] = round(float(sc.correct.mean()), 4) if len(prompts) else None
         out[group] = res
     return out
