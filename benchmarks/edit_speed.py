@@ -1,6 +1,7 @@
-"""Editing speed: ROME seconds per edit and a 100-edit MEMIT call, on the fast path (FastNeoX) against
-the same search through the HF modules (`engine="hf"`, how the editors ran before FastNeoX), in one
-process, with the second-moment statistics cached (their first computation is timed separately).
+"""Editing speed: ROME seconds per edit and a 100-edit MEMIT call, on the fast path (FastNeoX, the edited
+block run once per search, `mechedit.edit.common.optimize_targets`) against the same search through
+the HF modules (`engine="hf"`, how the editors ran before FastNeoX), in one process, with the
+second-moment statistics cached (their first computation is timed separately).
 
     python benchmarks/edit_speed.py runs/model [--layer 0|traced] [--n-rome 20] [--n-memit 100] [--memit-hf]
 
