@@ -249,6 +249,9 @@ def run_analysis(spec_path: str | Path, run_dir: str | Path, *, executor_name: s
     ctx = {"device": str(dev), "device_asked": asked, "precision": prec["asked"], "spec_hash": spec.hash(), "checkpoint": str(checkpoint), "traced_layer": traced_layer, "request_sets": request_sets,
            "suites": list(spec.suites), "forget_suites": list(spec.forget_suites), "suite_options": spec.suite_options}
     todo = [c for c in cases if not case_done(run_dir, c, spec.hash())]
+    # unlearning cases first (stable otherwise): they are the long ones (an unlearning loop, and the
+    # retrained reference the first time a forget set is seen), so the other workers' cases run beside them
+    todo.sort(key=lambda c: request_sets[c["requests"]]["kind"] != "forget")
     skipped = len(cases) - len(todo)
     if limit is not None:
         todo = todo[:limit]
