@@ -43,6 +43,16 @@ def tiny_bundle(tiny_checkpoint):
     return load_checkpoint(tiny_checkpoint)
 
 
+@pytest.fixture()
+def one_thread():
+    """Torch on one thread for the test (tiny models run far faster so, especially on a shared 2-core
+    machine), whatever OMP_NUM_THREADS says; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_bpe_world_spec():
     """The tiny world with a BPE tokenizer small enough that names and objects split into pieces."""
     import dataclasses

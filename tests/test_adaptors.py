@@ -22,12 +22,7 @@ from mechedit.model.evaluate import pad
 from mechedit.unlearn import parse_forget
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FAST = {"grace": {"steps": 40, "lr_factor": 0.5}, "wise": {"steps": 40},

@@ -19,13 +19,7 @@ from mechedit.edit.run import edited_bundle, frozen_copy, sequential_edits
 from mechedit.edit.stats import compute_second_moment, second_moment, w_out_name
 from mechedit.errors import MecheditError
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run far faster on one thread, especially on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FAST = {"rome": {"layer": 0, "steps": 10, "n_prefixes": 3, "restarts": 0},

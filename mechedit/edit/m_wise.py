@@ -59,7 +59,7 @@ import torch
 from mechedit.edit.adaptors import Adaptor, register_adaptor_kind
 from mechedit.edit.api import EditRequest, EditResult, register_method
 from mechedit.edit.common import FORMS, build_batch, frozen_weights
-from mechedit.edit.m_grace import adapted_layer
+from mechedit.edit.m_grace import adapted_layer, grace_module
 from mechedit.errors import MecheditError, SpecError
 from mechedit.model.evaluate import pad
 from mechedit.specio import to_dict
@@ -68,7 +68,8 @@ MEMORY_CHUNK = 16  # memories whose gaps are computed in one matmul at inference
 
 
 def wise_module(layer: int) -> str:
-    return f"gpt_neox.layers.{layer}.mlp.dense_4h_to_h"
+    """The side memory's site: the layer's MLP down projection (GRACE's site too)."""
+    return grace_module(layer)
 
 
 @register_adaptor_kind("wise")
