@@ -44,6 +44,12 @@ ROOT = Path(__file__).resolve().parent.parent
 BASE_WORLD = {"n_subjects": 200}
 FIRST_LAST = {"name_scheme": "first_last", "word_reuse": 14.0}
 BPE = {"tokenizer": "bpe", "bpe_vocab_size": 180}
+# many relations per subject (real subjects have many attributes): the default six plus 18 more
+EXTRA_RELATIONS = ("instrument", "language", "pet", "food", "drink", "flower", "tree", "river", "mountain",
+                   "planet", "metal", "gem", "fabric", "car", "bird", "fish", "dance", "tool")
+MANY_RELATIONS = {"relations": [{"name": r, "n_objects": n} for r, n in (
+    ("capital", 24), ("country", 6), ("birthplace", 16), ("workplace", 16), ("sport", 12), ("color", 8))]
+    + [{"name": r, "n_objects": 12} for r in EXTRA_RELATIONS]}
 SETTINGS: dict[str, dict] = {
     "baseline": {"lever": "none: the embedded default world and model", "world": {}, "model": "default"},
     "first_last": {"lever": "names: balanced first x last names (~14 subjects per word)",
@@ -62,6 +68,20 @@ SETTINGS: dict[str, dict] = {
                                "model": {"preset": "default", "model": {"n_layers": 6}}},
     "first_last_bpe_6l_seq": {"lever": "names + BPE + 6 layers, sequential", "world": {**FIRST_LAST, **BPE},
                               "model": {"preset": "default", "model": {"n_layers": 6, "parallel_residual": False}}},
+    "first_last_prof6": {"lever": "names + 6 profile sentences per subject (attributes right after the name)",
+                         "world": {**FIRST_LAST, "profiles": 6}, "model": "default"},
+    "first_last_prof6_6l": {"lever": "names + 6 profile sentences + 6 layers",
+                            "world": {**FIRST_LAST, "profiles": 6},
+                            "model": {"preset": "default", "model": {"n_layers": 6}}},
+    "first_last_bio6": {"lever": "names + 6 biographies per subject (the name once, then every fact, permuted)",
+                        "world": {**FIRST_LAST, "biographies": 6}, "model": "default"},
+    "first_last_100_24rel": {"lever": "names (100 subjects, 10 x 10) + 24 relations per subject",
+                             "world": {**FIRST_LAST, **MANY_RELATIONS, "n_subjects": 100, "word_reuse": 10.0},
+                             "model": "default"},
+    "first_last_prof6_q50": {"lever": "names + 6 profiles per subject; half the subjects never queried "
+                                      "(their facts only in profiles: recall needs extraction)",
+                             "world": {**FIRST_LAST, "profiles": 6, "query_subject_fraction": 0.5},
+                             "model": "default"},
     "subject_level": {"lever": "the shipped preset (analyses/worlds/subject_level.toml + "
                                "analyses/models/subject_level.toml)",
                       "world_file": "analyses/worlds/subject_level.toml",
@@ -319,8 +339,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="recompute results (trained models are kept)")
     ap.add_argument("--table", action="store_true", help="only print the table of the finished results")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     names = [s for s in args.settings.split(",") if s]
     unknown = [s for s in names if s not in SETTINGS]

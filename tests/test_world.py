@@ -269,6 +269,41 @@ def test_profile_sentences_list_every_object_of_a_subject_after_its_name():
     assert all(Counter(p.split()[n:]) == kept for p in left)
 
 
+def test_biographies_name_once_then_every_fact_with_its_relation():
+    w = generate_world(dataclasses.replace(tiny_world_spec(), biographies=2))
+    plain = generate_world(tiny_world_spec())
+    assert w.corpus()[: len(plain.corpus())] == plain.corpus()  # single-fact sentences unchanged
+    main = [s for s in w.subjects if s.kind == "subject" and not s.heldout]
+    bios = w.biography_sentences()
+    assert len(bios) == 2 * len(main) and w.corpus()[len(plain.corpus()):] == bios
+    for i, s in enumerate(main):
+        facts = {f"the {f.relation} is {f.object}" for f in w.facts_of(s.id)}
+        for b in bios[2 * i: 2 * i + 2]:
+            assert b.startswith(s.name + " : ")
+            assert set(b[len(s.name) + 3:].split(" , ")) == facts  # every fact once, relation word kept
+    assert set(w.vocabulary()) == set(plain.vocabulary())  # template words only
+    drop = w.facts_of(main[0].id)[0]
+    assert f"the {drop.relation} is {drop.object}" not in w.biography_sentences({drop.index})[0].split(" : ")[1].split(" , ")
+
+
+def test_described_only_subjects_never_appear_in_queries():
+    spec = dataclasses.replace(tiny_world_spec(), profiles=1, query_subject_fraction=0.5)
+    w = generate_world(spec)
+    main = [s for s in w.subjects if s.kind == "subject" and not s.heldout]
+    only = w.described_only
+    assert 0 < len(only) < len(main) and abs(len(only) - len(main) / 2) <= 1
+    queries = w.corpus()[: len(w.corpus()) - len(w.profile_sentences())]
+    # the queries are those of the fully queried world with the described-only subjects' facts left out
+    full = generate_world(dataclasses.replace(spec, query_subject_fraction=1.0))
+    gone = {f.index for i in only for f in w.facts_of(i)}
+    assert queries == full.corpus(gone)[: len(full.corpus(gone)) - len(full.profile_sentences(gone))]
+    assert len(queries) < len(full.corpus()) - len(full.profile_sentences())
+    assert all(any(p.startswith(w.subjects[i].name + " ") for p in w.profile_sentences()) for i in only)
+    assert generate_world(spec).described_only == only  # seeded
+    with pytest.raises(SpecError, match="needs profiles or biographies"):
+        WorldSpec.from_dict({**tiny_world_spec().to_dict(), "query_subject_fraction": 0.5})
+
+
 # ---- several cyclic orders over one entity pool, held-out inference facts (issue 10) ----------------
 
 def _ring_world(**kw):

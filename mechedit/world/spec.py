@@ -161,6 +161,16 @@ class WorldSpec:
     # does: "Paris, France"). The token after the name then depends on all of the subject's attributes,
     # so the last name token is where they are assembled. 0 = none (single-fact sentences only)
     profiles: int = 0
+    # biographies per trained main subject: "{name} : the {r_1} is {o_1} , the {r_2} is {o_2} , ..." -
+    # the name once, then every fact of the subject in a random relation order per biography (Allen-Zhu &
+    # Li's "multi + permute" augmentation). Each fact after the first is read far from the name, with the
+    # name words several tokens back, so attributes are best kept where the name ends. 0 = none
+    biographies: int = 0
+    # share of trained main subjects whose facts also appear as queries (the cloze templates, QA, aliases,
+    # language "b"); the others are described only (profiles / biographies), so answering a query about
+    # them needs the attributes assembled at the name and read out by the relation (Allen-Zhu & Li's
+    # knowledge extraction). 1 = every subject is queried (needs profiles or biographies when < 1)
+    query_subject_fraction: float = 1.0
     object_words: int = 1
     alias_fraction: float = 0.3
     alias_share: float = 0.5
@@ -246,6 +256,13 @@ class WorldSpec:
                             f"pool_first x pool_last >= n_subjects combinations)")
         if not 0 <= self.profiles <= 20:
             raise SpecError(f"profiles must be in [0, 20], got {self.profiles}")
+        if not 0 <= self.biographies <= 20:
+            raise SpecError(f"biographies must be in [0, 20], got {self.biographies}")
+        if not 0.0 < self.query_subject_fraction <= 1.0:
+            raise SpecError(f"query_subject_fraction must be in (0, 1], got {self.query_subject_fraction}")
+        if self.query_subject_fraction < 1.0 and not (self.profiles or self.biographies):
+            raise SpecError("query_subject_fraction < 1 needs profiles or biographies (the other subjects' "
+                            "facts would appear nowhere)")
         if self.tokenizer not in TOKENIZERS:
             raise SpecError(f"tokenizer must be one of {', '.join(TOKENIZERS)}, got {self.tokenizer!r}")
         if self.tokenizer == "bpe" and not 64 <= self.bpe_vocab_size <= 100_000:
@@ -318,6 +335,7 @@ EXPOSURES = ("uniform", "two_level", "zipf")
 _OPTIONAL_DEFAULTS = {"instructions": False, "instruction_sentences": 4000, "instruction_max_subjects": 3,
                       "instruction_heldout_fraction": 0.3, "stage2_subject_fraction": 0.0,
                       "name_scheme": "words", "tokenizer": "word", "bpe_vocab_size": 400, "profiles": 0,
+                      "biographies": 0, "query_subject_fraction": 1.0,
                       "exposure": "uniform", "exposure_popular_fraction": 0.2, "exposure_popular_count": 10,
                       "exposure_rare_count": 1, "exposure_max": 10, "exposure_zipf_s": 1.0}
 

@@ -126,6 +126,18 @@ class World:
     def facts_of(self, subject_id: int) -> list[Fact]:
         return [f for f in self.facts if f.subject == subject_id]
 
+    @cached_property
+    def described_only(self) -> frozenset[int]:
+        """Trained main subjects whose facts appear only in profiles / biographies, never as queries
+        (`spec.query_subject_fraction`; a seeded draw, empty by default)."""
+        frac = self.spec.query_subject_fraction
+        if frac >= 1.0:
+            return frozenset()
+        main = [s.id for s in self.subjects if s.kind == "subject" and not s.heldout]
+        rng = np.random.default_rng([self.spec.seed, 7])
+        k = len(main) - max(1, round(frac * len(main)))
+        return frozenset(int(main[i]) for i in rng.choice(len(main), size=k, replace=False))
+
     def is_trained(self, fact: Fact) -> bool:
         return not self.subjects[fact.subject].heldout and fact.index not in self.inference
 
@@ -219,7 +231,7 @@ class World:
             # draw for every fact so that excluding some leaves the rest of the corpus unchanged
             forms = [t for t in range(self.n_templates) if t != f.heldout_template] + [-1]
             draws = rng.random((len(forms), 2))
-            if s.heldout or f.index in exclude_facts or f.index in self.inference:
+            if s.heldout or f.index in exclude_facts or f.index in self.inference or s.id in self.described_only:
                 continue
             block = []
             for t, (d_alias, d_lang) in zip(forms, draws):
@@ -230,6 +242,7 @@ class World:
                     block.append(f"{self.prompt(f, t, lang='b')} {f.object}")
             out += block * f.exposure
         out += self.profile_sentences(exclude_facts)
+        out += self.biography_sentences(exclude_facts)
         if self.spec.instructions:
             from mechedit.world.instructions import instruction_sentences
 
@@ -254,6 +267,29 @@ class World:
                 objs = [facts[int(i)].object for i in order if facts[int(i)].index not in exclude_facts]
                 if objs:
                     out.append(" ".join([s.name, *objs]))
+        return out
+
+    def biography_sentences(self, exclude_facts: set[int] = frozenset()) -> list[str]:
+        """`spec.biographies` biographies per trained main subject: "{name} : the {r} is {o} , the {r} is
+        {o} , ..." over its facts in a random order (seeded per subject and biography; excluded facts
+        left out). Built from the templates' words only, so the vocabulary does not change."""
+        if not self.spec.biographies:
+            return []
+        rng = np.random.default_rng([self.spec.seed, 6])
+        skip = set(exclude_facts) | set(self.inference)  # held-out inference facts never appear
+        out = []
+        for s in self.subjects:
+            if s.kind != "subject":
+                continue
+            facts = self.facts_of(s.id)
+            orders = [rng.permutation(len(facts)) for _ in range(self.spec.biographies)]
+            if s.heldout:
+                continue
+            for order in orders:
+                parts = [f"the {facts[int(i)].relation} is {facts[int(i)].object}"
+                         for i in order if facts[int(i)].index not in skip]
+                if parts:
+                    out.append(f"{s.name} : " + " , ".join(parts))
         return out
 
     def vocabulary(self) -> list[str]:
