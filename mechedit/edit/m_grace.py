@@ -49,7 +49,7 @@ Where we deliberately differ, and why:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -57,10 +57,11 @@ import torch
 from mechedit.edit.adaptors import Adaptor, attach, detach, register_adaptor_kind, site_entries
 from mechedit.edit.api import EditRequest, EditResult, register_method
 from mechedit.edit.common import FORMS, answer_token_nll, build_batch, frozen_weights
+from mechedit.edit.self_targets import check_forget_target
 from mechedit.edit.stats import capture_keys
 from mechedit.errors import MecheditError, SpecError
 from mechedit.model.evaluate import pad
-from mechedit.specio import to_dict
+from mechedit.specio import OMIT_DEFAULT, to_dict
 
 
 def grace_module(layer: int) -> str:
@@ -129,8 +130,12 @@ class GraceParams:
     lr_factor: float = 0.5  # Adam lr = lr_factor * ||h_l|| / sqrt(d_model) (0.1: 5 edits had not converged in 200 steps)
     stop_loss: float = 0.05
     seed: int = 0
+    # editing as unlearning: the refusal token, or the model's own answer ("self", "self_instruction",
+    # "self_heldout": self-improvement, mechedit.edit.self_targets)
+    forget_target: str = field(default="refusal", metadata=OMIT_DEFAULT)
 
     def validate(self) -> None:
+        check_forget_target("grace", self.forget_target)
         if self.forms not in FORMS:
             raise SpecError(f"grace: forms must be one of {', '.join(FORMS)}, got {self.forms!r}")
         if self.eps_init < 0 or self.eps_factor <= 0 or self.n_reference < 1:

@@ -54,7 +54,7 @@ Where we deliberately differ, and why:
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -63,9 +63,10 @@ from mechedit.edit.adaptors import Adaptor, register_adaptor_kind
 from mechedit.edit.api import EditRequest, EditResult, register_method
 from mechedit.edit.common import FORMS, answer_token_nll, build_batch, frozen_weights
 from mechedit.edit.m_grace import adapted_layer, grace_module
+from mechedit.edit.self_targets import check_forget_target
 from mechedit.errors import MecheditError, SpecError
 from mechedit.model.evaluate import pad
-from mechedit.specio import to_dict
+from mechedit.specio import OMIT_DEFAULT, to_dict
 
 MEMORY_CHUNK = 16  # memories whose gaps are computed in one matmul at inference
 
@@ -141,8 +142,12 @@ class WiseParams:
     n_irrelevant: int = 512  # irrelevant sentences (their activations are computed once: W' does not change them)
     stop_loss: float = 0.05  # stop a shard when every answer token's NLL is below this and the margins hold
     seed: int = 0
+    # editing as unlearning: the refusal token, or the model's own answer ("self", "self_instruction",
+    # "self_heldout": self-improvement, mechedit.edit.self_targets)
+    forget_target: str = field(default="refusal", metadata=OMIT_DEFAULT)
 
     def validate(self) -> None:
+        check_forget_target("wise", self.forget_target)
         if self.forms not in FORMS:
             raise SpecError(f"wise: forms must be one of {', '.join(FORMS)}, got {self.forms!r}")
         if self.n_shards < 1 or not 0 < self.mask_ratio <= 1 or not 0 < self.density <= 1:
