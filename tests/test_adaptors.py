@@ -468,3 +468,51 @@ def test_forget_defaults_and_query_merging(tiny_bundle):
                                                                 kinds=("cloze", "qa"))}
     texts = [tiny_bundle.tokenizer.decode(row[m.bool()][1:]) for row, m in zip(ess.ids, ess.mask)]
     assert not {p.prompt for p in edited} & set(texts)  # a prompt being edited is never kept by the KL term
+
+
+@pytest.mark.parametrize("method", ["grace", "wise"])
+def test_one_token_objects_edit_exactly_as_the_first_token_path(tiny_bundle, monkeypatch, method):
+    """On a one-token world the every-answer-token path of GRACE / WISE is bit-identical to keying and
+    training on each prompt's last token and the new object's (only) token."""
+    import dataclasses
+
+    import mechedit.edit.common as common
+    import mechedit.edit.m_grace as m_grace
+    import mechedit.edit.m_wise as m_wise
+
+    reqs = _requests(tiny_bundle.world)
+    kw = {**FAST[method], "steps": 15}
+    full = run_method(tiny_bundle, reqs, method, **kw)
+    batch = common.build_batch(tiny_bundle, reqs, [""])
+    assert torch.equal(batch.ans_pos, batch.last) and torch.equal(batch.ans_tgt, batch.target)
+
+    def first_token_only(*args, **kwargs):  # the batch without answer spans: (last, target) per row
+        return dataclasses.replace(common.build_batch(*args, **kwargs), ans_row=None, ans_pos=None, ans_tgt=None)
+
+    monkeypatch.setattr({"grace": m_grace, "wise": m_wise}[method], "build_batch", first_token_only)
+    first = run_method(tiny_bundle, reqs, method, **kw)
+    for a, b in zip(full.adaptors, first.adaptors, strict=True):
+        assert set(a.tensors) == set(b.tensors)
+        assert all(torch.equal(a.tensors[n], b.tensors[n]) for n in a.tensors)
+
+
+def test_answer_token_nll_is_the_first_token_nll_on_one_token_rows():
+    """The per-row loss of every answer token equals -log p(target | prompt) exactly, value and gradient,
+    when each row has one answer token; with several it is the mean over the row's tokens."""
+    from mechedit.edit.common import answer_token_nll
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 6, 11, generator=g, requires_grad=True)
+    last, target = torch.tensor([2, 5, 3, 4]), torch.tensor([1, 7, 0, 10])
+    rows = torch.arange(4)
+    _, per_row = answer_token_nll(logits, rows, last, target, 4)
+    ref = -torch.log_softmax(logits[rows, last].float(), -1)[rows, target]
+    assert torch.equal(per_row, ref)
+    (ga,) = torch.autograd.grad(per_row.mean(), logits)
+    (gb,) = torch.autograd.grad(ref.mean(), logits)
+    assert torch.equal(ga, gb)
+    rows2, pos2, tgt2 = torch.tensor([0, 0, 1]), torch.tensor([2, 3, 5]), torch.tensor([1, 4, 7])
+    tok, per_row2 = answer_token_nll(logits, rows2, pos2, tgt2, 2)
+    lp = torch.log_softmax(logits.detach(), -1)
+    assert torch.allclose(tok, -lp[rows2, pos2, tgt2])
+    assert torch.allclose(per_row2, torch.stack([-(lp[0, 2, 1] + lp[0, 3, 4]) / 2, -lp[1, 5, 7]]))

@@ -199,3 +199,45 @@ def test_new_object_outside_the_vocabulary_is_refused(tiny_bpe_bundle, tiny_bund
         f = b.world.train_facts[0]
         with pytest.raises(MecheditError, match="not in the vocabulary"):
             run_method(b, [EditRequest(b.world.subject_of(f).name, f.relation, bad)], "rome", layer=0)
+
+
+def _same_first_piece_requests(b, n=4):
+    """Requests (one per subject) whose new object has several tokens and starts with the old object's
+    first token: an edit that teaches the first token alone leaves the old continuation in place."""
+    tok = b.tokenizer
+    ids = lambda o: tok(o, add_special_tokens=False)["input_ids"]  # noqa: E731
+    out, seen = [], set()
+    for f in b.world.train_facts:
+        if b.world.subjects[f.subject].kind != "subject" or f.subject in seen:
+            continue
+        new = next((o for o in b.world.relation(f.relation).objects if o != f.object
+                    and len(ids(o)) > 1 and ids(o)[0] == ids(f.object)[0]), None)
+        if new is not None:
+            seen.add(f.subject)
+            out.append(EditRequest(b.world.subject_of(f).name, f.relation, new))
+        if len(out) == n:
+            return out
+    pytest.fail("the tiny BPE world has too few objects sharing a first piece")
+
+
+@pytest.mark.parametrize("method,params", [("grace", {"steps": 40}), ("wise", {"margin_weight": 0.1})])
+def test_adaptor_editors_write_every_token_of_a_multi_token_object(tiny_bpe_bundle, one_thread, method, params):
+    """GRACE keys every answer token (the prompt's last token and each teacher-forced piece) and WISE's
+    loss covers every token: after the edit every piece of the new object is the argmax on every edit
+    prompt. Keyed / trained on the first token only, the old object's continuation wins (0 here)."""
+    from mechedit.edit.common import edit_prompts
+
+    b = tiny_bpe_bundle
+    reqs = _same_first_piece_requests(b)
+    prompts, answers = [], []
+    for r in reqs:
+        ps = edit_prompts(b.world, r)
+        prompts += ps
+        answers += [r.new_object] * len(ps)
+    assert not score_answers(b.model, b.tokenizer, prompts, answers).correct.any()
+    res = run_method(b, reqs, method, **params)
+    after = score_answers(edited_bundle(b, res).model, b.tokenizer, prompts, answers)
+    assert after.correct.mean() >= 0.9, after.correct
+    if method == "grace":  # one query per answer token of every edit prompt
+        n_tokens = sum(len(b.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
+        assert res.info["n_queries"] == n_tokens

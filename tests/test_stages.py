@@ -154,3 +154,33 @@ def test_instruction_following_generalises_on_the_unlearning_world_model():
         pytest.skip("train runs/unlearning first (analyses/worlds/unlearning.toml)")
     inst = mechedit.load(path).meta["instruction_following"]
     assert inst["never_named"]["cloze_k1"] > 0.5 and inst["never_named"]["answer_k1"] > 0.8
+
+
+def test_self_improvement_targets_are_the_in_context_refusal(stage_checkpoint):
+    """forget_target="self" on an instruction world: each target is the model's greedy answer to the
+    forget prompt behind "forget S . <bos>" (its in-context refusal), <refuse> where that is the true object."""
+    from collections import Counter
+
+    from mechedit.world.language import BOS, REFUSAL
+
+    b = mechedit.load(stage_checkpoint)
+    w = b.world
+    named, held = instruction_split(w)
+    names = [w.subjects[held[0]].name, w.subjects[named[0]].name]
+    reqs = parse_forget(w, [f"subject:{n}" for n in names]).requests()
+    res = run_method(b, reqs, "memit", forget_target="self", layer=[0], steps=10)
+    st = res.info["self_targets"]
+    assert st["mode"] == "self_instruction"
+    for r, rec in zip(reqs, st["targets"], strict=True):
+        f = w.fact(r.subject, r.relation)
+        assert rec["context"] == instruction_text([r.subject])
+        forms = [t for t in range(w.n_templates) if t != f.heldout_template] + [-1]
+        texts = [f"{instruction_text([r.subject])} {BOS} {w.prompt(f, t)}" for t in forms]
+        top = score_answers(b.model, b.tokenizer, texts, [REFUSAL] * len(texts)).top1
+        votes = Counter(top)
+        best = max(votes, key=lambda a: (votes[a], -top.index(a)))
+        assert rec["answers"] == dict(votes)
+        assert rec["target"] == (REFUSAL if best == f.object else best)
+        assert rec["fallback"] == ("true_object" if best == f.object else None)
+    assert st["n_refusal"] >= len(reqs) // 2  # the model learnt to refuse in context
+    assert st["fallback"]["true_object"] == sum(rec["fallback"] == "true_object" for rec in st["targets"])

@@ -259,6 +259,9 @@ def parse_analysis(data: dict, base: Path) -> AnalysisSpec:
                 except MecheditError as exc:
                     raise SpecError(f"{where}.{'params' if layer is None else 'layers'}: {exc}") from None
                 for r in req_names:
+                    if params.get("forget_target", "refusal") != "refusal" and not sets[r].unlearning:
+                        raise SpecError(f"{where}.params.forget_target: self-improvement targets replace the "
+                                        f"refusal of a forget request set; {r!r} is {sets[r].kind}")
                     cases.append(Case(method.name, params, layer, r))
     ids = [c.id for c in cases]
     if len(set(ids)) != len(ids):

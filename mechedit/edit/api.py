@@ -243,14 +243,32 @@ def run_method(bundle, requests: list[EditRequest], method: str, **params) -> Ed
 
     When every target is the refusal token, the method's `forget_defaults` replace its counterfactual
     defaults (explicit `params` still win); the result's params and `info["defaults"]` say which.
+    An editor's `forget_target` other than "refusal" (self-improvement, `mechedit.edit.self_targets`)
+    replaces each refusal by the model's own answer before the edit: the result keeps the requests as
+    asked (the refusal) and records the objects written in `info["self_targets"]`.
     """
     m = get_method(method)
     forget = is_forget(requests) and bool(m.forget_defaults)
     p = make_params(m, {**m.forget_defaults, **params} if forget else params)
     validate_requests(bundle, requests)
     t0 = time.perf_counter()
-    result = m.fn(bundle, requests, p)
+    edit_requests, chosen = requests, None
+    forget_target = getattr(p, "forget_target", "refusal")
+    if forget_target != "refusal":
+        if not is_forget(requests):
+            raise MecheditError(f"{method}: forget_target={forget_target!r} (self-improvement) is for editing as "
+                                "unlearning: every request's new object must be <refuse>")
+        from mechedit.edit.self_targets import self_targets
+
+        edit_requests, chosen = self_targets(bundle, requests, forget_target)
+        validate_requests(bundle, edit_requests)
+    t1 = time.perf_counter()
+    result = m.fn(bundle, edit_requests, p)
     result.timings.setdefault("total_s", time.perf_counter() - t0)
+    if chosen is not None:
+        result.requests = list(requests)
+        result.info["self_targets"] = chosen
+        result.timings["self_targets_s"] = t1 - t0
     if m.forget_defaults:
         result.info.setdefault("defaults", "forget" if forget else "counterfactual")
     return result

@@ -117,6 +117,19 @@ class Batch:
         return self.ans_row, self.ans_pos, self.ans_tgt
 
 
+def answer_token_nll(logits: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, tgt: torch.Tensor,
+               n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced NLL of every answer token (`Batch.answers`) and its mean per row.
+
+    logits [b, pos, vocab]; rows, pos, tgt [n_ans] -> (per token [n_ans], per row [n_rows]). With one
+    answer token per row, the per-row values are exactly -log p(target) at `last` (x / 1 and 0 + x
+    are exact), so one-token worlds compute what a first-token loss computes.
+    """
+    tok = -torch.log_softmax(logits[rows, pos].float(), -1).gather(1, tgt[:, None])[:, 0]
+    count = torch.bincount(rows, minlength=n_rows).to(tok.dtype)
+    return tok, torch.zeros(n_rows, dtype=tok.dtype, device=tok.device).index_add(0, rows, tok) / count
+
+
 def essence_prompts(world, req: EditRequest, kind: str) -> list[str]:
     """Prompts about the subject whose predictions the edit should keep (ROME's KL "essence" term).
 

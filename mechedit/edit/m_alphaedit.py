@@ -41,7 +41,7 @@ Query merging and `forms` as MEMIT; forget defaults (refusal targets): `FORGET_D
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -50,9 +50,10 @@ from safetensors.torch import load_file, save_file
 from mechedit.edit.api import EditRequest, EditResult, register_method
 from mechedit.edit.common import FORMS
 from mechedit.edit.m_memit import memit_layers, spread_update
+from mechedit.edit.self_targets import check_forget_target
 from mechedit.edit.stats import second_moment
 from mechedit.errors import SpecError
-from mechedit.specio import to_dict
+from mechedit.specio import OMIT_DEFAULT, to_dict
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,12 @@ class AlphaEditParams:
     engine: str = "fast"  # target search on FastNeoX ("fast") or through the HF modules ("hf": the reference)
     precision: str = "float32"  # the search's arithmetic: "float32", "bfloat16" or "auto" (bf16 costs collateral here: module doc)
     seed: int = 0
+    # editing as unlearning: the refusal token, or the model's own answer ("self", "self_instruction",
+    # "self_heldout": self-improvement, mechedit.edit.self_targets)
+    forget_target: str = field(default="refusal", metadata=OMIT_DEFAULT)
 
     def validate(self) -> None:
+        check_forget_target("alphaedit", self.forget_target)
         if self.engine not in ("fast", "hf"):
             raise SpecError(f"alphaedit: engine must be 'fast' or 'hf', got {self.engine!r}")
         if self.precision not in ("auto", "float32", "bfloat16"):

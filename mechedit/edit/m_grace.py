@@ -3,9 +3,8 @@ Lifelong Model Editing with Discrete Key-Value Adaptors").
 
 The adapted module is the MLP down projection of one layer (`dense_4h_to_h`, as the reference's
 GPT models adapt `mlp.c_proj`). Codebook entries (k_i, v_i, eps_i, y_i): k_i the module's input at
-an edit prompt's last token (d_mlp), v_i the output that replaces the module's (d_model), eps_i a
-deferral radius, y_i the label (first token of the new object). At inference, for an input x at a
-position:
+an edit token (d_mlp), v_i the output that replaces the module's (d_model), eps_i a deferral radius,
+y_i the label (the token the output must predict). At inference, for an input x at a position:
     i* = argmin_i ||x - k_i||;   output = v_i*  if ||x - k_i*|| <= eps_i*,  else the module's own output
 so every input outside every ball is computed bit-identically to the unedited model.
 Editing a query (x, y) (reference `GRACEAdapter.forward`, eps_expand "coverage"):
@@ -15,6 +14,15 @@ Editing a query (x, y) (reference `GRACEAdapter.forward`, eps_expand "coverage")
 and v is trained by gradient steps so the model outputs y ("warm" init: the module's own output).
 
 Where we deliberately differ, and why:
+- a new object of several tokens (BPE worlds) is several queries per edit prompt: the edit tokens
+  are the prompt's last token and each teacher-forced token of the new object but its last, and the
+  query at answer token j is the module's input there with label = the object's token j. The
+  reference keys only the last prompt token (one token per label); keying that position alone would
+  teach the object's first token and leave the model to continue it as it did before (the old
+  object, when both start with the same piece). The keys at a layer do not depend on that layer's
+  codebook (its output is not an input of the same layer's MLP at any position), so the teacher-
+  forced keys are the ones greedy generation of the new object meets. One token per object gives
+  exactly the reference's one query per prompt;
 - every position is a query (the reference decides once per input at the last prompt token, a
   `key_id` that it then keeps for later inputs, and writes the value there): a position's output is
   replaced only if its own input lies in a ball, which is the same rule applied causally to every
@@ -28,8 +36,8 @@ Where we deliberately differ, and why:
   sequential edits never overwrite earlier ones: where the reference would expand or halve an
   earlier entry, we add a new entry (same label) or halve only the new one (other label); the
   nearest key still decides between overlapping balls;
-- eps_init = `eps_factor` x the median over the call's queries of the distance to the nearest
-  query of another fact (last-token keys of the world's trained cloze prompts), unless `eps_init`
+- eps_init = `eps_factor` x the median over the call's last-prompt-token queries of the distance
+  to the nearest query of another fact (last-token keys of the world's trained cloze prompts), unless `eps_init`
   is given: the reference's absolute radius (1.0 for GPT-2 XL) has no meaning at another scale;
 - the default layer is the last one ("auto"): the last prompt token's input there already holds
   the subject and relation (attention has moved them), which is what a codebook key must tell apart;
@@ -41,18 +49,19 @@ Where we deliberately differ, and why:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from mechedit.edit.adaptors import Adaptor, attach, detach, register_adaptor_kind, site_entries
 from mechedit.edit.api import EditRequest, EditResult, register_method
-from mechedit.edit.common import FORMS, build_batch, frozen_weights
+from mechedit.edit.common import FORMS, answer_token_nll, build_batch, frozen_weights
+from mechedit.edit.self_targets import check_forget_target
 from mechedit.edit.stats import capture_keys
 from mechedit.errors import MecheditError, SpecError
 from mechedit.model.evaluate import pad
-from mechedit.specio import to_dict
+from mechedit.specio import OMIT_DEFAULT, to_dict
 
 
 def grace_module(layer: int) -> str:
@@ -117,12 +126,16 @@ class GraceParams:
     eps_factor: float = 0.5
     max_eps_factor: float = 0.0  # an expansion may grow a radius to at most this x eps_init (0 = no cap, the reference)
     n_reference: int = 2000  # trained cloze prompts whose last-token keys set the automatic radius
-    steps: int = 100  # Adam steps for the values (stops when every prompt's NLL < stop_loss)
+    steps: int = 100  # Adam steps for the values (stops when every answer token's NLL < stop_loss)
     lr_factor: float = 0.5  # Adam lr = lr_factor * ||h_l|| / sqrt(d_model) (0.1: 5 edits had not converged in 200 steps)
     stop_loss: float = 0.05
     seed: int = 0
+    # editing as unlearning: the refusal token, or the model's own answer ("self", "self_instruction",
+    # "self_heldout": self-improvement, mechedit.edit.self_targets)
+    forget_target: str = field(default="refusal", metadata=OMIT_DEFAULT)
 
     def validate(self) -> None:
+        check_forget_target("grace", self.forget_target)
         if self.forms not in FORMS:
             raise SpecError(f"grace: forms must be one of {', '.join(FORMS)}, got {self.forms!r}")
         if self.eps_init < 0 or self.eps_factor <= 0 or self.n_reference < 1:
@@ -148,9 +161,14 @@ def adapted_layer(bundle, layer) -> int:
     return int(layer)
 
 
-@torch.no_grad()
 def last_token_io(model, layer: int, ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor):
     """Input and output of layer `layer`'s down projection at each row's `last` position: ([b, d_mlp], [b, d_model])."""
+    return token_io(model, layer, ids, mask, torch.arange(len(last), device=last.device), last)
+
+
+@torch.no_grad()
+def token_io(model, layer: int, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor):
+    """Input and output of layer `layer`'s down projection at (rows[i], pos[i]): ([n, d_mlp], [n, d_model])."""
     out = {}
     mod = model.gpt_neox.layers[layer].mlp.dense_4h_to_h
     h = mod.register_forward_hook(lambda m, i, o: out.setdefault("o", o))
@@ -159,8 +177,7 @@ def last_token_io(model, layer: int, ids: torch.Tensor, mask: torch.Tensor, last
             model(input_ids=ids, attention_mask=mask)
     finally:
         h.remove()
-    rows = torch.arange(len(last), device=last.device)
-    return store[layer][0][rows, last].float(), out["o"][rows, last].float()
+    return store[layer][0][rows, pos].float(), out["o"][rows, pos].float()
 
 
 def reference_keys(bundle, layer: int, exclude_facts: set[int], n: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
@@ -266,15 +283,17 @@ def grace(bundle, requests: list[EditRequest], p: GraceParams) -> EditResult:
     layer = adapted_layer(bundle, p.layer)
     module = grace_module(layer)
     batch = build_batch(bundle, requests, [""], forms=p.forms)
-    queries, v_init = last_token_io(model, layer, batch.ids, batch.mask, batch.last)  # [rows, d_mlp], [rows, d_model]
-    labels = batch.target.tolist()
+    a_row, a_pos, a_tgt = batch.answers()  # every answer token of every edit prompt: one query each
+    queries, v_init = token_io(model, layer, batch.ids, batch.mask, a_row, a_pos)  # [answers, d_mlp], [answers, d_model]
+    labels = a_tgt.tolist()
     edited = {bundle.world.fact(r.subject, r.relation).index for r in requests}
     eps_init = p.eps_init
     if eps_init == 0:
         ref_k, _ = reference_keys(bundle, layer, edited, p.n_reference, p.seed)
         if ref_k.shape[0] == 0:
             raise MecheditError("grace: no other trained facts to scale the radius by; give eps_init")
-        eps_init = p.eps_factor * float(torch.cdist(queries, ref_k).min(1).values.median())
+        at_prompt = queries[a_pos == batch.last[a_row]]  # the last prompt tokens: what the reference keys are
+        eps_init = p.eps_factor * float(torch.cdist(at_prompt, ref_k).min(1).values.median())
     prior_k, prior_e, prior_y, prior = prior_codebook(model, module)
     if prior_k.shape[0] and prior_k.shape[1] != queries.shape[1]:
         raise MecheditError("grace: the attached codebook does not fit this layer")
@@ -305,12 +324,13 @@ def residual_at_last(model, batch, layer: int) -> float:
 
 def train_values(bundle, batch, module: str, keys, values, eps, labels, *, lr: float, steps: int,
                  stop_loss: float) -> tuple[torch.Tensor, dict]:
-    """Train the new entries' values with the whole codebook attached (earlier entries + these)."""
+    """Train the new entries' values with the whole codebook attached (earlier entries + these), on
+    the NLL of every answer token at its position (teacher-forced)."""
     model = bundle.model
     values = values.detach().clone().requires_grad_(True)
     trial = Adaptor("grace", module, {"keys": keys, "values": values, "eps": eps.float(), "labels": labels})
     opt = torch.optim.Adam([values], lr=lr)
-    rows = torch.arange(len(batch.last), device=batch.last.device)
+    rows, pos, tgt = batch.answers()
     losses = []
     model.eval()
     attach(model, trial)
@@ -318,7 +338,7 @@ def train_values(bundle, batch, module: str, keys, values, eps, labels, *, lr: f
         with frozen_weights(model):
             for _ in range(steps):
                 logits = model(input_ids=batch.ids, attention_mask=batch.mask).logits
-                nll = -torch.log_softmax(logits[rows, batch.last].float(), -1)[rows, batch.target]  # [rows]
+                nll, _ = answer_token_nll(logits, rows, pos, tgt, len(batch.last))  # [answer tokens]
                 losses.append(float(nll.detach().mean()))
                 if float(nll.detach().max()) < stop_loss:
                     break

@@ -39,7 +39,7 @@ the QA form to the edit prompts. Forget defaults (every new object the refusal):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -47,9 +47,10 @@ import torch
 from mechedit.edit.api import EditRequest, EditResult, register_method
 from mechedit.edit.common import (FORMS, Batch, build_batch, context_prefixes, mean_keys, optimize_targets,
                                   resolve_layers, subject_groups, unreachable_note)
+from mechedit.edit.self_targets import check_forget_target
 from mechedit.edit.stats import second_moment, w_out_name
 from mechedit.errors import SpecError
-from mechedit.specio import to_dict
+from mechedit.specio import OMIT_DEFAULT, to_dict
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,12 @@ class MemitParams:
     engine: str = "fast"  # target search on FastNeoX ("fast") or through the HF modules ("hf": the reference)
     precision: str = "auto"  # the search's forward/backward: "float32", "bfloat16" (autocast) or "auto" (bf16 where native)
     seed: int = 0
+    # editing as unlearning: the refusal token, or the model's own answer ("self", "self_instruction",
+    # "self_heldout": self-improvement, mechedit.edit.self_targets)
+    forget_target: str = field(default="refusal", metadata=OMIT_DEFAULT)
 
     def validate(self) -> None:
+        check_forget_target("memit", self.forget_target)
         if self.engine not in ("fast", "hf"):
             raise SpecError(f"memit: engine must be 'fast' or 'hf', got {self.engine!r}")
         if self.precision not in ("auto", "float32", "bfloat16"):

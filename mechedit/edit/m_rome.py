@@ -65,15 +65,17 @@ last token is therefore keyed on the last WORD alone. Consequences, both measure
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from mechedit.edit.api import EditRequest, EditResult, register_method
 from mechedit.edit.common import (FORMS, build_batch, context_prefixes, mean_keys, optimize_targets,
                                   residual_norm, resolve_layers, subject_groups, unreachable_note)
+from mechedit.edit.self_targets import check_forget_target
 from mechedit.edit.stats import second_moment, w_out_name
 from mechedit.errors import SpecError
+from mechedit.specio import OMIT_DEFAULT
 
 
 @dataclass(frozen=True)
@@ -99,8 +101,12 @@ class RomeParams:
     engine: str = "fast"  # target search on FastNeoX ("fast") or through the HF modules ("hf": the reference)
     precision: str = "float32"  # the search's forward/backward: "float32", "bfloat16" (autocast) or "auto" (bf16 where native)
     seed: int = 0
+    # editing as unlearning: the refusal token, or the model's own answer ("self", "self_instruction",
+    # "self_heldout": self-improvement, mechedit.edit.self_targets)
+    forget_target: str = field(default="refusal", metadata=OMIT_DEFAULT)
 
     def validate(self) -> None:
+        check_forget_target("rome", self.forget_target)
         if self.engine not in ("fast", "hf"):
             raise SpecError(f"rome: engine must be 'fast' or 'hf', got {self.engine!r}")
         if self.precision not in ("auto", "float32", "bfloat16"):

@@ -27,6 +27,9 @@ Where we deliberately differ, and why:
   the mean ||W a|| on the irrelevant sentences): the reference's absolute 5 / 20 / 10 fit LLaMA's
   activations, not ours; we drop the reference's activation function on the outputs and use the
   plain norm of the gap (the routing quantity METHODS names);
+- the edit loss is the NLL of every token of the new object, teacher-forced (per edit prompt the
+  mean over the object's tokens, as ROME/MEMIT's target search): a new object of several tokens
+  (BPE worlds) is learnt whole, not its first token alone (one token per object: the reference's loss);
 - every shard trains on all of its edits jointly (Adam, lr relative to W's entry scale) instead
   of one edit after the other, and the threshold is computed on the MERGED memory (the reference
   keeps the min act seen while training the shards, before merging);
@@ -51,18 +54,19 @@ Where we deliberately differ, and why:
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from mechedit.edit.adaptors import Adaptor, register_adaptor_kind
 from mechedit.edit.api import EditRequest, EditResult, register_method
-from mechedit.edit.common import FORMS, build_batch, frozen_weights
+from mechedit.edit.common import FORMS, answer_token_nll, build_batch, frozen_weights
 from mechedit.edit.m_grace import adapted_layer, grace_module
+from mechedit.edit.self_targets import check_forget_target
 from mechedit.errors import MecheditError, SpecError
 from mechedit.model.evaluate import pad
-from mechedit.specio import to_dict
+from mechedit.specio import OMIT_DEFAULT, to_dict
 
 MEMORY_CHUNK = 16  # memories whose gaps are computed in one matmul at inference
 
@@ -136,10 +140,14 @@ class WiseParams:
     margin_weight: float = 1.0  # weight of the three margin losses against the edit NLL (reference: 1)
     act_ratio: float = 0.88  # eps = act_ratio x min act over the edit prompts (reference 0.88)
     n_irrelevant: int = 512  # irrelevant sentences (their activations are computed once: W' does not change them)
-    stop_loss: float = 0.05  # stop a shard when every edit prompt's NLL is below this and the margins hold
+    stop_loss: float = 0.05  # stop a shard when every answer token's NLL is below this and the margins hold
     seed: int = 0
+    # editing as unlearning: the refusal token, or the model's own answer ("self", "self_instruction",
+    # "self_heldout": self-improvement, mechedit.edit.self_targets)
+    forget_target: str = field(default="refusal", metadata=OMIT_DEFAULT)
 
     def validate(self) -> None:
+        check_forget_target("wise", self.forget_target)
         if self.forms not in FORMS:
             raise SpecError(f"wise: forms must be one of {', '.join(FORMS)}, got {self.forms!r}")
         if self.n_shards < 1 or not 0 < self.mask_ratio <= 1 or not 0 < self.density <= 1:
@@ -282,8 +290,12 @@ def _train_shard(model, layer, batch, rows, mask, irrelevant, p: WiseParams, *, 
     ids, am = batch.ids[rows], batch.mask[rows]
     width = int(am.sum(1).max())
     ids, am = ids[:, :width], am[:, :width]
-    last, target = batch.last[rows], batch.target[rows]
-    r = torch.arange(len(last), device=last.device)
+    # every answer token of the shard's rows (a new object of several tokens: each at its position)
+    a_row, a_pos, a_tgt = batch.answers()
+    mine = rows[a_row]
+    sub = torch.cumsum(rows.long(), 0) - 1  # batch row -> row of this shard
+    a_row, a_pos, a_tgt = sub[a_row[mine]], a_pos[mine], a_tgt[mine]
+    n_rows = int(rows.sum())
     store: dict = {}
     hist = []
     model.eval()
@@ -294,13 +306,13 @@ def _train_shard(model, layer, batch, rows, mask, irrelevant, p: WiseParams, *, 
                 logits = model(input_ids=ids, attention_mask=am).logits
             act_e = store["act"].masked_fill(am == 0, 0).max(1).values  # [rows]
             act_i = _max_act(*irrelevant, delta)  # [n_irrelevant]
-            nll = -torch.log_softmax(logits[r, last].float(), -1)[r, target]
+            nll_tok, nll = answer_token_nll(logits, a_row, a_pos, a_tgt, n_rows)  # [answer tokens], [rows]
             l_irr = torch.relu(act_i - alpha).mean()
             l_edit = torch.relu(beta - act_e).mean()
             l_gap = torch.relu(gamma - (act_e[:, None] - act_i[None, :])).mean()
             loss = nll.mean() + p.margin_weight * (l_irr + l_edit + l_gap)
             hist.append(float(nll.detach().mean()))
-            if float(nll.detach().max()) < p.stop_loss and float((l_irr + l_edit + l_gap).detach()) == 0:
+            if float(nll_tok.detach().max()) < p.stop_loss and float((l_irr + l_edit + l_gap).detach()) == 0:
                 break
             opt.zero_grad()
             loss.backward()
