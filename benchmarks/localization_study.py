@@ -82,6 +82,12 @@ SETTINGS: dict[str, dict] = {
                                       "(their facts only in profiles: recall needs extraction)",
                              "world": {**FIRST_LAST, "profiles": 6, "query_subject_fraction": 0.5},
                              "model": "default"},
+    "first_last_p12l1_q50": {"lever": "names + 12 one-object profiles per subject (attributes only right after "
+                                      "the name); half the subjects never queried",
+                             "world": {**FIRST_LAST, "profiles": 12, "profile_length": 1,
+                                       "query_subject_fraction": 0.5}, "model": "default"},
+    "first_last_relfirst": {"lever": "names + relation-first templates (the relation known where the name ends)",
+                            "world": {**FIRST_LAST, "templates": "relation_first"}, "model": "default"},
     "subject_level": {"lever": "the shipped preset (analyses/worlds/subject_level.toml + "
                                "analyses/models/subject_level.toml)",
                       "world_file": "analyses/worlds/subject_level.toml",
@@ -305,9 +311,9 @@ def _fmt(x, nd=2):
 def table(results: list[dict]) -> str:
     """Markdown table: one row per setting."""
     head = ("| setting | train s (epochs) to targets | last word / token unique | MI(first; obj) / MI(last; obj) in H (objects shuffled) | "
-            "MLP IE at last subj tok by layer | attn IE at last tok by layer | located MLP | ROME eff / para | "
-            "sibling flipped (others) |")
-    lines = [head, "|" + "---|" * 9]
+            "MLP IE at last subj tok by layer | MLP IE at last tok by layer | attn IE at last tok by layer | "
+            "located MLP | ROME eff / para | sibling flipped (others) |")
+    lines = [head, "|" + "---|" * 10]
     for r in results:
         tr, nm = r["train"], r["names"]
         unit = nm.get("tokens", nm["words"])
@@ -318,11 +324,12 @@ def table(results: list[dict]) -> str:
         prof = r["trace"]["profile"]
         mlp = " ".join(_fmt(x) for x in prof["mlp"]["last_subject"]["mean"])
         att = " ".join(_fmt(x) for x in prof["attn"]["last"]["mean"])
+        mlp_last = " ".join(_fmt(x) for x in prof["mlp"]["last"]["mean"])
         train = f"{tr['seconds']:.0f} ({tr['epochs']})" + ("" if tr["reached"] else " not reached")
         uniq = f"{nm['words']['last_unique']:.2f}" + (f" / {nm['tokens']['last_unique']:.2f}" if "tokens" in nm else "")
         rome = r["rome"]
         lines.append(
-            f"| {r['setting']} | {train} | {uniq} | {mi_s} | {mlp} | {att} | {r['trace']['mlp_layer']} | "
+            f"| {r['setting']} | {train} | {uniq} | {mi_s} | {mlp} | {mlp_last} | {att} | {r['trace']['mlp_layer']} | "
             f"{_fmt(rome['efficacy']['mean'])} / {_fmt(rome['paraphrase']['mean'])} | "
             f"{_fmt(rome['sibling_flipped']['mean'])} ({_fmt(rome['other_flipped']['mean'])}) |")
         del unit

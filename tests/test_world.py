@@ -269,6 +269,37 @@ def test_profile_sentences_list_every_object_of_a_subject_after_its_name():
     assert all(Counter(p.split()[n:]) == kept for p in left)
 
 
+def test_short_profiles_walk_every_fact_once_right_after_the_name():
+    from collections import Counter
+
+    w = generate_world(dataclasses.replace(tiny_world_spec(), profiles=4, profile_length=1))
+    main = [s for s in w.subjects if s.kind == "subject" and not s.heldout]
+    prof = w.profile_sentences()
+    assert len(prof) == 4 * len(main)
+    for i, s in enumerate(main):
+        facts = w.facts_of(s.id)
+        mine = prof[4 * i: 4 * i + 4]
+        n = len(s.name.split())
+        assert all(p.split()[:n] == s.name.split() and len(p.split()) == n + 1 for p in mine)
+        got = Counter(p.split()[-1] for p in mine)
+        want = Counter(f.object for f in facts)
+        if len(facts) <= 4:  # the walk covers every fact before it repeats
+            assert all(got[o] >= c for o, c in want.items())
+
+
+def test_relation_first_templates_name_the_relation_before_the_subject():
+    w = generate_world(dataclasses.replace(tiny_world_spec(), templates="relation_first"))
+    plain = generate_world(tiny_world_spec())
+    assert set(w.vocabulary()) == set(plain.vocabulary())  # the same words
+    for f in w.train_facts[:20]:
+        for t in range(w.n_templates):
+            words = w.prompt(f, t).split()
+            a, _ = w.subject_span(words, f)
+            assert f.relation in words[:a], (t, words)
+    with pytest.raises(SpecError, match="templates must be"):
+        WorldSpec.from_dict({**tiny_world_spec().to_dict(), "templates": "subject_first"})
+
+
 def test_biographies_name_once_then_every_fact_with_its_relation():
     w = generate_world(dataclasses.replace(tiny_world_spec(), biographies=2))
     plain = generate_world(tiny_world_spec())

@@ -18,6 +18,16 @@ TEMPLATES: tuple[str, ...] = (
     "for {s} , the {r} is",
     "{r} of {s} :",
 )
+# Relation-first templates (spec `templates = "relation_first"`): the relation is named before the
+# subject in every prompt, so it is known where the name ends; the same function words as above.
+RELATION_FIRST_TEMPLATES: tuple[str, ...] = (
+    "the {r} of {s} is",
+    "{r} of {s} :",
+    "for the {r} of {s} , a :",
+    "what {r} has {s} ?",
+    "the {r} of {s} :",
+)
+TEMPLATE_SETS = {"mixed": TEMPLATES, "relation_first": RELATION_FIRST_TEMPLATES}
 QA_TEMPLATE = "q : what is the {r} of {s} ? a :"
 
 REFUSAL = "<refuse>"

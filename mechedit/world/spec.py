@@ -161,6 +161,11 @@ class WorldSpec:
     # does: "Paris, France"). The token after the name then depends on all of the subject's attributes,
     # so the last name token is where they are assembled. 0 = none (single-fact sentences only)
     profiles: int = 0
+    # objects per profile sentence: 0 = all of the subject's facts (a random order per sentence); k >= 1 =
+    # "{name} {o} ..." with k objects, the sentences of a subject walking one random order of its facts
+    # (profiles x k >= the number of facts covers each fact), so only the positions right after the name
+    # predict attributes: the attributes are needed where the name ends and nowhere else
+    profile_length: int = 0
     # biographies per trained main subject: "{name} : the {r_1} is {o_1} , the {r_2} is {o_2} , ..." -
     # the name once, then every fact of the subject in a random relation order per biography (Allen-Zhu &
     # Li's "multi + permute" augmentation). Each fact after the first is read far from the name, with the
@@ -177,6 +182,9 @@ class WorldSpec:
     crosslingual_share: float = 0.3
     heldout_subject_fraction: float = 0.1
     n_templates: int = 4
+    # the cloze template set (language.TEMPLATE_SETS): "mixed" (default; the subject first in some, the
+    # relation first in others) or "relation_first" (the relation always before the subject)
+    templates: str = "mixed"
     # in-context unlearning (off by default): the vocabulary gets the instruction words and the corpus
     # `instruction_sentences` sentences "forget S1 , S2 . <bos> QUERY ANSWER" (ANSWER = <refuse> when
     # the query is about a named subject); `instruction_heldout_fraction` of the first-stage subjects
@@ -256,6 +264,8 @@ class WorldSpec:
                             f"pool_first x pool_last >= n_subjects combinations)")
         if not 0 <= self.profiles <= 20:
             raise SpecError(f"profiles must be in [0, 20], got {self.profiles}")
+        if not 0 <= self.profile_length <= 20:
+            raise SpecError(f"profile_length must be in [0, 20], got {self.profile_length}")
         if not 0 <= self.biographies <= 20:
             raise SpecError(f"biographies must be in [0, 20], got {self.biographies}")
         if not 0.0 < self.query_subject_fraction <= 1.0:
@@ -275,6 +285,8 @@ class WorldSpec:
                 raise SpecError(f"{key} must be in [0, 1], got {v}")
         if self.heldout_subject_fraction >= 1.0:
             raise SpecError("heldout_subject_fraction must be < 1 (some subjects must be trained)")
+        if self.templates not in ("mixed", "relation_first"):
+            raise SpecError(f"templates must be 'mixed' or 'relation_first', got {self.templates!r}")
         if not 2 <= self.n_templates <= 5:
             raise SpecError(f"n_templates must be in [2, 5] (one is held out per subject), got {self.n_templates}")
         if not 0.0 <= self.stage2_subject_fraction < 1.0 or \
@@ -335,7 +347,8 @@ EXPOSURES = ("uniform", "two_level", "zipf")
 _OPTIONAL_DEFAULTS = {"instructions": False, "instruction_sentences": 4000, "instruction_max_subjects": 3,
                       "instruction_heldout_fraction": 0.3, "stage2_subject_fraction": 0.0,
                       "name_scheme": "words", "tokenizer": "word", "bpe_vocab_size": 400, "profiles": 0,
-                      "biographies": 0, "query_subject_fraction": 1.0,
+                      "profile_length": 0, "biographies": 0, "query_subject_fraction": 1.0,
+                      "templates": "mixed",
                       "exposure": "uniform", "exposure_popular_fraction": 0.2, "exposure_popular_count": 10,
                       "exposure_rare_count": 1, "exposure_max": 10, "exposure_zipf_s": 1.0}
 

@@ -160,7 +160,7 @@ class World:
 
     @property
     def templates(self) -> tuple[str, ...]:
-        return L.TEMPLATES[: self.spec.n_templates]
+        return L.TEMPLATE_SETS[self.spec.templates][: self.spec.n_templates]
 
     @property
     def objects(self) -> list[str]:
@@ -260,7 +260,12 @@ class World:
             if s.kind != "subject":
                 continue
             facts = self.facts_of(s.id)
-            orders = [rng.permutation(len(facts)) for _ in range(self.spec.profiles)]
+            k = self.spec.profile_length
+            if k:  # one random order per subject, walked k objects per sentence
+                walk = rng.permutation(len(facts))
+                orders = [[walk[(i * k + j) % len(facts)] for j in range(k)] for i in range(self.spec.profiles)]
+            else:
+                orders = [rng.permutation(len(facts)) for _ in range(self.spec.profiles)]
             if s.heldout:
                 continue
             for order in orders:
