@@ -55,6 +55,8 @@ SETTINGS: dict[str, dict] = {
     "first_last": {"lever": "names: balanced first x last names (~14 subjects per word)",
                    "world": FIRST_LAST, "model": "default"},
     "bpe": {"lever": "tokenizer: BPE, 180 tokens (names in pieces)", "world": BPE, "model": "default"},
+    "bpe_6l": {"lever": "tokenizer + depth: BPE, 180 tokens, 6 layers (the default world's names)", "world": BPE,
+               "model": {"preset": "default", "model": {"n_layers": 6}}},
     "first_last_6l": {"lever": "names + depth: 6 layers", "world": FIRST_LAST,
                       "model": {"preset": "default", "model": {"n_layers": 6}}},
     "first_last_seq": {"lever": "names + residual: sequential (GPT-2)", "world": FIRST_LAST,
