@@ -291,15 +291,6 @@ def cached_set(resume_dir: str, checkpoint: str, before, n: int, seed: int, meth
     res = run_set(checkpoint, before, n, seed, methods, knowledge, with_reference, diag, stored, save)
     save(res, complete=True)
     return {**res, "methods": methods, "diagnose_options": diag or {}, "complete": True}
-    res = {**run_set(checkpoint, before, n, seed, methods, knowledge, with_reference, diag), "methods": methods,
-           "diagnose_options": diag or {}}
-    if path:
-        os.makedirs(resume_dir, exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(res, fh, indent=1, default=str)
-        os.replace(tmp, path)
-    return res
 
 
 def summarize(sets: list[dict], methods: list[str]) -> dict:
