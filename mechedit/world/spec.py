@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mechedit.errors import SpecError
+from mechedit.world.language import TEMPLATE_SETS
 from mechedit.specio import OMIT_DEFAULT, check_fields, from_dict, load_spec_file, to_dict
 
 # A world is held in memory whole (facts, probe sets, the tokenized corpus: ~5-10 sentences per fact),
@@ -285,8 +286,8 @@ class WorldSpec:
                 raise SpecError(f"{key} must be in [0, 1], got {v}")
         if self.heldout_subject_fraction >= 1.0:
             raise SpecError("heldout_subject_fraction must be < 1 (some subjects must be trained)")
-        if self.templates not in ("mixed", "relation_first"):
-            raise SpecError(f"templates must be 'mixed' or 'relation_first', got {self.templates!r}")
+        if self.templates not in TEMPLATE_SETS:
+            raise SpecError(f"templates must be one of {', '.join(TEMPLATE_SETS)}, got {self.templates!r}")
         if not 2 <= self.n_templates <= 5:
             raise SpecError(f"n_templates must be in [2, 5] (one is held out per subject), got {self.n_templates}")
         if not 0.0 <= self.stage2_subject_fraction < 1.0 or \
