@@ -201,7 +201,8 @@ def test_bad_study_specs_exit_2_naming_the_key(tmp_path, edit, key):
         assert r.returncode == 2 and key in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("name", ["behemoth_quick", "rwku_quick", "editing_as_unlearning_quick"])
+@pytest.mark.parametrize("name", ["behemoth_quick", "rwku_quick", "editing_as_unlearning_quick",
+                                  "behemoth", "rwku", "editing_as_unlearning"])
 def test_study_specs_of_the_repository_parse(name):
     spec = load_analysis(ROOT / "analyses" / f"{name}.toml")
     assert spec.findings and all(f.claim for f in spec.findings)
