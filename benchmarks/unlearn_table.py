@@ -3,6 +3,7 @@
 Usage: OMP_NUM_THREADS=1 python benchmarks/unlearn_table.py [CHECKPOINT] [--methods ga,npo,...]
        [--sizes 1,10,50] [--seeds 0,1,2] [--max-seeds-from 50] [--knowledge all|pretrained|finetuned]
        [--json out.json] [--reference retrained|none]
+       python benchmarks/unlearn_table.py --condense out.json [...]   (compact table of earlier runs)
 
 Pretrained vs fine-tuned knowledge (Li et al. 2025), on analyses/worlds/unlearning.toml:
     benchmarks/unlearn_table.py runs/unlearning --knowledge pretrained      (first-stage, never-named subjects)
@@ -330,6 +331,31 @@ def summarize(sets: list[dict], methods: list[str]) -> dict:
     return out
 
 
+CONDENSED = ("fgt_cloze", "adv", "nbr_rel", "mia_answer", "probe", "relearn")
+
+
+def condense(paths: list[str], cols: tuple[str, ...] = CONDENSED) -> None:
+    """One markdown table per `--json` file of this script: a row per method, a cell per forget size
+    holding the mean over that size's sets of each column in `cols` (the retrained row's own values;
+    ICU's "n/a" where it could not run), with the number of sets per size in the header."""
+    for path in paths:
+        with open(path) as fh:
+            data = json.load(fh)
+        summary = {int(k): v for k, v in data["summary"].items()}
+        sizes = sorted(summary)
+        methods = ["original", "retrained", *data["methods"]]
+        print(f"\n{path}: {data['checkpoint']}; cells: {' / '.join(cols)}\n")
+        print("| method | " + " | ".join(f"{n} subject(s), {summary[n]['n_sets']} set(s)" for n in sizes) + " |")
+        print("|---" * (len(sizes) + 1) + "|")
+        for m in methods:
+            cells = []
+            for n in sizes:
+                store = summary[n]["methods"].get(m)
+                cells.append("n/a" if not store else
+                             " / ".join(f"{store[c]['mean']:.2f}" if c in store else "-" for c in cols))
+            print(f"| {m} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", nargs="?", default="runs/model")
@@ -346,7 +372,12 @@ def main() -> None:
     ap.add_argument("--probe-max-train", type=int, default=None, help="probe training prompts per relation "
                     "(the leftover suite's default 3000 when not given)")
     ap.add_argument("--n-boot", type=int, default=None, help="bootstrap resamples (default 1000)")
+    ap.add_argument("--condense", nargs="+", metavar="JSON", help="print the compact table of earlier --json "
+                    "files (README) and exit")
     args = ap.parse_args()
+    if args.condense:
+        condense(args.condense)
+        return
     diag = {k: v for k, v in (("probe_max_train", args.probe_max_train), ("n_boot", args.n_boot)) if v is not None}
     torch.set_num_threads(1)
     methods = [m for m in args.methods.split(",") if m]
