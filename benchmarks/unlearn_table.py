@@ -49,8 +49,9 @@ from mechedit.errors import MecheditError
 from mechedit.model.checkpoint import load_checkpoint
 from mechedit.unlearn import parse_forget
 
-# method name -> {"params": overrides of the registered defaults, "max_requests": skip larger forget
-# sets (None: never)}. Extend here (a new registered method needs only its name).
+# row name -> {"params": overrides of the registered defaults, "max_requests": skip larger forget
+# sets (None: never), "method": the registered method when the row name is not one (a variant row)}.
+# Extend here (a new registered method needs only its name).
 METHODS: dict[str, dict] = {
     "ga": {}, "gd": {}, "npo": {}, "dpo": {}, "rt": {}, "rmu": {},  # loss-based unlearning
     # editing as unlearning ("<refuse>" as the new object). ROME edits one request after another,
@@ -61,7 +62,11 @@ METHODS: dict[str, dict] = {
     "memit": {}, "alphaedit": {},
     "grace": {}, "wise": {},  # adaptor editors as unlearners (their forget defaults)
     "repe": {}, "icu": {},  # no weight change: steering, and the forget instruction (instruction worlds only)
+    # ICU with an instruction naming more subjects than any training instruction did (not in the default
+    # list: outside what the model learnt; e.g. --methods icu_long --sizes 10 on analyses/worlds/unlearning.toml)
+    "icu_long": {"method": "icu", "params": {"max_subjects": 64}},
 }
+DEFAULT_METHODS = [m for m in METHODS if m != "icu_long"]
 SUITES = ("forget", "leftover", "relearn", "forget_quality")
 
 
@@ -174,7 +179,7 @@ def run_set(checkpoint: str, before, n: int, seed: int, methods: list[str], know
                 continue
             after = load_checkpoint(checkpoint)
             try:
-                res = run_method(before, reqs, method, **spec.get("params", {}))
+                res = run_method(before, reqs, spec.get("method", method), **spec.get("params", {}))
             except MecheditError as exc:  # e.g. ICU on more subjects than the model learnt to name at once
                 print(f"| {method} | n/a: {exc} |", flush=True)
                 continue
@@ -339,8 +344,12 @@ def condense(paths: list[str], cols: tuple[str, ...] = CONDENSED) -> None:
     holding the mean over that size's sets of each column in `cols` (the retrained row's own values;
     ICU's "n/a" where it could not run), with the number of sets per size in the header."""
     for path in paths:
-        with open(path) as fh:
-            data = json.load(fh)
+        try:
+            with open(path) as fh:
+                data = json.load(fh)
+            data["summary"], data["methods"], data["checkpoint"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SystemExit(f"--condense {path}: not a table written by --json ({type(exc).__name__}: {exc})") from None
         summary = {int(k): v for k, v in data["summary"].items()}
         sizes = sorted(summary)
         methods = ["original", "retrained", *data["methods"]]
@@ -359,7 +368,7 @@ def condense(paths: list[str], cols: tuple[str, ...] = CONDENSED) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", nargs="?", default="runs/model")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     ap.add_argument("--sizes", default="1,10")
     ap.add_argument("--seeds", default="0,1,2", help="forget-set seeds for every size below --max-seeds-from")
     ap.add_argument("--max-seeds-from", type=int, default=50, help="sizes from here on use the first seed only")
