@@ -50,7 +50,8 @@ from mechedit.model.checkpoint import load_checkpoint
 from mechedit.unlearn import parse_forget
 
 # row name -> {"params": overrides of the registered defaults, "max_requests": skip larger forget
-# sets (None: never), "method": the registered method when the row name is not one (a variant row)}.
+# sets (None: never), "method": the registered method when the row name is not one (a variant row),
+# "extra": left out of the default --methods list}.
 # Extend here (a new registered method needs only its name).
 METHODS: dict[str, dict] = {
     "ga": {}, "gd": {}, "npo": {}, "dpo": {}, "rt": {}, "rmu": {},  # loss-based unlearning
@@ -64,9 +65,9 @@ METHODS: dict[str, dict] = {
     "repe": {}, "icu": {},  # no weight change: steering, and the forget instruction (instruction worlds only)
     # ICU with an instruction naming more subjects than any training instruction did (not in the default
     # list: outside what the model learnt; e.g. --methods icu_long --sizes 10 on analyses/worlds/unlearning.toml)
-    "icu_long": {"method": "icu", "params": {"max_subjects": 64}},
+    "icu_long": {"method": "icu", "params": {"max_subjects": 64}, "extra": True},
 }
-DEFAULT_METHODS = [m for m in METHODS if m != "icu_long"]
+DEFAULT_METHODS = [m for m, spec in METHODS.items() if not spec.get("extra")]
 SUITES = ("forget", "leftover", "relearn", "forget_quality")
 
 
