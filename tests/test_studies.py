@@ -201,6 +201,33 @@ def test_bad_study_specs_exit_2_naming_the_key(tmp_path, edit, key):
         assert r.returncode == 2 and key in r.stderr and "Traceback" not in r.stderr
 
 
+def test_icu_beyond_the_instructions_is_refused_before_the_run(tmp_path):
+    """The full RWKU spec once stopped hours in at its ICU case (10 subjects, instructions of at most 3):
+    the world check finds it before the run folder is written, naming the key that lifts the limit."""
+    from mechedit.analysis.runner import check_world_fit, resolve_model
+
+    for sub in ("worlds", "models"):
+        (tmp_path / sub).mkdir()
+    for f in ("worlds/rwku.toml", "models/unlearning.toml", "worlds/exposure.toml"):
+        (tmp_path / f).write_text((ROOT / "analyses" / f).read_text())
+    text = (ROOT / "analyses" / "rwku.toml").read_text()
+    spec = tmp_path / "rwku.toml"
+    spec.write_text(text)
+    good = load_analysis(spec)
+    check_world_fit(good, resolve_model(good)[1])  # the shipped spec lifts the limit
+    spec.write_text(text.replace("params = { max_subjects = 10 }", ""))
+    bad = load_analysis(spec)
+    with pytest.raises(SpecError, match=re.escape("params.max_subjects")):
+        check_world_fit(bad, resolve_model(bad)[1])
+    spec.write_text(text.replace("worlds/rwku.toml", "worlds/exposure.toml"))
+    no_instructions = load_analysis(spec)
+    with pytest.raises(SpecError, match="forget instructions"):
+        check_world_fit(no_instructions, resolve_model(no_instructions)[1])
+    r = cli("run", spec, "-o", tmp_path / "run")
+    assert r.returncode == 2 and "forget instructions" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("name", ["behemoth_quick", "rwku_quick", "editing_as_unlearning_quick",
                                   "behemoth", "rwku", "editing_as_unlearning"])
 def test_study_specs_of_the_repository_parse(name):

@@ -146,6 +146,24 @@ def check_layers(spec: AnalysisSpec, n_layers: int) -> None:
                                 f"(the model has layers 0..{n_layers - 1})")
 
 
+def check_world_fit(spec: AnalysisSpec, world) -> None:
+    """What the world must offer a case, checked before the run folder is written: in-context
+    unlearning (icu) needs a world with forget instructions, and a forget set of no more subjects than
+    an instruction names (`instruction_max_subjects`, or the case's `max_subjects`). Without this
+    check a study stops at that case, possibly hours in."""
+    for c in spec.cases:
+        if c.method != "icu":
+            continue
+        if not world.spec.instructions:
+            raise SpecError(f"grid: icu on request set {c.requests!r} needs a world with forget instructions "
+                            "(world option instructions = true; see analyses/worlds/unlearning.toml)")
+        n = spec.request_sets[c.requests].subjects
+        limit = c.params.get("max_subjects") or world.spec.instruction_max_subjects
+        if n is not None and n > limit:
+            raise SpecError(f"grid: icu on request set {c.requests!r} ({n} subjects): the world's instructions name at "
+                            f"most {world.spec.instruction_max_subjects} subjects (params.max_subjects raises the limit)")
+
+
 def case_done(run_dir: Path, case: dict, spec_hash: str) -> bool:
     """A case is done when its file parses, has its fields and belongs to this spec and case (else it
     is run again: a half-written or foreign file is never counted)."""
@@ -206,6 +224,8 @@ def run_analysis(spec_path: str | Path, run_dir: str | Path, *, executor_name: s
     resume = _open_run_dir(spec, run_dir, force, prec)
     resolved = resolve_model(spec)
     check_layers(spec, resolved[-1])
+    if resolved[1] is not None:
+        check_world_fit(spec, resolved[1])
     spec_file = run_dir / "spec.json"
     cases = [{"id": c.id, **c.key} for c in spec.cases]
     record = {"name": spec.name, "spec": spec.raw, "spec_hash": spec.hash(),
