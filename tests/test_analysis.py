@@ -14,7 +14,7 @@ from clitools import invoke as cli  # in-process; the kill test needs a real pro
 from conftest import render_in_chromium
 
 from mechedit.analysis import load_analysis, run_analysis
-from mechedit.errors import SpecError
+from mechedit.errors import MecheditError, SpecError
 
 HERE = Path(__file__).parent
 
@@ -61,6 +61,39 @@ def test_rerun_skips_finished_cases(reference_run, tiny_checkpoint):
     res = run_analysis(spec, reference_run, workers=1)
     assert res["ran"] == 0 and res["skipped"] == 3
     assert case_files(reference_run) == before
+
+
+def test_changed_findings_resume_the_run_and_reach_its_report(tmp_path, reference_run):
+    """Findings and the description only read the cases: a run resumes after either changes (also a
+    run stamped before they were left out of the hash), and its spec.json then holds the new findings.
+    A change of what the cases compute is another spec."""
+    from mechedit.analysis.spec import computation_hash
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run, run_dir)
+    before = case_files(run_dir)
+    old = json.loads((run_dir / "spec.json").read_text())
+    text = Path(old["spec_path"]).read_text()
+    finding = ('\n[[findings]]\nclaim = "MEMIT takes a batch"\nmetric = "edit.efficacy.after"\n'
+               'where = { method = "memit" }\nat_least = 0.5\n')
+    spec = tmp_path / "analysis.toml"
+    spec.write_text(text.replace('name = "tiny"', 'name = "tiny"\ndescription = "now described"') + finding)
+    res = run_analysis(spec, run_dir, workers=1)
+    assert res["ran"] == 0 and res["skipped"] == 3 and case_files(run_dir) == before
+    saved = json.loads((run_dir / "spec.json").read_text())
+    assert saved["spec"]["findings"][0]["claim"] == "MEMIT takes a batch" and saved["spec_hash"] == old["spec_hash"]
+    # a run stamped with the whole spec's hash (findings included), as runs were before
+    legacy = computation_hash(saved["spec"], legacy=True)
+    (run_dir / "spec.json").write_text(json.dumps({**saved, "spec_hash": legacy}))
+    for name, data in case_files(run_dir).items():
+        (run_dir / name).write_text(json.dumps({**json.loads(data), "spec_hash": legacy}))
+    spec.write_text(text + finding.replace("0.5", "0.9"))
+    res = run_analysis(spec, run_dir, workers=1)
+    assert res["ran"] == 0 and res["skipped"] == 3
+    assert json.loads((run_dir / "spec.json").read_text())["spec"]["findings"][0]["at_least"] == 0.9
+    spec.write_text(text.replace("n_unrelated = 20", "n_unrelated = 21"))
+    with pytest.raises(MecheditError, match="different spec"):
+        run_analysis(spec, run_dir, workers=1)
 
 
 def test_killed_run_resumes_to_identical_case_files(tmp_path, tiny_checkpoint, reference_run):

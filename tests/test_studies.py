@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mechedit.analysis import load_analysis, run_analysis
-from mechedit.analysis.findings import Finding, evaluate
+from mechedit.analysis.findings import Finding, evaluate, parse_findings
 from mechedit.errors import SpecError
 from mechedit.world import generate_world, tiny_world_spec
 from mechedit.world.world import World
@@ -148,6 +148,35 @@ def test_than_is_paired_on_shared_requests_and_follows_the_direction():
     assert not row["difference"]["paired"] and row["verdict"] == "inconclusive"
 
 
+def test_pooled_request_sets_count_every_unit_once_and_pair_set_by_set():
+    # three independent draws: each alone is too small to decide, together they hold
+    sets = ("s0", "s1", "s2")
+    a = [_case("a", [1.0, 1.0, 0.0, 1.0], requests=r) for r in sets]
+    b = [_case("b", [0.0, 1.0, 0.0, 0.0], requests=r) for r in sets]
+    f = _finding("at_least", 0.5, {"method": "a", "requests": list(sets)})
+    row = evaluate(f, a + b)
+    assert row["measured"][0]["n"] == 12 and row["measured"][0]["mean"] == pytest.approx(0.75)
+    assert row["measured"][0]["label"].endswith("on s0 + s1 + s2")
+    assert evaluate(dataclasses.replace(f, where={"method": "a", "requests": "s0"}), a)["measured"][0]["n"] == 4
+    # the same request sets on both sides: per-unit differences within each set
+    g = _finding("than", {"method": "b", "requests": list(sets)}, {"method": "a", "requests": list(sets)})
+    row = evaluate(g, a + b)
+    assert row["difference"]["paired"] and row["difference"]["n"] == 12
+    assert row["difference"]["mean"] == pytest.approx(0.5) and row["verdict"] == "holds"
+    # a set not finished yet: not run, and says how many are in
+    row = evaluate(f, a[:2])
+    assert row["verdict"] == "not run" and "2 of its 3" in row["note"]
+    # the spec check: a pooled selector names one case per set
+    spec_cases = [{"method": c["method"], "params": {}, "layer": None, "requests": c["requests"]} for c in a + b]
+    parse_findings([{"claim": "c", "metric": "m", "where": {"method": "a", "requests": list(sets)}, "at_least": 0.5}],
+                   spec_cases)
+    with pytest.raises(SpecError, match=re.escape("findings[0].where.requests")):
+        parse_findings([{"claim": "c", "metric": "m", "where": {"method": "a", "requests": ["s0", "s9"]},
+                         "at_least": 0.5}], spec_cases)
+    with pytest.raises(SpecError, match=re.escape("findings[0].where")):
+        parse_findings([{"claim": "c", "metric": "m", "where": {"requests": list(sets)}, "at_least": 0.5}], spec_cases)
+
+
 def test_across_layers_chooses_on_half_and_measures_on_the_other():
     # layer 1 wins on the even units (the choice), layer 0 on the odd ones (the measurement)
     l0 = _case("a", [0.0, 1.0] * 8, layer=0)
@@ -250,7 +279,7 @@ def tiny_studies(tmp_path_factory):
 
 @pytest.mark.parametrize("name, ids", [("behemoth", ["RQ5a", "RQ5b", "RQ3a", "RQ4", "EXP"]),
                                        ("rwku", ["R1", "R2", "R6", "EXP1"]),
-                                       ("editing_as_unlearning", ["E6"])])
+                                       ("editing_as_unlearning", ["E6", "E1"])])
 def test_tiny_study_reports_render_findings_and_exposure(tiny_studies, tmp_path, name, ids):
     import json
 
@@ -269,6 +298,10 @@ def test_tiny_study_reports_render_findings_and_exposure(tiny_studies, tmp_path,
         assert f"<td>{row['id']}</td>" in html and row["verdict"] in ("holds", "fails", "inconclusive")
         m = row["measured"][0]
         assert m["n"] and m["mean"] is not None and m["ci95"] is not None
+        if row["id"] == "E1":  # pooled: every fact of both forget sets, each once
+            per_set = [c for c in cases if c["method"] == "ga" and c["requests"].startswith("pretrained")]
+            assert m["label"].endswith("on pretrained + pretrained_seed1") and len(per_set) == 2
+            assert m["n"] == sum(c["n_requests"] for c in per_set)
         # the verdict follows from the interval it prints
         if row["test"] in ("at_least", "at_most"):
             lo, hi = m["ci95"]

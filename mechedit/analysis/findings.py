@@ -2,8 +2,9 @@
 
 An analysis spec may list `[[findings]]`; each names a metric (a summary key of the case records,
 e.g. `edit.efficacy.after`), the case(s) it is read from (`where`: method, requests, layer or a list
-of layers, params: the given ones must match, an empty table selects default parameters) and
-exactly one test:
+of layers, params: the given ones must match, an empty table selects default parameters; `requests`
+may list several request sets, independent draws of the same kind, whose cases are pooled: every
+unit of every set counts once) and exactly one test:
 
     at_least = 0.9 / at_most = 0.1     the mean over units is above / below a threshold
     than = { ... }                     the `where` case against another case (`direction`)
@@ -64,7 +65,7 @@ class Finding:
 def _matches(case: dict, where: dict) -> bool:
     if "method" in where and case["method"] != where["method"]:
         return False
-    if "requests" in where and case["requests"] != where["requests"]:
+    if "requests" in where and case["requests"] not in _sets(where):
         return False
     if "layer" in where:  # one layer, or a list of them (for across = "layer")
         layers = where["layer"] if isinstance(where["layer"], list) else [where["layer"]]
@@ -73,6 +74,12 @@ def _matches(case: dict, where: dict) -> bool:
     if where.get("params") == {}:  # an empty table selects the case run with default parameters
         return not case["params"]
     return all(case["params"].get(k) == v for k, v in where.get("params", {}).items())
+
+
+def _sets(where: dict) -> list[str]:
+    """The request sets a selector names: one, or a list whose cases are pooled (independent draws)."""
+    r = where.get("requests")
+    return list(r) if isinstance(r, list) else [r]
 
 
 def select(cases: list[dict], where: dict) -> list[dict]:
@@ -87,11 +94,19 @@ def _check_where(where: Any, spec_cases: list[dict], key: str, exactly_one: bool
         raise SpecError(f"{key}: unknown key {unknown[0]!r} (known: {', '.join(sorted(_WHERE))})")
     if not isinstance(where.get("params", {}), dict):
         raise SpecError(f"{key}.params: expected a table")
-    n = len(select(spec_cases, where))
-    if n == 0:
+    reqs = where.get("requests")
+    if isinstance(reqs, list) and (not reqs or not all(isinstance(r, str) for r in reqs) or len(set(reqs)) < len(reqs)):
+        raise SpecError(f"{key}.requests: expected a request-set name or a list of distinct names, got {reqs!r}")
+    matched = select(spec_cases, where)
+    if not matched:
         raise SpecError(f"{key}: matches no case of the grid")
-    if exactly_one and n > 1:
-        raise SpecError(f"{key}: matches {n} cases of the grid; name one (add requests, layer or params)")
+    for r in _sets(where) if "requests" in where else []:
+        if not any(c["requests"] == r for c in matched):
+            raise SpecError(f"{key}.requests: no case of the grid on request set {r!r}")
+    per_set = len(matched) / (len(_sets(where)) if isinstance(reqs, list) else 1)
+    if exactly_one and (per_set != 1 or len({c["requests"] for c in matched}) != len(matched)):
+        raise SpecError(f"{key}: matches {len(matched)} cases of the grid; name one"
+                        + (" per request set" if isinstance(reqs, list) else "") + " (add requests, layer or params)")
     return where
 
 
@@ -232,6 +247,39 @@ def units(case: dict, metric: str, world=None) -> Units:
     return Units(vals, expo, None, scalar)
 
 
+def pooled(chosen: list[dict], metric: str, world=None) -> Units:
+    """Units of one metric over the cases of one selector: one case as is, several (the same method on
+    independent request sets) pooled, each unit keyed by its request set. A figure without per-unit
+    values pools the sets' figures weighted by their n, its interval from the stored ones (normal
+    approximation)."""
+    if len(chosen) == 1:
+        return units(chosen[0], metric, world)
+    parts = [(c["requests"], units(c, metric, world)) for c in chosen]
+    if all(u.values for _, u in parts):
+        return Units({f"{r}/{k}": v for r, u in parts for k, v in u.values.items()},
+                     {f"{r}/{k}": e for r, u in parts for k, e in u.exposure.items()})
+    known = [u for _, u in parts if u.scalar is not None]
+    if len(known) < len(parts):
+        return Units({}, {})
+    n = np.array([u.n or 1 for u in known], float)
+    w = n / n.sum()
+    mean = float(np.dot(w, [u.scalar for u in known]))
+    ci = None
+    if all(u.stored_ci for u in known):
+        se = float(np.sqrt(np.sum((w * [(u.stored_ci[1] - u.stored_ci[0]) / 3.92 for u in known]) ** 2)))
+        ci = [mean - 1.96 * se, mean + 1.96 * se]
+    return Units({}, {}, ci, mean, int(n.sum()))
+
+
+def _missing(chosen: list[dict], where: dict) -> str | None:
+    """Why a selector's cases are not all in the run yet (None when they are)."""
+    if not chosen:
+        return "the case is not in the run yet"
+    if isinstance(where.get("requests"), list) and len({c["requests"] for c in chosen}) < len(where["requests"]):
+        return f"{len({c['requests'] for c in chosen})} of its {len(where['requests'])} request sets are in the run yet"
+    return None
+
+
 # ---- intervals -------------------------------------------------------------------------------
 def _boot_mean(v: np.ndarray, seed: int = 0) -> tuple[float, float] | None:
     if len(v) == 0:
@@ -298,10 +346,13 @@ def _verdict_diff(d: dict, direction: str, margin: float) -> str:
     return "holds" if lo > margin else "fails" if hi < margin else "inconclusive"
 
 
-def _label(case: dict) -> str:
+def _label(case: dict | list[dict]) -> str:
+    """"method @ layer (params) on SET", the sets joined by + when several are pooled."""
+    group = case if isinstance(case, list) else [case]
+    case = group[0]
     params = ", ".join(f"{k}={v}" for k, v in sorted(case["params"].items()))
     layer = "" if case.get("layer") is None else f" @ layer {case.get('layer_used', case['layer'])}"
-    return f"{case['method']}{layer} ({params or 'defaults'}) on {case['requests']}"
+    return f"{case['method']}{layer} ({params or 'defaults'}) on {' + '.join(c['requests'] for c in group)}"
 
 
 def evaluate(f: Finding, cases: list[dict], world=None) -> dict:
@@ -309,12 +360,13 @@ def evaluate(f: Finding, cases: list[dict], world=None) -> dict:
     row: dict = {"id": f.id, "claim": f.claim, "source": f.source, "metric": f.metric, "test": f.test,
                  "direction": f.direction, "verdict": "inconclusive", "measured": [], "note": ""}
     chosen = select(cases, f.where)
-    if not chosen:
-        row["verdict"], row["note"] = "not run", "the case is not in the run yet"
+    why = _missing(chosen, f.where)
+    if why:
+        row["verdict"], row["note"] = "not run", why
         return row
     if f.test in ("at_least", "at_most"):
-        s = summarize(units(chosen[0], f.metric, world))
-        row["measured"].append({"label": _label(chosen[0]), **s})
+        s = summarize(pooled(chosen, f.metric, world))
+        row["measured"].append({"label": _label(chosen), **s})
         row["threshold"] = f.value
         row["verdict"] = _verdict_threshold(s, float(f.value), f.test == "at_least")
         if s["n"] == 0:
@@ -322,19 +374,20 @@ def evaluate(f: Finding, cases: list[dict], world=None) -> dict:
         return row
     if f.test == "across":
         return _across(f, chosen, row, world)
-    a = chosen[0]
-    ua = units(a, f.metric, world)
+    a = chosen
+    ua = pooled(a, f.metric, world)
     if f.test == "than":
-        other = select(cases, f.value)
-        if not other:
-            row["verdict"], row["note"] = "not run", "the compared case is not in the run yet"
+        b = select(cases, f.value)
+        why = _missing(b, f.value)
+        if why:
+            row["verdict"], row["note"] = "not run", f"compared with: {why}"
             return row
-        b = other[0]
-        ub = units(b, f.metric, world)
+        ub = pooled(b, f.metric, world)
         labels = (_label(a), _label(b))
-        d = _diff(ua, ub, paired=a["requests"] == b["requests"] and len(a["per_edit"]) == len(b["per_edit"]))
+        shape = lambda g: sorted((c["requests"], len(c["per_edit"])) for c in g)  # noqa: E731
+        d = _diff(ua, ub, paired=shape(a) == shape(b))  # the same requests on both sides: per-unit differences
     elif f.test == "than_metric":
-        ub = units(a, f.value, world)
+        ub = pooled(a, f.value, world)
         labels = (f"{_label(a)}: {f.metric}", f"{f.value}")
         d = _diff(ua, ub, paired=True)
     else:  # by_exposure
@@ -354,9 +407,10 @@ def evaluate(f: Finding, cases: list[dict], world=None) -> dict:
 
 def _across(f: Finding, chosen: list[dict], row: dict, world) -> dict:
     """Best minus worst layer: chosen on the even units, measured (paired) on the odd ones."""
-    per_layer = {}
+    groups: dict[str, list[dict]] = {}
     for c in chosen:
-        per_layer.setdefault(json.dumps(c.get("layer_used", c["layer"])), units(c, f.metric, world))
+        groups.setdefault(json.dumps(c.get("layer_used", c["layer"])), []).append(c)
+    per_layer = {lay: pooled(g, f.metric, world) for lay, g in groups.items()}
     common = sorted(set.intersection(*(set(u.values) for u in per_layer.values())), key=lambda k: (len(k), k))
     select_on, measure_on = common[0::2], common[1::2]
     if len(per_layer) < 2 or not measure_on:

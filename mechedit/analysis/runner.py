@@ -15,13 +15,13 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from mechedit import progress as P
 from mechedit.analysis.executors import executor
 from mechedit.analysis.folder import read_case
 from mechedit.analysis.requests import request_set_record
-from mechedit.analysis.spec import AnalysisSpec, load_analysis, trace_config
+from mechedit.analysis.spec import AnalysisSpec, computation_hash, load_analysis, trace_config
 from mechedit.diagnose.headline import headline_text
 from mechedit.errors import MecheditError, SpecError
 from mechedit.faults import crash_point
@@ -170,33 +170,51 @@ def case_done(run_dir: Path, case: dict, spec_hash: str) -> bool:
     return read_case(run_dir, case["id"], spec_hash) is not None
 
 
-def _open_run_dir(spec: AnalysisSpec, run_dir: Path, force: bool, precision: dict | None = None) -> bool:
-    """Decide, before any work, whether `run_dir` is resumed (True), started (False) or refused (also
-    when its cases were scored in another inference `precision`: a run never mixes two)."""
+def _stamp(old: Any, spec: AnalysisSpec) -> str | None:
+    """The hash a run folder's cases carry when `spec` computes what they computed, else None. Runs
+    stamped before findings were left out of the hash carry the whole spec's hash: they match when
+    their stored spec computes the same (only findings or description differ)."""
+    if not isinstance(old, dict) or not isinstance(old.get("spec_hash"), str):
+        return None
+    if old["spec_hash"] == spec.hash():
+        return spec.hash()
+    saved = old.get("spec")
+    if isinstance(saved, dict) and old["spec_hash"] == computation_hash(saved, legacy=True) \
+            and computation_hash(saved) == spec.hash():
+        return old["spec_hash"]
+    return None
+
+
+def _open_run_dir(spec: AnalysisSpec, run_dir: Path, force: bool,
+                  precision: dict | None = None) -> tuple[bool, str]:
+    """Decide, before any work, whether `run_dir` is resumed, started or refused (also when its cases
+    were scored in another inference `precision`: a run never mixes two). Returns (resumed, the hash
+    its case files carry)."""
     spec_file = run_dir / "spec.json"
     if spec_file.is_file():
         try:
             old = read_json(spec_file, "spec.json")
         except MecheditError:
             old = None
-        if isinstance(old, dict) and old.get("spec_hash") == spec.hash():
+        stamp = _stamp(old, spec)
+        if stamp is not None:
             from mechedit.device import precision_record
 
             was = old.get("precision") or precision_record(None, "float32")  # runs before the option
             if precision is None or was == precision:
-                return True
+                return True, stamp
             if not force:
                 raise MecheditError(f"{run_dir} holds a run in precision {was.get('asked')!r}, not "
                                     f"{precision.get('asked')!r} (give --precision {was.get('asked')}, or --force "
                                     "to start it over)")
-            return False
+            return False, spec.hash()
         if not force:
             raise MecheditError(f"{run_dir} holds a run of a different spec (use --force to start it over)")
-        return False
+        return False, spec.hash()
     if run_dir.is_dir() and any(p for p in run_dir.iterdir() if not p.name.startswith(".")) and not force:
         raise MecheditError(f"output directory {run_dir} exists and is not a run folder (use --force to overwrite)")
     check_output_dir(run_dir, force=True)
-    return False
+    return False, spec.hash()
 
 
 def run_analysis(spec_path: str | Path, run_dir: str | Path, *, executor_name: str = "local",
@@ -221,14 +239,14 @@ def run_analysis(spec_path: str | Path, run_dir: str | Path, *, executor_name: s
     asked = (device or spec.device).strip().lower()
     dev = use_device(asked)  # a CUDA spec on a machine without one: one line, before any work
     prec = precision_record(dev, use_precision(precision or spec.precision))
-    resume = _open_run_dir(spec, run_dir, force, prec)
+    resume, stamp = _open_run_dir(spec, run_dir, force, prec)
     resolved = resolve_model(spec)
     check_layers(spec, resolved[-1])
     if resolved[1] is not None:
         check_world_fit(spec, resolved[1])
     spec_file = run_dir / "spec.json"
     cases = [{"id": c.id, **c.key} for c in spec.cases]
-    record = {"name": spec.name, "spec": spec.raw, "spec_hash": spec.hash(),
+    record = {"name": spec.name, "spec": spec.raw, "spec_hash": stamp,
               "spec_path": str(Path(spec_path).resolve()), "mechedit_version": mechedit.__version__, "git": git_hash(),
               "cases": cases, "suites": list(spec.suites), "forget_suites": list(spec.forget_suites),
               "device": str(dev), "precision": prec}
@@ -266,9 +284,9 @@ def run_analysis(spec_path: str | Path, run_dir: str | Path, *, executor_name: s
         raise MecheditError("a case asks for the traced layer but the trace located no MLP layer (add 'mlp' to trace.sites)")
     write_json_atomic(spec_file, {**record, "checkpoint": str(checkpoint), "located": located,
                                   "traced_layer": traced_layer, "request_sets": request_sets})
-    ctx = {"device": str(dev), "device_asked": asked, "precision": prec["asked"], "spec_hash": spec.hash(), "checkpoint": str(checkpoint), "traced_layer": traced_layer, "request_sets": request_sets,
+    ctx = {"device": str(dev), "device_asked": asked, "precision": prec["asked"], "spec_hash": stamp, "checkpoint": str(checkpoint), "traced_layer": traced_layer, "request_sets": request_sets,
            "suites": list(spec.suites), "forget_suites": list(spec.forget_suites), "suite_options": spec.suite_options}
-    todo = [c for c in cases if not case_done(run_dir, c, spec.hash())]
+    todo = [c for c in cases if not case_done(run_dir, c, stamp)]
     # unlearning cases first (stable otherwise): they are the long ones (an unlearning loop, and the
     # retrained reference the first time a forget set is seen), so the other workers' cases run beside them
     todo.sort(key=lambda c: request_sets[c["requests"]]["kind"] != "forget")
@@ -288,5 +306,5 @@ def run_analysis(spec_path: str | Path, run_dir: str | Path, *, executor_name: s
             took = outcome["timings"].get("case_s")
             say(f"case {case['id']} done" + (f" in {took:.0f} s" if took is not None else "")
                 + f" ({ran}/{len(todo)}): {headline_text(outcome['record']['summary'])}")
-    done = sum(case_done(run_dir, c, spec.hash()) for c in cases)
+    done = sum(case_done(run_dir, c, stamp) for c in cases)
     return {"run_dir": run_dir, "done": done, "ran": ran, "skipped": skipped, "total": len(cases)}

@@ -140,7 +140,9 @@ class AnalysisSpec:
     precision: str = "float32"  # arithmetic of tracing, scoring and diagnostics (`--precision` overrides it)
 
     def hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.raw, sort_keys=True).encode()).hexdigest()[:16]
+        """What the cases compute: the spec less its findings and description (those only read the
+        cases, so a run resumes, and its report re-evaluates, after either is changed)."""
+        return computation_hash(self.raw)
 
 
 KNOWLEDGE = ("all", "pretrained", "finetuned")
@@ -152,6 +154,16 @@ _TRACE = {"relation", "n", "facts", "requests", "sites", "samples", "noise", "wi
 _REQ = {"kind", "relation", "n", "mode", "forget", "subjects", "seed", "distances", "exposure", "knowledge"}
 _GRID = {"method", "params", "layers", "requests"}
 _DIAG = {"suites", "forget_suites", "options"}
+
+
+EVALUATION_ONLY = ("findings", "description")
+
+
+def computation_hash(raw: dict, legacy: bool = False) -> str:
+    """Hash of what a spec computes (`legacy`: of the whole spec, as runs were stamped before findings
+    and the description were left out)."""
+    kept = raw if legacy else {k: v for k, v in raw.items() if k not in EVALUATION_ONLY}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _check_keys(table: Any, allowed: set[str], where: str) -> dict:
