@@ -294,6 +294,8 @@ def test_tiny_study_reports_render_findings_and_exposure(tiny_studies, tmp_path,
     world = World.load(spec["checkpoint"])
     rows = S.findings_table(spec, cases, world)
     assert [r["id"] for r in rows] == ids
+    md = (tmp_path / "report" / "findings.md").read_text()  # the same table as Markdown
+    assert [line.split(" | ")[0] for line in md.splitlines()[4:]] == [f"| {i}" for i in ids]
     for row in rows:
         assert f"<td>{row['id']}</td>" in html and row["verdict"] in ("holds", "fails", "inconclusive")
         m = row["measured"][0]

@@ -422,3 +422,5 @@ def _write_report(tmp: Path, run_dir: Path, spec: dict, cases: list[dict]) -> No
         n_cases=len(cases), n_total=len(spec.get("cases", [])),
         request_sets={k: len(v["requests"]) for k, v in spec.get("request_sets", {}).items()})
     write_text_atomic(tmp / "index.html", html)
+    if (spec.get("spec") or {}).get("findings"):  # the same table as Markdown, for a README or a note
+        write_text_atomic(tmp / "findings.md", S.findings_markdown(spec, cases, world_obj))

@@ -129,19 +129,12 @@ def trace_by_exposure(run_dir, world) -> dict | None:
     return {"layers": list(range(res.n_layers)), "rows": rows}
 
 
-def findings_markdown(run_dir) -> str:
-    """The findings table of a run folder as Markdown (for a README or a closing note)."""
-    from pathlib import Path
-
-    from mechedit.report.build import load_run
-    from mechedit.world.world import World
-
-    spec, cases = load_run(Path(run_dir))
-    world = World.load(spec["checkpoint"]) if (Path(spec["checkpoint"]) / "world.json").is_file() else None
+def findings_markdown(spec: dict, cases: list[dict], world) -> str:
+    """The findings table of a loaded run as Markdown (`mechedit report` writes it as findings.md)."""
     lines = [f"{spec.get('name')}: {len(cases)} of {len(spec.get('cases', []))} cases finished", "",
              "| id | claim | measured | difference | verdict |", "|---|---|---|---|---|"]
     for r in findings_table(spec, cases, world):
         cell = lambda t: t.replace("|", "/")  # noqa: E731
         lines.append(f"| {r['id']} | {cell(r['claim'])} | {cell('; '.join(r['measured_text']))} | "
                      f"{cell(r['difference_text'])} | **{r['verdict']}**{' (' + r['note'] + ')' if r['note'] else ''} |")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
