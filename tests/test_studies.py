@@ -300,6 +300,9 @@ def test_tiny_study_reports_render_findings_and_exposure(tiny_studies, tmp_path,
         assert f"<td>{row['id']}</td>" in html and row["verdict"] in ("holds", "fails", "inconclusive")
         m = row["measured"][0]
         assert m["n"] and m["mean"] is not None and m["ci95"] is not None
+        if row["id"] == "R1":  # adversarial recall has one unit per forget fact: paired with cloze per fact
+            case = next(c for c in cases if c["method"] == "npo")
+            assert m["n"] == row["measured"][1]["n"] == case["n_requests"] and row["difference"]["paired"]
         if row["id"] == "E1":  # pooled: every fact of both forget sets, each once
             per_set = [c for c in cases if c["method"] == "ga" and c["requests"].startswith("pretrained")]
             assert m["label"].endswith("on pretrained + pretrained_seed1") and len(per_set) == 2

@@ -195,6 +195,25 @@ def _per_item(card: dict, metric: str) -> tuple[dict[str, float] | None, list | 
     return None, None
 
 
+def adversarial_per_fact(card: dict, tag: str) -> dict[str, float] | None:
+    """Adversarial recall per forget fact: the mean over the trained families it has a probe in. The
+    scorecard's headline is the mean over families of per-family means (a synonym probe exists only
+    for facts with an alias); this per-fact view makes one unit per fact, as every other figure."""
+    from mechedit.diagnose.s_leftover import UNTRAINED_FAMILIES
+
+    fams = ((card.get("leftover") or {}).get("adversarial") or {}).get("families")
+    if not fams:
+        return None
+    acc: dict[str, list[float]] = {}
+    for fam, d in fams.items():
+        if fam in UNTRAINED_FAMILIES or tag not in d:
+            continue
+        for k, v in d[tag]["recall"]["value_by_index"].items():
+            if v is not None:
+                acc.setdefault(str(k), []).append(float(v))
+    return {k: sum(v) / len(v) for k, v in acc.items()} or None
+
+
 def _grouped(values: dict[str, float | None]) -> dict[str, float]:
     """Item ids "unit:template" -> one value per unit (mean over its templates)."""
     acc: dict[str, list[float]] = {}
@@ -229,6 +248,8 @@ def units(case: dict, metric: str, world=None) -> Units:
         return Units(vals, expo)
     card = (per[0].get("scorecard") or {}) if per else {}
     items, ci = _per_item(card, metric)
+    if items is None and metric.startswith("leftover.adversarial.recall.") and len(per) == 1:
+        items = adversarial_per_fact(card, metric.rsplit(".", 1)[1])
     scalar = case["summary"].get(metric)
     if items is None:  # a figure over the whole set (an AUC, a mean of family means): n = its requests (facts)
         return Units({}, {}, ci, scalar, case.get("n_requests"))

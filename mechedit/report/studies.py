@@ -14,6 +14,8 @@ EXPOSURE_METRICS = (
     ("forget.forget.cloze.retrained", "forget cloze, retrained"),
     ("leftover.probes.accuracy.after", "probe accuracy (old object decodable)"),
     ("leftover.probes.accuracy.retrained", "probe accuracy, retrained"),
+    ("leftover.adversarial.recall.after", "adversarial recall (per fact, mean over its families)"),
+    ("leftover.adversarial.recall.retrained", "adversarial recall, retrained"),
 )
 
 
@@ -48,26 +50,6 @@ def verdict_counts(rows: list[dict]) -> dict[str, int]:
     return out
 
 
-def adversarial_units(case: dict, tag: str = "after") -> Units | None:
-    """Adversarial recall per forget fact: the mean over the families it has a probe in (the
-    scorecard's headline is the mean over families of per-family means; this is its per-fact view)."""
-    from mechedit.diagnose.s_leftover import UNTRAINED_FAMILIES
-
-    per = case.get("per_edit") or []
-    fams = (((per[0].get("scorecard") or {}).get("leftover") or {}).get("adversarial") or {}).get("families") \
-        if len(per) == 1 else None
-    if not fams:
-        return None
-    acc: dict[str, list[float]] = {}
-    for fam, d in fams.items():
-        if fam in UNTRAINED_FAMILIES or tag not in d:
-            continue
-        for k, v in d[tag]["recall"]["value_by_index"].items():
-            if v is not None:
-                acc.setdefault(str(k), []).append(float(v))
-    return Units({k: sum(v) / len(v) for k, v in acc.items()}, {})
-
-
 def exposure_tables(cases: list[dict], world) -> dict | None:
     """Per case, its per-fact metrics by exposure level (mean [95% CI], n); None for a uniform world."""
     if world is None or len(world.exposure_levels()) < 2:
@@ -87,15 +69,6 @@ def exposure_tables(cases: list[dict], world) -> dict | None:
                 cells.append(_interval(summarize(sub)) if sub.values else "–")
             rows.append({"case": c["id"], "method": c["method"], "requests": c["requests"], "metric": title,
                          "cells": cells})
-        adv = adversarial_units(c)
-        if adv is not None and adv.values:
-            expo = {k: world.facts[int(k)].exposure for k in adv.values if k.isdigit() and int(k) < len(world.facts)}
-            cells = []
-            for lvl in levels:
-                sub = Units({k: v for k, v in adv.values.items() if expo.get(k) == lvl}, {})
-                cells.append(_interval(summarize(sub)) if sub.values else "–")
-            rows.append({"case": c["id"], "method": c["method"], "requests": c["requests"],
-                         "metric": "adversarial recall (per fact, mean over its families)", "cells": cells})
     return {"levels": levels, "rows": rows, "counts": world.exposure_levels()}
 
 
