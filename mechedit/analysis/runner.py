@@ -151,23 +151,16 @@ def check_world_fit(spec: AnalysisSpec, world) -> None:
     unlearning (icu) needs a world with forget instructions, and a forget set of no more subjects than
     an instruction names (`instruction_max_subjects`, or the case's `max_subjects`). Without this
     check a study stops at that case, possibly hours in."""
+    from mechedit.unlearn.m_icu import fit_error
+
     for c in spec.cases:
         if c.method != "icu":
             continue
-        if not world.spec.instructions:
-            raise SpecError(f"grid: icu on request set {c.requests!r} needs a world with forget instructions "
-                            "(world option instructions = true; see analyses/worlds/unlearning.toml)")
-        n = spec.request_sets[c.requests].subjects
-        limit = c.params.get("max_subjects") or world.spec.instruction_max_subjects
-        if n is not None and n > limit:
-            raise SpecError(f"grid: icu on request set {c.requests!r} ({n} subjects): the world's instructions name at "
-                            f"most {world.spec.instruction_max_subjects} subjects (params.max_subjects raises the limit)")
-
-
-def case_done(run_dir: Path, case: dict, spec_hash: str) -> bool:
-    """A case is done when its file parses, has its fields and belongs to this spec and case (else it
-    is run again: a half-written or foreign file is never counted)."""
-    return read_case(run_dir, case["id"], spec_hash) is not None
+        n = spec.request_sets[c.requests].subjects  # None: a forget set named fact by fact, counted at run time
+        error = fit_error(world, n or 0, c.params.get("max_subjects", 0))
+        if error:
+            raise SpecError(f"grid: icu on request set {c.requests!r}" + (f" ({n} subjects)" if n else "")
+                            + f": {error} ({'params.max_subjects' if world.spec.instructions else 'world.spec'})")
 
 
 def _stamp(old: Any, spec: AnalysisSpec) -> str | None:

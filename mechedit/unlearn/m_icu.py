@@ -115,21 +115,32 @@ class ICUParams:
             raise SpecError("icu: max_subjects must be >= 0")
 
 
+def fit_error(world, n_subjects: int, max_subjects: int = 0) -> str | None:
+    """Why ICU cannot forget `n_subjects` subjects at once in `world` (None when it can): the model
+    needs forget instructions, naming at most `instruction_max_subjects` subjects unless `max_subjects`
+    lifts the limit. Checked by the method and, before a run starts, by the analysis runner."""
+    if not world.spec.instructions:
+        return ("icu needs a model trained with forget instructions (world option instructions = true; "
+                "see analyses/worlds/unlearning.toml)")
+    if n_subjects > (max_subjects or world.spec.instruction_max_subjects):
+        return (f"icu: the forget set has {n_subjects} subjects but the model learnt instructions of at most "
+                f"{world.spec.instruction_max_subjects} (raise max_subjects to try anyway)")
+    return None
+
+
 @register_method("icu", params=ICUParams, kind="unlearn")
 def icu(bundle, requests: list[EditRequest], p: ICUParams) -> EditResult:
     world = bundle.world
     if not world.spec.instructions:
-        raise MecheditError("icu needs a model trained with forget instructions (world option instructions = true; "
-                            "see analyses/worlds/unlearning.toml)")
+        raise MecheditError(fit_error(world, 0))
     sids: list[int] = []
     for r in requests:
         sid = world.fact(r.subject, r.relation).subject
         if sid not in sids:
             sids.append(sid)
-    limit = p.max_subjects or world.spec.instruction_max_subjects
-    if len(sids) > limit:
-        raise MecheditError(f"icu: the forget set has {len(sids)} subjects but the model learnt instructions of at "
-                            f"most {world.spec.instruction_max_subjects} (raise max_subjects to try anyway)")
+    error = fit_error(world, len(sids), p.max_subjects)
+    if error:
+        raise MecheditError(error)
     text = instruction_text([world.subjects[s].name for s in sids])
     ids = torch.tensor(bundle.tokenizer(text)["input_ids"], dtype=torch.long, device="cpu")  # moved at use
     adaptor = Adaptor("prefix", "", {"ids": ids}, {"text": text})
