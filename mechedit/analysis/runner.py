@@ -163,6 +163,12 @@ def check_world_fit(spec: AnalysisSpec, world) -> None:
                             + f": {error} ({'params.max_subjects' if world.spec.instructions else 'world.spec'})")
 
 
+def case_done(run_dir: Path, case: dict, spec_hash: str) -> bool:
+    """A case is done when its file parses, has its fields and belongs to this spec and case (else it
+    is run again: a half-written or foreign file is never counted)."""
+    return read_case(run_dir, case["id"], spec_hash) is not None
+
+
 def _stamp(old: Any, spec: AnalysisSpec) -> str | None:
     """The hash a run folder's cases carry when `spec` computes what they computed, else None. Runs
     stamped before findings were left out of the hash carry the whole spec's hash: they match when
