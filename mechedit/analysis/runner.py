@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mechedit import progress as P
+from mechedit.analysis.ahead import references_ahead, start_ahead
 from mechedit.analysis.executors import executor
 from mechedit.analysis.folder import read_case
 from mechedit.analysis.requests import request_set_record
@@ -73,10 +74,12 @@ def same_world(checkpoint: Path, world) -> bool:
 
 
 def resolve_checkpoint(spec: AnalysisSpec, cache_dir: Path, progress: Callable[[str], None] | None = None,
-                       resolved: tuple | None = None) -> Path:
+                       resolved: tuple | None = None, aheads: list | None = None) -> Path:
     """The checkpoint of the analysis: given, or trained once and cached by a hash of the specs
     (a training killed half-way resumes from its last state, kept in the cache's partial folder).
-    `resolved` is `resolve_model(spec)` when the caller has it already."""
+    `resolved` is `resolve_model(spec)` when the caller has it already. With `aheads` (a list), the
+    retrained references of the unlearning cases train beside the model (`mechedit.analysis.ahead`);
+    their `Ahead` is appended for the caller to `close()` once the cases are done."""
     from mechedit.model.pipeline import train_checkpoint
 
     checkpoint, world, mspec, tspec, _ = resolved or resolve_model(spec)
@@ -90,7 +93,16 @@ def resolve_checkpoint(spec: AnalysisSpec, cache_dir: Path, progress: Callable[[
             progress(f"the cached model in {path} was trained on another world for this spec; training again")
     elif progress:
         progress(f"training the model (cached afterwards in {path})")
-    train_checkpoint(world, mspec, tspec, path, force=True)
+    ahead = start_ahead(spec, world, mspec, tspec, path, progress) if aheads is not None else None
+    try:
+        trained = train_checkpoint(world, mspec, tspec, path, force=True, on_epoch=ahead and ahead.on_epoch)
+    except BaseException:
+        if ahead:
+            ahead.close(ok=False)
+        raise
+    if ahead:
+        ahead.saved(trained.meta["epochs"])
+        aheads.append(ahead)
     return second_stage(spec, path, progress)
 
 
@@ -261,49 +273,51 @@ def run_analysis(spec_path: str | Path, run_dir: str | Path, *, executor_name: s
         if progress:
             progress(msg)
 
-    say(f"run folder {run_dir}: " + ("resuming it" if resume else "new"))
-    checkpoint = resolve_checkpoint(spec, Path(cache_dir) if cache_dir else default_cache_dir(), say, resolved)
-    say(f"model: {checkpoint}")
-    bundle = mechedit.load(checkpoint)
-    saved = read_json(spec_file, "spec.json")
-    if isinstance(saved, dict) and "request_sets" in saved:
-        request_sets = saved["request_sets"]
-    else:
-        from mechedit.model.evaluate import score_answers
+    with references_ahead() as aheads:  # joined when the cases are done (stopped on an error)
+        say(f"run folder {run_dir}: " + ("resuming it" if resume else "new"))
+        checkpoint = resolve_checkpoint(spec, Path(cache_dir) if cache_dir else default_cache_dir(), say, resolved,
+                                        aheads=aheads)
+        say(f"model: {checkpoint}")
+        bundle = mechedit.load(checkpoint)
+        saved = read_json(spec_file, "spec.json")
+        if isinstance(saved, dict) and "request_sets" in saved:
+            request_sets = saved["request_sets"]
+        else:
+            from mechedit.model.evaluate import score_answers
 
-        probes = bundle.world.probes(bundle.world.train_facts, ("cloze",))
-        ok = score_answers(bundle.model, bundle.tokenizer, [p.prompt for p in probes], [p.answer for p in probes],
-                           precision="float32").correct  # which requests are drawn never depends on --precision
-        wrong = {p.fact for p, c in zip(probes, ok) if not c}
-        known = {f.index for f in bundle.world.train_facts} - wrong
-        request_sets = {name: request_set_record(bundle.world, r, known) for name, r in spec.request_sets.items()}
-    located = run_trace(spec, checkpoint, run_dir, request_sets)
-    traced_layer = int(located["mlp"]["layer"]) if located and "mlp" in located else None
-    if any(c.layer == "traced" for c in spec.cases) and traced_layer is None:
-        raise MecheditError("a case asks for the traced layer but the trace located no MLP layer (add 'mlp' to trace.sites)")
-    write_json_atomic(spec_file, {**record, "checkpoint": str(checkpoint), "located": located,
-                                  "traced_layer": traced_layer, "request_sets": request_sets})
-    ctx = {"device": str(dev), "device_asked": asked, "precision": prec["asked"], "spec_hash": stamp, "checkpoint": str(checkpoint), "traced_layer": traced_layer, "request_sets": request_sets,
-           "suites": list(spec.suites), "forget_suites": list(spec.forget_suites), "suite_options": spec.suite_options}
-    todo = [c for c in cases if not case_done(run_dir, c, stamp)]
-    # unlearning cases first (stable otherwise): they are the long ones (an unlearning loop, and the
-    # retrained reference the first time a forget set is seen), so the other workers' cases run beside them
-    todo.sort(key=lambda c: request_sets[c["requests"]]["kind"] != "forget")
-    skipped = len(cases) - len(todo)
-    if limit is not None:
-        todo = todo[:limit]
-    say(f"{len(cases)} cases: {skipped} already done, {len(todo)} to run ({executor_name} executor)")
-    kwargs = {"address": address} if executor_name == "ray" else {}
-    ran = 0
-    with P.step("cases", quiet=True):  # the heartbeat goes on while workers start and the pool shuts down
-        for case, outcome in run(todo, ctx, workers, **kwargs):
-            # the case file is the commit point: the timing sidecar follows it (a missing sidecar = no timing)
-            write_json_atomic(run_dir / f"case_{case['id']}.json", outcome["record"])
-            crash_point("case.written")
-            write_json_atomic(run_dir / f"case_{case['id']}.timing.json", outcome["timings"])
-            ran += 1
-            took = outcome["timings"].get("case_s")
-            say(f"case {case['id']} done" + (f" in {took:.0f} s" if took is not None else "")
-                + f" ({ran}/{len(todo)}): {headline_text(outcome['record']['summary'])}")
-    done = sum(case_done(run_dir, c, stamp) for c in cases)
-    return {"run_dir": run_dir, "done": done, "ran": ran, "skipped": skipped, "total": len(cases)}
+            probes = bundle.world.probes(bundle.world.train_facts, ("cloze",))
+            ok = score_answers(bundle.model, bundle.tokenizer, [p.prompt for p in probes], [p.answer for p in probes],
+                               precision="float32").correct  # which requests are drawn never depends on --precision
+            wrong = {p.fact for p, c in zip(probes, ok) if not c}
+            known = {f.index for f in bundle.world.train_facts} - wrong
+            request_sets = {name: request_set_record(bundle.world, r, known) for name, r in spec.request_sets.items()}
+        located = run_trace(spec, checkpoint, run_dir, request_sets)
+        traced_layer = int(located["mlp"]["layer"]) if located and "mlp" in located else None
+        if any(c.layer == "traced" for c in spec.cases) and traced_layer is None:
+            raise MecheditError("a case asks for the traced layer but the trace located no MLP layer (add 'mlp' to trace.sites)")
+        write_json_atomic(spec_file, {**record, "checkpoint": str(checkpoint), "located": located,
+                                      "traced_layer": traced_layer, "request_sets": request_sets})
+        ctx = {"device": str(dev), "device_asked": asked, "precision": prec["asked"], "spec_hash": stamp, "checkpoint": str(checkpoint), "traced_layer": traced_layer, "request_sets": request_sets,
+               "suites": list(spec.suites), "forget_suites": list(spec.forget_suites), "suite_options": spec.suite_options}
+        todo = [c for c in cases if not case_done(run_dir, c, stamp)]
+        # unlearning cases first (stable otherwise): they are the long ones (an unlearning loop, and the
+        # retrained reference the first time a forget set is seen), so the other workers' cases run beside them
+        todo.sort(key=lambda c: request_sets[c["requests"]]["kind"] != "forget")
+        skipped = len(cases) - len(todo)
+        if limit is not None:
+            todo = todo[:limit]
+        say(f"{len(cases)} cases: {skipped} already done, {len(todo)} to run ({executor_name} executor)")
+        kwargs = {"address": address} if executor_name == "ray" else {}
+        ran = 0
+        with P.step("cases", quiet=True):  # the heartbeat goes on while workers start and the pool shuts down
+            for case, outcome in run(todo, ctx, workers, **kwargs):
+                # the case file is the commit point: the timing sidecar follows it (a missing sidecar = no timing)
+                write_json_atomic(run_dir / f"case_{case['id']}.json", outcome["record"])
+                crash_point("case.written")
+                write_json_atomic(run_dir / f"case_{case['id']}.timing.json", outcome["timings"])
+                ran += 1
+                took = outcome["timings"].get("case_s")
+                say(f"case {case['id']} done" + (f" in {took:.0f} s" if took is not None else "")
+                    + f" ({ran}/{len(todo)}): {headline_text(outcome['record']['summary'])}")
+        done = sum(case_done(run_dir, c, stamp) for c in cases)
+        return {"run_dir": run_dir, "done": done, "ran": ran, "skipped": skipped, "total": len(cases)}

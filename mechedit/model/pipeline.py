@@ -44,11 +44,14 @@ STATE_DIR = "train_state"
 def train_checkpoint(world: World, mspec: ModelSpec, tspec: TrainSpec, out: str | Path, *, force: bool = False,
                      progress: Callable[[dict], None] | None = None,
                      exclude_facts: set[int] = frozenset(), stop_epoch: int | None = None,
-                     meta_extra: dict | None = None) -> Bundle:
+                     meta_extra: dict | Callable[[], dict] | None = None,
+                     stop_at: Callable[[int], bool] | None = None,
+                     on_epoch: Callable[[int, bool], None] | None = None) -> Bundle:
     """Train on `world`, evaluate every probe set, and write a checkpoint directory atomically.
 
     With `exclude_facts` (a retrained reference) "trained" recall covers the remaining facts and
-    "excluded" the left-out ones; `stop_epoch` and `meta_extra` go to `train_model` / mechedit.json.
+    "excluded" the left-out ones; `stop_epoch`, `stop_at` and `on_epoch` go to `train_model`, `meta_extra`
+    (or what it returns, asked once the training has ended) to mechedit.json.
     The training state is kept in the partial output folder (`train_state/`, removed at the end), so
     a killed or interrupted (Ctrl-C) training of the same output, world and specs resumes where its
     last state was written; a partial of other specs is discarded.
@@ -62,7 +65,8 @@ def train_checkpoint(world: World, mspec: ModelSpec, tspec: TrainSpec, out: str 
         what = f"training ({mspec.name} model, {len(world.train_facts)} facts)"
         with P.step(what):
             res = train_model(world, tokenizer, mspec, tspec, log_path=tmp / "train_log.jsonl", progress=progress,
-                              exclude_facts=exclude_facts, stop_epoch=stop_epoch, state_dir=tmp / STATE_DIR)
+                              exclude_facts=exclude_facts, stop_epoch=stop_epoch, state_dir=tmp / STATE_DIR,
+                              stop_at=stop_at, on_epoch=on_epoch)
             P.status("recall on every probe set")
             final = {"trained": evaluate_recall(res.model, tokenizer, world, exclude_facts=exclude_facts),
                      "heldout_subjects": evaluate_recall(res.model, tokenizer, world, trained=False)}
@@ -71,12 +75,13 @@ def train_checkpoint(world: World, mspec: ModelSpec, tspec: TrainSpec, out: str 
                                                     facts=[world.facts[i] for i in sorted(exclude_facts)])
             if world.inference:
                 final["inference"] = evaluate_inference(res.model, tokenizer, world)
+        extra = meta_extra() if callable(meta_extra) else meta_extra
         meta = {
             "world_spec": world.spec.to_dict(), "model_spec": to_dict(mspec), "train_spec": to_dict(tspec),
             "curve": res.curve, "final_recall": final, "train_seconds": round(res.seconds, 3),
             "epochs": res.epochs, "tokens": res.tokens, "stopped_early": res.stopped_early,
             "device": str(res.model.device),
-            "excluded_facts": sorted(exclude_facts), **(meta_extra or {}),
+            "excluded_facts": sorted(exclude_facts), **(extra or {}),
         }
         if world.spec.instructions:  # does the model follow forget instructions about subjects it never saw named?
             from mechedit.world.instructions import evaluate_instructions

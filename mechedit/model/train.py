@@ -132,13 +132,19 @@ def train_model(world: World, tokenizer, mspec: ModelSpec, tspec: TrainSpec, *,
                 log_path: Path | None = None, progress: Callable[[dict], None] | None = None,
                 exclude_facts: set[int] = frozenset(), stop_epoch: int | None = None,
                 state_dir: Path | None = None, state_every: int = 5,
-                device: torch.device | str | None = None) -> TrainResult:
+                device: torch.device | str | None = None,
+                stop_at: Callable[[int], bool] | None = None,
+                on_epoch: Callable[[int, bool], None] | None = None) -> TrainResult:
     """Train until cloze and paraphrase recall reach their targets or `max_epochs` run out.
 
     `exclude_facts` trains without those facts (the retrained reference for forget quality); recall
     is then evaluated on the remaining trained facts only. `stop_epoch` stops after exactly that
     many epochs instead of at the recall targets, with the learning-rate schedule of `max_epochs`
     unchanged (the retrained reference stops where the original stopped).
+    `stop_at(epoch) -> bool` replaces the recall targets by an outside decision, asked at the epochs
+    where the targets would be checked (every `eval_every`-th and the last): a retrained reference
+    trained beside its original stops where the original stops (`mechedit.analysis.ahead`).
+    `on_epoch(epoch, stopping)` is told the end of every epoch (`stopping`: the training ends there).
     `state_dir` makes the run resumable (module docstring); `state_every` epochs between states.
     `device` (default: the process's, `mechedit.device.current_device`) holds the model, the
     optimizer and the whole tokenized corpus; the batch order is drawn on the CPU from the seed, so
@@ -241,7 +247,11 @@ def train_model(world: World, tokenizer, mspec: ModelSpec, tspec: TrainSpec, *,
                     progress(row)
                 line += (f"; recall cloze {row['cloze']:.3f}, held-out paraphrase {row['paraphrase']:.3f} "
                          f"(targets {tspec.target_recall:g} / {tspec.target_paraphrase:g})")
-                if stop_epoch is not None:
+                if stop_at is not None:
+                    if stop_at(epoch):
+                        result.stopped_early = epoch < tspec.max_epochs
+                        finished = True
+                elif stop_epoch is not None:
                     if last:
                         result.stopped_early = epoch < tspec.max_epochs
                         P.note(line)
@@ -253,6 +263,8 @@ def train_model(world: World, tokenizer, mspec: ModelSpec, tspec: TrainSpec, *,
                 P.note(line)  # recall as it is measured
             else:
                 P.status(line)
+            if on_epoch is not None:
+                on_epoch(epoch, finished or last)
             crash_point("train.epoch")
             if state_dir is not None and (epoch % state_every == 0 or finished):
                 _save_state(Path(state_dir), key, model, opt, gen, result, epoch, step, finished,
