@@ -416,3 +416,26 @@ def test_strict_json():
     out = strict_json({"a": float("nan"), "b": [np.float32(1.5), float("inf")], "c": np.int64(3), "d": None})
     assert out == {"a": None, "b": [1.5, None], "c": 3, "d": None}
     json.dumps(out, allow_nan=False)
+
+
+def test_recall_table_scores_each_set_as_if_alone(tiny_bundle, tiny_forget):
+    """The forget suite's table scores the union of its overlapping sets once; every set's per-fact
+    recall must be what scoring that set alone gives (the slow reference, written out here)."""
+    from mechedit.diagnose.s_forget import KINDS, recall_table
+    from mechedit.model.evaluate import score_answers
+
+    b, world = tiny_bundle, tiny_forget.world
+    table = recall_table(b.model, b.tokenizer, tiny_forget)
+    sets = {"forget": list(tiny_forget.forget), "neighbours_relation": tiny_forget.neighbours_relation,
+            "retain": tiny_forget.retain}
+    assert set(sets) <= set(table) and all(sets.values())
+    for name, facts in sets.items():
+        probes = world.probes(facts, kinds=KINDS)
+        sc = score_answers(b.model, b.tokenizer, [p.prompt for p in probes], [p.answer for p in probes])
+        for kind in KINDS:
+            per: dict[int, list[float]] = {}
+            for p, ok in zip(probes, sc.correct):
+                if p.kind == kind:
+                    per.setdefault(p.fact, []).append(float(ok))
+            want = {str(k): float(np.mean(v)) for k, v in per.items()}
+            assert table[name][kind]["value_by_index"] == want, (name, kind)

@@ -29,22 +29,25 @@ KINDS = ("cloze", "paraphrase", "qa")
 
 
 def recall_table(model, tokenizer, target: ForgetTarget) -> dict:
+    """Recall of the forget set, its neighbours and the retained facts, per kind (one value per fact:
+    the mean over its prompts). The sets overlap (a forgotten subject's relations reach nearly every
+    retained fact), so every distinct prompt is scored once, in one call, and each set reads its own."""
     world = target.world
     sets = {"forget": list(target.forget), "neighbours_relation": target.neighbours_relation,
             "neighbours_subject": target.neighbours_subject, "retain": target.retain}
+    union = sorted({f.index: f for facts in sets.values() for f in facts}.values(), key=lambda f: f.index)
+    probes = world.probes(union, kinds=KINDS)
+    sc = score_answers(model, tokenizer, [p.prompt for p in probes], [p.answer for p in probes]) if probes else None
+    ok = {(p.fact, p.kind, p.prompt): bool(c) for p, c in zip(probes, sc.correct)} if sc is not None else {}
     out: dict = {}
     for name, facts in sets.items():
         if not facts:
             continue
-        probes = world.probes(facts, kinds=KINDS)
-        sc = score_answers(model, tokenizer, [p.prompt for p in probes], [p.answer for p in probes]) if probes else None
         out[name] = {}
         for kind in KINDS:
             per: dict[int, list[float]] = {}
-            if sc is not None:
-                for p, ok in zip(probes, sc.correct):
-                    if p.kind == kind:
-                        per.setdefault(p.fact, []).append(float(ok))
+            for p in world.probes(facts, kinds=(kind,)):
+                per.setdefault(p.fact, []).append(float(ok[(p.fact, p.kind, p.prompt)]))
             out[name][kind] = metric({k: float(np.mean(v)) for k, v in per.items()})
     return out
 
