@@ -114,6 +114,23 @@ def test_killed_run_resumes_to_identical_case_files(tmp_path, tiny_checkpoint, r
     assert case_files(run_dir) == case_files(reference_run)
 
 
+def test_traced_twin_is_the_case_it_would_have_been(reference_run):
+    """ROME at "traced" and at the traced layer are one computation: the run makes it once and writes
+    the "traced" case from its twin. The file must be what running that case gives."""
+    from mechedit.analysis.cases import run_case
+
+    spec = json.loads((reference_run / "spec.json").read_text())
+    traced = next(c for c in spec["cases"] if c["layer"] == "traced")
+    timing = json.loads((reference_run / f"case_{traced['id']}.timing.json").read_text())
+    twin = next(c for c in spec["cases"] if c["id"] == timing["twin_of"])
+    assert twin["layer"] == spec["traced_layer"] and twin["method"] == traced["method"]
+    ctx = {"checkpoint": spec["checkpoint"], "traced_layer": spec["traced_layer"], "request_sets": spec["request_sets"],
+           "suites": spec["suites"], "forget_suites": spec["forget_suites"], "spec_hash": spec["spec_hash"],
+           "suite_options": load_analysis(spec["spec_path"]).suite_options}
+    ran = run_case(traced, ctx)["record"]
+    assert json.loads((reference_run / f"case_{traced['id']}.json").read_text()) == json.loads(json.dumps(ran))
+
+
 def test_rerun_redoes_a_corrupt_case_file(tmp_path, reference_run):
     """A half-written (or foreign) case file is not counted as done: the rerun redoes that case."""
     run_dir = tmp_path / "run"
@@ -144,13 +161,15 @@ def test_local_pool_and_ray_give_the_same_results(tmp_path, tiny_checkpoint, ref
     assert r.returncode == 0, r.stderr
     assert case_files(tmp_path / "pool") == case_files(reference_run)
     seen = _worker_progress(r.stderr, tmp_path / "pool")
-    assert all(seen.values()), seen  # every case reported from its worker (at least its start)
+    twins = [i for i in seen if "twin_of" in json.loads((tmp_path / "pool" / f"case_{i}.timing.json").read_text())]
+    assert len(twins) == 1 and f"(the same computation as case " in r.stderr
+    assert all(v for i, v in seen.items() if i not in twins), seen  # every case that ran reported from its worker
     assert all(f"case {i} done" in r.stderr for i in seen)
     ray = pytest.importorskip("ray")
     r = cli("run", spec, "-o", tmp_path / "ray", "--executor", "ray", "--workers", "2")
     assert r.returncode == 0, r.stderr
     assert case_files(tmp_path / "ray") == case_files(reference_run)
-    assert all(_worker_progress(r.stderr, tmp_path / "ray").values())
+    assert all(v for i, v in _worker_progress(r.stderr, tmp_path / "ray").items() if i not in twins)
     assert not ray.is_initialized()
 
 
@@ -223,3 +242,32 @@ def test_report_is_legible_text(tmp_path, reference_run):
     assert [k for k, _ in sites] == ["mlp"]  # the tiny grid traces mlp only
     cells = re.findall(r'<td class="num">([^<]*)</td>', sites[0][1])
     assert len(cells) == 4 and all("±" in c for c in cells[1::2]), cells
+
+
+def test_twins_only_where_the_computation_is_the_same():
+    from mechedit.analysis.runner import twins_of
+
+    def case(i, layer, params=None, method="rome", requests="single"):
+        return {"id": i, "method": method, "layer": layer, "params": params or {}, "requests": requests}
+
+    traced, at0 = case("t", "traced"), case("a", 0)
+    others = [case("p", 0, {"steps": 5}), case("l", [0]), case("m", 0, method="memit"), case("r", 0, requests="b"),
+              case("one", 1)]
+    assert twins_of([traced, at0], [traced, at0], 0, lambda c: False) == {"t": at0}
+    assert twins_of([traced], [traced, at0], 0, lambda c: True) == {"t": at0}  # done already (a resumed run)
+    assert twins_of([traced], [traced, at0], 0, lambda c: False) == {}  # neither run now nor done: run it
+    assert twins_of([traced, *others], [traced, *others], 0, lambda c: False) == {}
+    assert twins_of([traced, at0], [traced, at0], 1, lambda c: False) == {}
+    assert twins_of([traced, at0], [traced, at0], None, lambda c: False) == {}
+
+
+def test_resumed_run_writes_the_traced_case_from_its_finished_twin(tmp_path, reference_run):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run, run_dir)
+    spec = json.loads((run_dir / "spec.json").read_text())
+    traced = next(c for c in spec["cases"] if c["layer"] == "traced")
+    for suffix in (".json", ".timing.json"):
+        (run_dir / f"case_{traced['id']}{suffix}").unlink()
+    res = run_analysis(Path(spec["spec_path"]), run_dir, workers=1)
+    assert res["ran"] == 1 and res["skipped"] == 2 and res["done"] == 3
+    assert case_files(run_dir) == case_files(reference_run)

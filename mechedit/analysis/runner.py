@@ -20,7 +20,7 @@ from typing import Any, Callable
 from mechedit import progress as P
 from mechedit.analysis.ahead import references_ahead, start_ahead
 from mechedit.analysis.executors import executor
-from mechedit.analysis.folder import read_case
+from mechedit.analysis.folder import read_case, read_timing
 from mechedit.analysis.requests import request_set_record
 from mechedit.analysis.spec import AnalysisSpec, computation_hash, load_analysis, trace_config
 from mechedit.diagnose.headline import headline_text
@@ -140,6 +140,34 @@ def run_trace(spec: AnalysisSpec, checkpoint: Path, run_dir: Path, request_sets:
                   all_facts=not facts and not t.get("relation"), config=trace_config(t), force=True)
     located = read_json(out / "locations.json", "trace locations")
     return {site: ranked[0] for site, ranked in located.items() if ranked}
+
+
+def twins_of(todo: list[dict], cases: list[dict], traced_layer: int | None, done: Callable[[dict], bool]) -> dict:
+    """{id of a "traced" case in `todo`: the case that computes exactly the same} -- the same method,
+    params and requests at the layer the trace located (int layers only), either done already or to
+    run now. Its record is that case's with its own id and layer (`twin_outcome`), not a second run:
+    run_case is deterministic, and the quickstart asks for ROME at "traced" and at every layer."""
+    if traced_layer is None:
+        return {}
+    ids = {c["id"] for c in todo}
+    out = {}
+    for c in todo:
+        if c["layer"] != "traced":
+            continue
+        for t in cases:
+            if (type(t["layer"]) is int and t["layer"] == traced_layer and t["method"] == c["method"]
+                    and t["requests"] == c["requests"] and t["params"] == c["params"]
+                    and (t["id"] in ids or done(t))):
+                out[c["id"]] = t
+                break
+    return out
+
+
+def twin_outcome(case: dict, outcome: dict) -> dict:
+    """The outcome of `case` from its twin's: the same record under its own id and layer key; the
+    timings name the twin (the computation was made once)."""
+    return {"record": {**outcome["record"], "id": case["id"], "layer": case["layer"]},
+            "timings": {**outcome["timings"], "twin_of": outcome["record"]["id"]}}
 
 
 LAYER_WORDS = ("traced", "all", "auto")  # the layer names methods take (each method says which of them it takes)
@@ -309,15 +337,30 @@ def run_analysis(spec_path: str | Path, run_dir: str | Path, *, executor_name: s
         say(f"{len(cases)} cases: {skipped} already done, {len(todo)} to run ({executor_name} executor)")
         kwargs = {"address": address} if executor_name == "ray" else {}
         ran = 0
+        twins = twins_of(todo, cases, traced_layer, lambda c: case_done(run_dir, c, stamp))
+        run_now = [c for c in todo if c["id"] not in twins]
+
+        def commit(case: dict, outcome: dict) -> None:
+            nonlocal ran
+            # the case file is the commit point: the timing sidecar follows it (a missing sidecar = no timing)
+            write_json_atomic(run_dir / f"case_{case['id']}.json", outcome["record"])
+            crash_point("case.written")
+            write_json_atomic(run_dir / f"case_{case['id']}.timing.json", outcome["timings"])
+            ran += 1
+            took = outcome["timings"].get("case_s")
+            say(f"case {case['id']} done" + (f" in {took:.0f} s" if took is not None else "")
+                + (f" (the same computation as case {outcome['timings']['twin_of']})" if "twin_of" in outcome["timings"] else "")
+                + f" ({ran}/{len(todo)}): {headline_text(outcome['record']['summary'])}")
+            for c in todo:  # "traced" cases that compute exactly this one
+                if c["id"] in twins and twins[c["id"]]["id"] == case["id"]:
+                    commit(c, twin_outcome(c, outcome))
+
+        for c in todo:  # twins already on disk (a resumed run)
+            if c["id"] in twins and twins[c["id"]] not in run_now:
+                tid = twins[c["id"]]["id"]
+                commit(c, twin_outcome(c, {"record": read_case(run_dir, tid, stamp), "timings": read_timing(run_dir, tid)}))
         with P.step("cases", quiet=True):  # the heartbeat goes on while workers start and the pool shuts down
-            for case, outcome in run(todo, ctx, workers, **kwargs):
-                # the case file is the commit point: the timing sidecar follows it (a missing sidecar = no timing)
-                write_json_atomic(run_dir / f"case_{case['id']}.json", outcome["record"])
-                crash_point("case.written")
-                write_json_atomic(run_dir / f"case_{case['id']}.timing.json", outcome["timings"])
-                ran += 1
-                took = outcome["timings"].get("case_s")
-                say(f"case {case['id']} done" + (f" in {took:.0f} s" if took is not None else "")
-                    + f" ({ran}/{len(todo)}): {headline_text(outcome['record']['summary'])}")
+            for case, outcome in run(run_now, ctx, workers, **kwargs):
+                commit(case, outcome)
         done = sum(case_done(run_dir, c, stamp) for c in cases)
         return {"run_dir": run_dir, "done": done, "ran": ran, "skipped": skipped, "total": len(cases)}
