@@ -347,9 +347,9 @@ def run_analysis(spec_path: str | Path, run_dir: str | Path, *, executor_name: s
             crash_point("case.written")
             write_json_atomic(run_dir / f"case_{case['id']}.timing.json", outcome["timings"])
             ran += 1
-            took = outcome["timings"].get("case_s")
-            say(f"case {case['id']} done" + (f" in {took:.0f} s" if took is not None else "")
-                + (f" (the same computation as case {outcome['timings']['twin_of']})" if "twin_of" in outcome["timings"] else "")
+            took, twin = outcome["timings"].get("case_s"), outcome["timings"].get("twin_of")
+            say(f"case {case['id']} done" + (f" (the same computation as case {twin})" if twin else
+                                             f" in {took:.0f} s" if took is not None else "")
                 + f" ({ran}/{len(todo)}): {headline_text(outcome['record']['summary'])}")
             for c in todo:  # "traced" cases that compute exactly this one
                 if c["id"] in twins and twins[c["id"]]["id"] == case["id"]:
