@@ -92,14 +92,13 @@ def start_ahead(spec, world, mspec, tspec, checkpoint: Path, say=None) -> Ahead 
     """Start a reference ahead for the first batch forget sets of `spec` (one per core beyond the
     model's own), on the CPU only; None when there is nothing to train ahead."""
     from mechedit.device import current_device
+    from mechedit.diagnose.reference import retrained_path
 
     cores = os.cpu_count() or 1
     if current_device().type != "cpu" or cores < 2:
         return None
     todo = []
     for name, target in targets_ahead(spec, world):
-        from mechedit.diagnose.reference import retrained_path
-
         if not (retrained_path(checkpoint, target) / "mechedit.json").is_file():
             todo.append((name, target))
     todo = todo[: cores - 1]
