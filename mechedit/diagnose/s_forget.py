@@ -38,17 +38,15 @@ def recall_table(model, tokenizer, target: ForgetTarget) -> dict:
     union = sorted({f.index: f for facts in sets.values() for f in facts}.values(), key=lambda f: f.index)
     probes = world.probes(union, kinds=KINDS)
     sc = score_answers(model, tokenizer, [p.prompt for p in probes], [p.answer for p in probes]) if probes else None
-    ok = {(p.fact, p.kind, p.prompt): bool(c) for p, c in zip(probes, sc.correct)} if sc is not None else {}
+    hits: dict[tuple[int, str], list[float]] = {}  # (fact, kind) -> one hit per prompt
+    for p, c in zip(probes, sc.correct if sc is not None else []):
+        hits.setdefault((p.fact, p.kind), []).append(float(c))
     out: dict = {}
     for name, facts in sets.items():
         if not facts:
             continue
-        out[name] = {}
-        for kind in KINDS:
-            per: dict[int, list[float]] = {}
-            for p in world.probes(facts, kinds=(kind,)):
-                per.setdefault(p.fact, []).append(float(ok[(p.fact, p.kind, p.prompt)]))
-            out[name][kind] = metric({k: float(np.mean(v)) for k, v in per.items()})
+        out[name] = {kind: metric({f.index: float(np.mean(hits[f.index, kind])) for f in facts if (f.index, kind) in hits})
+                     for kind in KINDS}
     return out
 
 
