@@ -94,6 +94,12 @@ SETTINGS: dict[str, dict] = {
                                        "query_subject_fraction": 0.5}, "model": "default"},
     "first_last_relfirst": {"lever": "names + relation-first templates (the relation known where the name ends)",
                             "world": {**FIRST_LAST, "templates": "relation_first"}, "model": "default"},
+    # scale: the Pythia-31m-sized model (6 layers, d_model 256, bf16 autocast) on 1,000 subjects with the
+    # large world's relations (5x the subjects of every other row, 4x the width)
+    "first_last_1000_31m": {"lever": "names + scale: 1,000 subjects (large world's relations), 6 layers, d_model 256",
+                            "world_file": "analyses/worlds/large.toml",
+                            "world": {**FIRST_LAST, "n_subjects": 1000},
+                            "model_file": "analyses/models/pythia-31m-bf16.toml"},
     "subject_level": {"lever": "the shipped preset (analyses/worlds/subject_level.toml + "
                                "analyses/models/subject_level.toml)",
                       "world_file": "analyses/worlds/subject_level.toml",
@@ -104,8 +110,9 @@ SETTINGS: dict[str, dict] = {
 def world_for(setting: dict):
     from mechedit.world import WorldSpec, default_world_spec, generate_world
 
-    if "world_file" in setting:
-        return generate_world(WorldSpec.from_file(ROOT / setting["world_file"]))
+    if "world_file" in setting:  # a spec file, with the setting's "world" keys over it
+        data = {**WorldSpec.from_file(ROOT / setting["world_file"]).to_dict(), **setting.get("world", {})}
+        return generate_world(WorldSpec.from_dict(data))
     data = {**default_world_spec().to_dict(), **BASE_WORLD, **setting["world"]}
     return generate_world(WorldSpec.from_dict(data))
 
