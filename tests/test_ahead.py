@@ -78,3 +78,44 @@ def test_a_failed_model_training_leaves_no_reference(tmp_path, monkeypatch):
         run_analysis(_spec(tmp_path), tmp_path / "run", workers=1, cache_dir=tmp_path / "cache")
     models = tmp_path / "cache" / "models"
     assert not list(models.glob("*/mechedit.json"))
+
+
+def test_a_reference_another_process_trains_is_left_to_it(tmp_path, monkeypatch, tiny_world, tiny_forget):
+    """While another process holds a reference's cache lock (a second `mechedit run` training it), the
+    child ahead does not wait for that lock -- the model's `Ahead.saved` would wait with it -- but
+    counts itself started and leaves the reference to that process; with the lock free it trains."""
+    import multiprocessing as mp
+
+    import mechedit.analysis.executors as executors
+    from mechedit.analysis.ahead import _train_reference
+    from mechedit.diagnose.reference import _lock, retrained_path
+    from mechedit.model.spec import model_spec
+
+    import threading
+
+    import threadpoolctl
+    import torch
+
+    trained = []
+    monkeypatch.setattr(executors, "die_with_parent", lambda parent: None)  # the child's process-wide settings
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    monkeypatch.setattr(threadpoolctl, "threadpool_limits", lambda **kw: None)
+    monkeypatch.setattr(pipeline, "train_checkpoint", lambda *a, **kw: trained.append(a[3]))
+    ckpt = tmp_path / "model"
+    out = retrained_path(ckpt, tiny_forget)
+    mspec, tspec = model_spec("tiny")
+
+    def child() -> int:  # in a thread: a child that waits for the lock would wait for the test
+        started = mp.Value("i", 0)
+        t = threading.Thread(target=_train_reference, daemon=True, args=(
+            os.getpid(), tiny_world, mspec, tspec, str(ckpt), sorted(tiny_forget.forget_ids),
+            mp.Value("i", 0), mp.Value("i", 0), mp.Value("i", 0), started))
+        t.start()
+        t.join(20)
+        assert not t.is_alive(), "the child waits for the lock another process holds"
+        return started.value
+
+    with _lock(out.parent / f".{out.name}.lock") as held:
+        assert held
+        assert child() == 1 and trained == []  # returned at once, training nothing
+    assert child() == 1 and trained == [out]

@@ -160,10 +160,12 @@ def _train_reference(parent: int, world, mspec, tspec, checkpoint: str, forget_i
         return {"retrain": want}
 
     try:
-        with _lock(out.parent / f".{out.name}.lock"):
+        # another process holding the lock trains this reference already (a second `mechedit run`):
+        # this child leaves it to that one, and the case that needs it waits on the lock as usual
+        with _lock(out.parent / f".{out.name}.lock", wait=False) as held:
             with started.get_lock():
                 started.value += 1
-            if (out / "mechedit.json").is_file():
+            if not held or (out / "mechedit.json").is_file():
                 return
             train_checkpoint(world, mspec, tspec, out, force=True, exclude_facts=target.forget_ids,
                              stop_at=stop_at, meta_extra=record)

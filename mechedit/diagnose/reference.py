@@ -84,18 +84,23 @@ def stale_reason(meta: dict, want: dict) -> str | None:
 
 
 @contextlib.contextmanager
-def _lock(path: Path):
-    """An exclusive lock on `path` (a lock file) for the duration of the block (POSIX; no-op elsewhere)."""
+def _lock(path: Path, wait: bool = True):
+    """An exclusive lock on `path` (a lock file) for the duration of the block (POSIX; no-op elsewhere).
+    Yields True when held; with `wait=False` it yields False at once if another process holds it."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
-        yield
+        yield True
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(fh, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
