@@ -22,18 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import mechedit
 from mechedit.trace import select_facts, trace
-
-
-def matmul_peak(n: int = 2048, reps: int = 5) -> float:
-    """GFLOP/s of the best of a few square fp32 matmuls (as benchmarks/train_throughput.py)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e9
+from train_throughput import matmul_peak  # this folder is on sys.path when a benchmark runs as a script
 
 
 def main() -> None:
@@ -75,7 +64,7 @@ def main() -> None:
     print(f"batched:   {n / t_fast:8.2f} facts/s ({t_fast:.2f} s)")
     print(f"reference: {n / t_slow:8.2f} facts/s ({t_slow:.2f} s)")
     print(f"speed ratio batched / reference: {t_slow / t_fast:.1f}x   (max |difference| {diff:.2e})")
-    peak = matmul_peak()
+    peak = matmul_peak(torch.float32)
     rate = {"batched": flops["batched"] * n / t_fast / 1e9, "reference": flops["reference"] * n / t_slow / 1e9}
     for engine in ("batched", "reference"):
         print(f"{engine + ':':10s} {flops[engine] / 1e9:6.2f} GFLOP per fact, {rate[engine]:6.1f} GFLOP/s "
