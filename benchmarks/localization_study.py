@@ -95,7 +95,7 @@ SETTINGS: dict[str, dict] = {
     "first_last_relfirst": {"lever": "names + relation-first templates (the relation known where the name ends)",
                             "world": {**FIRST_LAST, "templates": "relation_first"}, "model": "default"},
     # scale: the Pythia-31m-sized model (6 layers, d_model 256, bf16 autocast) on 1,000 subjects with the
-    # large world's relations (5x the subjects of every other row, 4x the width)
+    # large world's relations (5x the subjects of every other row, twice the width)
     "first_last_1000_31m": {"lever": "names + scale: 1,000 subjects (large world's relations), 6 layers, d_model 256",
                             "world_file": "analyses/worlds/large.toml",
                             "world": {**FIRST_LAST, "n_subjects": 1000},
