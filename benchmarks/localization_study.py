@@ -110,11 +110,10 @@ SETTINGS: dict[str, dict] = {
 def world_for(setting: dict):
     from mechedit.world import WorldSpec, default_world_spec, generate_world
 
-    if "world_file" in setting:  # a spec file, with the setting's "world" keys over it
-        data = {**WorldSpec.from_file(ROOT / setting["world_file"]).to_dict(), **setting.get("world", {})}
-        return generate_world(WorldSpec.from_dict(data))
-    data = {**default_world_spec().to_dict(), **BASE_WORLD, **setting["world"]}
-    return generate_world(WorldSpec.from_dict(data))
+    # a spec file or the default world at BASE_WORLD's size, with the setting's "world" keys over it
+    base = (WorldSpec.from_file(ROOT / setting["world_file"]).to_dict() if "world_file" in setting
+            else {**default_world_spec().to_dict(), **BASE_WORLD})
+    return generate_world(WorldSpec.from_dict({**base, **setting.get("world", {})}))
 
 
 def model_for(setting: dict, tmp: Path):

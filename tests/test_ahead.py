@@ -85,16 +85,15 @@ def test_a_reference_another_process_trains_is_left_to_it(tmp_path, monkeypatch,
     child ahead does not wait for that lock -- the model's `Ahead.saved` would wait with it -- but
     counts itself started and leaves the reference to that process; with the lock free it trains."""
     import multiprocessing as mp
+    import threading
+
+    import threadpoolctl
+    import torch
 
     import mechedit.analysis.executors as executors
     from mechedit.analysis.ahead import _train_reference
     from mechedit.diagnose.reference import _lock, retrained_path
     from mechedit.model.spec import model_spec
-
-    import threading
-
-    import threadpoolctl
-    import torch
 
     trained = []
     monkeypatch.setattr(executors, "die_with_parent", lambda parent: None)  # the child's process-wide settings
